@@ -1,0 +1,230 @@
+"""The fallback chain: try providers in order, retrying transient failures, until one answers.
+
+The semantics follow DESIGN.md's table:
+
+- ``TransientError`` before any chunk: retry the same provider with exponential backoff and
+  jitter (tenacity), honouring Retry-After, bounded by ``max_retries`` and the deadline;
+  then fall through to the next provider.
+- ``FatalProviderError``: fall through at once.
+- A failure after chunks were streamed: the listener is told (a ``fallback`` event), and the
+  next provider starts from scratch.
+- ``RequestStopped`` (deadline, time limit, cancel) and anything outside the taxonomy: the
+  chain stops and the exception propagates; it is never a reason to fall back.
+- A provider in cooldown is skipped and the skip recorded.
+
+Reply meta mirrors Haystack's ``FallbackChatGenerator`` keys, with ``total_attempts``
+counting every call (retries included) and ``failed_chat_generators`` naming provider ids.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+
+from providers import errors
+from providers.base import ChatProvider, ProviderCall, StreamingChunk
+from tasks.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo
+
+
+class ChainListener(Protocol):
+    """Receives what happens during a run (the task turns it into stream events)."""
+
+    def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
+        """A chunk of ``attempt``; may raise ``Cancelled`` or ``DeadlineExceeded``."""
+
+    def on_attempt_failed(self, record: AttemptRecord) -> None:
+        """An attempt failed; its chunks, if any, are void."""
+
+
+class CooldownGate(Protocol):
+    """Shared memory of which providers failed too often lately."""
+
+    def is_cooling_down(self, provider_id: str) -> bool:
+        """True while ``provider_id`` must be skipped."""
+
+    def record_failure(self, provider_id: str) -> None:
+        """Count one provider failure."""
+
+
+@dataclass
+class ChainOutcome:
+    """The result of a chain run that ended without being stopped."""
+
+    replies: list[AssistantReply]
+    succeeded_index: int | None
+    provider: ChatProvider | None
+    error: ErrorInfo | None
+
+
+@dataclass
+class ChainRun:
+    """One request's walk down a chain; ``attempts`` stays readable if the run is stopped.
+
+    ``start_index`` and ``attempts`` let a run resume a chain (after a hand-off to another
+    queue) with the history of the attempts made so far.
+    """
+
+    providers: Sequence[ChatProvider]
+    messages: Sequence[ChatMessage]
+    generation_kwargs: dict[str, Any]
+    deadline: float
+    listener: ChainListener
+    stream: bool = True
+    worker: str | None = None
+    wait: Callable[[float], None] = time.sleep
+    cooldowns: CooldownGate | None = None
+    start_index: int = 0
+    attempts: list[AttemptRecord] = field(default_factory=list)
+    rng: random.Random = field(default_factory=random.Random)
+
+    def execute(self) -> ChainOutcome:
+        """Walk the chain from ``start_index``; raise ``RequestStopped`` when told to stop."""
+        last_error: errors.ProviderError | None = None
+        for index in range(self.start_index, len(self.providers)):
+            provider = self.providers[index]
+            if self.cooldowns is not None and self.cooldowns.is_cooling_down(provider.provider_id):
+                self._record(provider, index, "skipped", errors.ProviderUnavailable("in cooldown"), 0.0, 0)
+                continue
+            try:
+                replies = self._with_retries(provider, index)
+            except errors.ProviderError as exc:
+                last_error = exc
+                continue
+            return ChainOutcome(replies=replies, succeeded_index=index, provider=provider, error=None)
+        return ChainOutcome(replies=[], succeeded_index=None, provider=None, error=self._final_error(last_error))
+
+    def meta(self, outcome: ChainOutcome | None = None) -> dict[str, Any]:
+        """The chain part of the reply meta (Haystack's four keys, provider, attempts)."""
+        failed: list[str] = []
+        for record in self.attempts:
+            if record.outcome == "failed" and record.provider not in failed:
+                failed.append(record.provider)
+        winner = outcome.provider if outcome else None
+        return {
+            "successful_chat_generator_index": outcome.succeeded_index if outcome else None,
+            "successful_chat_generator_class": type(winner).__name__ if winner else None,
+            "total_attempts": sum(1 for r in self.attempts if r.outcome != "skipped"),
+            "failed_chat_generators": failed,
+            "provider": winner.provider_id if winner else None,
+            "attempts": self.attempts,
+        }
+
+    # --- one provider -------------------------------------------------------------------
+
+    def _with_retries(self, provider: ChatProvider, index: int) -> list[AssistantReply]:
+        cfg = provider.config
+        retrying = Retrying(
+            retry=retry_if_exception(lambda exc: self._worth_retrying(exc, cfg.retry_after_max_s)),
+            stop=stop_after_attempt(1 + cfg.max_retries) | self._stop_if_past_deadline,
+            wait=self._backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
+            sleep=self.wait,
+            reraise=True,
+        )
+        provider_attempt = 0
+
+        def call_once() -> list[AssistantReply]:
+            nonlocal provider_attempt
+            provider_attempt += 1
+            return self._call_once(provider, index, provider_attempt)
+
+        result: list[AssistantReply] = retrying(call_once)
+        return result
+
+    def _call_once(self, provider: ChatProvider, index: int, provider_attempt: int) -> list[AssistantReply]:
+        attempt = len(self.attempts) + 1
+        chunks = 0
+
+        def on_chunk(chunk: StreamingChunk) -> None:
+            nonlocal chunks
+            chunks += 1
+            self.listener.on_chunk(provider.provider_id, attempt, chunk)
+
+        call = ProviderCall(
+            messages=self.messages,
+            generation_kwargs=self.generation_kwargs,
+            stream=self.stream,
+            deadline=self.deadline,
+            provider_attempt=provider_attempt,
+            wait=self.wait,
+        )
+        started = time.monotonic()
+        try:
+            replies = provider.run(call, on_chunk)
+        except errors.ProviderError as exc:
+            failure = exc
+            if chunks and not isinstance(exc, errors.StreamInterrupted):
+                # Retrying would replay text subscribers already saw: treat as a cut stream.
+                failure = errors.StreamInterrupted(f"{exc.message} (after {chunks} chunks)")
+                failure.__cause__ = exc
+            record = self._record(provider, index, "failed", failure, started, chunks)
+            if self.cooldowns is not None:
+                self.cooldowns.record_failure(provider.provider_id)
+            self.listener.on_attempt_failed(record)
+            raise failure from exc
+        except BaseException as exc:
+            self._record(provider, index, "stopped", exc, started, chunks)
+            raise
+        self._record(provider, index, "succeeded", None, started, chunks)
+        return replies
+
+    def _record(
+        self,
+        provider: ChatProvider,
+        index: int,
+        outcome: str,
+        exc: BaseException | None,
+        started: float,
+        chunks: int,
+    ) -> AttemptRecord:
+        record = AttemptRecord(
+            provider=provider.provider_id,
+            index=index,
+            attempt=len(self.attempts) + 1,
+            outcome=outcome,  # type: ignore[arg-type]
+            error_type=errors.error_code(exc) if exc is not None else None,
+            error_message=exc.message if isinstance(exc, errors.CascadeError) else None,
+            duration_ms=round((time.monotonic() - started) * 1000, 3) if started else 0.0,
+            chunks=chunks,
+            worker=self.worker,
+        )
+        self.attempts.append(record)
+        return record
+
+    # --- retry policy -------------------------------------------------------------------
+
+    @staticmethod
+    def _worth_retrying(exc: BaseException, retry_after_max_s: float) -> bool:
+        if not isinstance(exc, errors.TransientError):
+            return False
+        retry_after = getattr(exc, "retry_after_s", None)
+        return retry_after is None or retry_after <= retry_after_max_s
+
+    def _stop_if_past_deadline(self, state: RetryCallState) -> bool:
+        return time.monotonic() + (state.upcoming_sleep or 0.0) >= self.deadline
+
+    def _backoff(self, initial: float, maximum: float) -> Callable[[RetryCallState], float]:
+        """Full-jitter exponential backoff, never shorter than the provider's Retry-After."""
+
+        def wait(state: RetryCallState) -> float:
+            ceiling = min(maximum, initial * 2 ** (state.attempt_number - 1))
+            delay = self.rng.uniform(ceiling / 2, ceiling)
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = getattr(exc, "retry_after_s", None)
+            return max(delay, retry_after or 0.0)
+
+        return wait
+
+    def _final_error(self, last_error: errors.ProviderError | None) -> ErrorInfo:
+        tried = [r for r in self.attempts if r.outcome != "skipped"]
+        if last_error is None:
+            return ErrorInfo(type="all_providers_failed", message="every provider of the chain is cooling down")
+        summary = "; ".join(f"{r.provider}: {r.error_type}" for r in self.attempts)
+        return ErrorInfo(
+            type="all_providers_failed",
+            message=f"all {len(tried)} attempt(s) failed ({summary})",
+        )

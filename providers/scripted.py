@@ -1,0 +1,108 @@
+"""The ``scripted`` provider: deterministic replies at a configured pace, failing on request.
+
+It is a real provider, used by ``make demo``, load tests and benchmarks: it replays ``text``
+in chunks of ``chunk_size`` characters, waits ``first_chunk_delay_ms`` before the first and
+``chunk_delay_ms`` between the others, and honours the request's deadline, cancel and
+``max_tokens`` (one chunk counts as one token). Told to ``fail``, it fails the way a real
+provider does; ``fail_times = N`` makes it fail the first N calls of each request, then succeed.
+"""
+
+from __future__ import annotations
+
+import time
+
+from providers import errors
+from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
+from settings.providers import ScriptedConfig
+from tasks.schemas import AssistantReply, ReplyMeta, Usage
+
+_FAILURES: dict[str, type[errors.ProviderError]] = {
+    "rate_limit": errors.RateLimited,
+    "timeout": errors.ProviderTimeout,
+    "server_error": errors.ServerError,
+    "overloaded": errors.Overloaded,
+    "connection_error": errors.ProviderConnectionError,
+    "auth": errors.AuthenticationFailed,
+    "unknown_model": errors.UnknownModel,
+    "context_length": errors.ContextLengthExceeded,
+    "content_filter": errors.ContentFiltered,
+    "bad_request": errors.BadProviderRequest,
+    "cut": errors.StreamInterrupted,
+}
+
+
+class ScriptedProvider(ChatProvider):
+    """Replays configured text; see the module docstring for the knobs."""
+
+    config: ScriptedConfig
+
+    def __init__(self, provider_id: str, config: ScriptedConfig) -> None:
+        super().__init__(provider_id, config)
+        self.config = config
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        """Stream the scripted text (or fail as configured)."""
+        cfg = self.config
+        started = time.monotonic()
+        give_up_at = min(started + cfg.timeout_s, call.deadline)
+        failing = cfg.fail is not None and (cfg.fail_times is None or call.provider_attempt <= cfg.fail_times)
+        if failing and cfg.fail != "cut":
+            self._pace(call, cfg.fail_delay_ms / 1000, give_up_at)
+            raise self._failure()
+
+        pieces = [cfg.text[i : i + cfg.chunk_size] for i in range(0, len(cfg.text), cfg.chunk_size)]
+        max_tokens = call.generation_kwargs.get("max_tokens")
+        finish_reason = "stop"
+        if isinstance(max_tokens, int) and max_tokens < len(pieces):
+            pieces, finish_reason = pieces[:max_tokens], "length"
+
+        first_chunk_at: str | None = None
+        for number, piece in enumerate(pieces):
+            if failing and number >= cfg.fail_after_chunks:
+                raise self._failure()
+            delay_ms = cfg.first_chunk_delay_ms if number == 0 else cfg.chunk_delay_ms
+            limit = give_up_at
+            if number == 0 and cfg.first_chunk_timeout_s is not None:
+                limit = min(limit, started + cfg.first_chunk_timeout_s)
+            self._pace(call, delay_ms / 1000, limit)
+            first_chunk_at = first_chunk_at or utc_now_iso()
+            last = number == len(pieces) - 1
+            meta = {"model": cfg.model, "finish_reason": finish_reason if last else None}
+            on_chunk(StreamingChunk(content=piece, meta=meta))
+        if failing:  # "cut" with fail_after_chunks beyond the text: the end marker never came
+            raise self._failure()
+
+        prompt_tokens = sum(len(message.content.split()) for message in call.messages)
+        usage = Usage(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=len(pieces),
+            total_tokens=prompt_tokens + len(pieces),
+        )
+        meta = ReplyMeta(
+            model=cfg.model,
+            finish_reason=finish_reason,
+            usage=usage,
+            completion_start_time=first_chunk_at or utc_now_iso(),
+        )
+        return [AssistantReply(content="".join(pieces), meta=meta)]
+
+    def _pace(self, call: ProviderCall, seconds: float, give_up_at: float) -> None:
+        """Wait ``seconds``, or time out like a real provider if that passes ``give_up_at``."""
+        if seconds <= 0:
+            return
+        if time.monotonic() + seconds > give_up_at:
+            call.wait(max(0.0, give_up_at - time.monotonic()))
+            if give_up_at >= call.deadline:
+                call.wait(0.01)  # let the request's own deadline fire first: it is not our failure
+            raise errors.ProviderTimeout(f"{self.provider_id}: no chunk within the provider's timeout")
+        call.wait(seconds)
+
+    def _failure(self) -> errors.ProviderError:
+        kind = self.config.fail or "server_error"
+        error_class = _FAILURES[kind]
+        message = f"{self.provider_id}: scripted failure {kind}"
+        if error_class is errors.RateLimited:
+            return errors.RateLimited(message, retry_after_s=self.config.retry_after_s)
+        if error_class is errors.ServerError:
+            return errors.ServerError(message, status_code=503)
+        return error_class(message)

@@ -1,0 +1,151 @@
+"""The worker's typed settings: ``CASCADE_*`` environment variables over a TOML file.
+
+Secrets are never stored here: the Redis URL (which may carry a password) is a ``SecretStr``
+and provider keys are referenced by the *name* of the env var that holds them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from settings.providers import PROVIDER_CONFIG_TYPES, ProviderConfigBase
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for logs and error messages)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+
+
+class Settings(BaseSettings):
+    """Everything a worker (or the producer client) needs to know, validated at start.
+
+    Environment variables (``CASCADE_REDIS_URL``, ``CASCADE_REPLY_TTL_S``...) win over the
+    TOML file named by ``CASCADE_CONFIG``, which is where ``providers`` and ``chains`` live.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="CASCADE_", extra="ignore", frozen=True)
+
+    redis_url: SecretStr = SecretStr(DEFAULT_REDIS_URL)
+    config: Path | None = Field(default=None, description="TOML file with providers and chains")
+    worker_name: str | None = None
+
+    # Lifetimes and bounds of what workers write to Redis.
+    reply_ttl_s: int = Field(default=86_400, ge=1)
+    events_ttl_s: int = Field(default=86_400, ge=1)
+    events_maxlen: int = Field(default=20_000, ge=10)
+    dead_letter_maxlen: int = Field(default=10_000, ge=1)
+    dead_letter_ttl_s: int = Field(default=7 * 86_400, ge=1)
+
+    # Request limits. A producer's timeout_s is capped at max_timeout_s.
+    default_timeout_s: float = Field(default=300.0, gt=0)
+    max_timeout_s: float = Field(default=900.0, gt=0)
+    max_messages: int = Field(default=256, ge=1)
+    max_input_chars: int = Field(default=200_000, ge=1)
+    max_message_bytes: int = Field(default=2_000_000, ge=1_000)
+
+    # Celery's limits sit above the longest request so that the request's own deadline
+    # always fires first and the soft limit is a last resort.
+    soft_time_limit_s: float | None = None
+    time_limit_s: float | None = None
+    visibility_timeout_s: int | None = None
+
+    providers: dict[str, ProviderConfigBase] = Field(default_factory=dict)
+    chains: dict[str, list[str]] = Field(default_factory=dict)
+
+    @field_validator("providers", mode="before")
+    @classmethod
+    def _typed_providers(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        typed: dict[str, Any] = {}
+        problems: list[str] = []
+        for provider_id, entry in value.items():
+            if isinstance(entry, ProviderConfigBase):
+                typed[provider_id] = entry
+                continue
+            if not isinstance(entry, dict):
+                problems.append(f"providers.{provider_id}: must be a table")
+                continue
+            kind = entry.get("type")
+            model = PROVIDER_CONFIG_TYPES.get(str(kind))
+            if model is None:
+                known = ", ".join(sorted(PROVIDER_CONFIG_TYPES))
+                problems.append(f"providers.{provider_id}.type: unknown type {kind!r} (known: {known})")
+                continue
+            try:
+                typed[provider_id] = model.model_validate(entry)
+            except ValidationError as exc:
+                for error in exc.errors():
+                    key = ".".join(str(part) for part in ("providers", provider_id, *error["loc"]))
+                    problems.append(f"{key}: {error['msg']}")
+        if problems:
+            # One ValueError carrying every problem, each already prefixed with its full key.
+            raise ValueError("\n".join(problems))
+        return typed
+
+    @model_validator(mode="after")
+    def _check_chains_and_limits(self) -> Settings:
+        for provider_id in self.providers:
+            if not _is_simple_name(provider_id):
+                raise ValueError(f"providers.{provider_id}: ids may use letters, digits, '.', '_', '-'")
+        for name, provider_ids in self.chains.items():
+            if not _is_simple_name(name):
+                raise ValueError(f"chains.{name}: names may use letters, digits, '.', '_', '-'")
+            if not provider_ids:
+                raise ValueError(f"chains.{name}: a chain needs at least one provider")
+            for position, provider_id in enumerate(provider_ids):
+                if provider_id not in self.providers:
+                    raise ValueError(f"chains.{name}[{position}]: unknown provider {provider_id!r}")
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("default_timeout_s: must not exceed max_timeout_s")
+        if self.hard_time_limit_s <= self.task_soft_time_limit_s:
+            raise ValueError("time_limit_s: must be above soft_time_limit_s")
+        if self.broker_visibility_timeout_s <= self.hard_time_limit_s:
+            raise ValueError("visibility_timeout_s: must be above the hard time limit")
+        return self
+
+    @property
+    def task_soft_time_limit_s(self) -> float:
+        """Celery's soft limit: the longest request deadline plus a margin."""
+        return self.soft_time_limit_s or self.max_timeout_s + 30.0
+
+    @property
+    def hard_time_limit_s(self) -> float:
+        """Celery's hard limit: the soft limit plus time to store the reply."""
+        return self.time_limit_s or self.task_soft_time_limit_s + 30.0
+
+    @property
+    def broker_visibility_timeout_s(self) -> int:
+        """Redis visibility timeout: longer than any request may run (celery/celery#5935)."""
+        return self.visibility_timeout_s or int(self.hard_time_limit_s) + 300
+
+    @property
+    def redis_dsn(self) -> str:
+        """The Redis URL with its secret, for opening connections only."""
+        return self.redis_url.get_secret_value()
+
+    @property
+    def redis_url_redacted(self) -> str:
+        """The Redis URL with its password masked, for logs."""
+        return redact_url(self.redis_dsn)
+
+    def queue_of(self, provider_id: str) -> str:
+        """The queue that serves ``provider_id``."""
+        return self.providers[provider_id].queue
+
+
+def _is_simple_name(name: str) -> bool:
+    return bool(name) and len(name) <= 64 and all(c.isalnum() or c in "._-" for c in name)

@@ -1,0 +1,83 @@
+"""The Celery task ``cascade.chat``: one keyword argument, ``request``, a ChatRequest object.
+
+Bad input never raises out of the task (so Celery never retries it): it becomes a dead letter,
+plus an ``error`` event and a ``failed`` reply wherever there is a request id to report to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from celery import Task, shared_task
+
+from providers.errors import InvalidRequest, RequestError
+from tasks.intake import read_request
+from tasks.runner import RequestRunner, TaskContext
+from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ErrorInfo
+from worker.publisher import EventPublisher
+from worker.runtime import WorkerRuntime, get_runtime
+
+logger = logging.getLogger(__name__)
+
+
+@shared_task(name=TASK_NAME, bind=True)
+def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    """Run one chat request through its chain and return the stored ``ChatReply`` as JSON."""
+    runtime = get_runtime()
+    delivery = getattr(self.request, "delivery_info", None) or {}
+    submitted_at = getattr(self.request, SUBMITTED_AT_HEADER, None)
+    context = TaskContext(
+        task_id=self.request.id,
+        queue=delivery.get("routing_key"),
+        submitted_at=float(submitted_at) if isinstance(submitted_at, (int, float)) else None,
+        started_at_wall=time.time(),
+        started_at=time.monotonic(),
+    )
+    if args or set(kwargs) != {"request"}:
+        raw = kwargs.get("request")
+        error: RequestError = InvalidRequest(
+            f"cascade.chat takes one keyword argument 'request'; got {len(args)} positional "
+            f"and keyword(s) {sorted(kwargs)}"
+        )
+        return reject(runtime, context, error, None, {"args": list(args), "kwargs": kwargs} if raw is None else raw)
+
+    intake = read_request(kwargs["request"], context.task_id, runtime.settings)
+    if intake.error is not None or intake.request is None:
+        failure = intake.error or InvalidRequest("invalid request")
+        return reject(runtime, context, failure, intake.request_id, kwargs["request"])
+    return RequestRunner(runtime, intake.request, context).run().model_dump(mode="json")
+
+
+def reject(
+    runtime: WorkerRuntime, context: TaskContext, error: RequestError, request_id: str | None, body: Any
+) -> dict[str, Any]:
+    """Dead-letter a request that cannot run; report it on its stream and reply if it has an id."""
+    logger.warning("rejected request %s: %s", request_id or context.task_id, error.code)
+    runtime.dead_letters.push(
+        error.code, error.message, body=body, request_id=request_id, task_id=context.task_id, queue=context.queue
+    )
+    reply_to = request_id or context.task_id
+    if reply_to is None:
+        return {"status": "failed", "error": {"type": error.code, "message": error.message}}
+    stored = runtime.replies.get(reply_to)
+    if stored is not None:  # a redelivered copy of a request already answered
+        return stored.model_dump(mode="json")
+    info = ErrorInfo(type=error.code, message=error.message)
+    reply = ChatReply(
+        request_id=reply_to,
+        status="failed",
+        error=info,
+        meta=ChainMeta(worker=runtime.worker_name),
+    )
+    publisher = EventPublisher(
+        runtime.redis,
+        reply_to,
+        store=runtime.replies,
+        events_maxlen=runtime.settings.events_maxlen,
+        events_ttl_s=runtime.settings.events_ttl_s,
+        next_seq=EventPublisher.resume_seq(runtime.redis, reply_to),
+    )
+    publisher.finish("error", reply, error=info)
+    return reply.model_dump(mode="json")

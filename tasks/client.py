@@ -1,0 +1,191 @@
+"""The Python producer client: submit a request, follow its stream, wait for its reply, cancel.
+
+It needs nothing of the worker's configuration, only the Redis URL. Following a stream reads
+the Redis Stream ``cascade:events:{id}`` from its first entry and then blocks for new ones, so
+a subscriber that joins late replays from the start and continues live with no gap and no
+duplicate. ``AsyncCascadeClient`` offers the same on ``redis.asyncio``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import redis
+import redis.asyncio as aioredis
+from celery import Celery
+
+from tasks import keys
+from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+CANCEL_TTL_S = 86_400
+_BLOCK_MS = 1_000
+_READ_COUNT = 500
+
+
+def _redis_url(redis_url: str | None) -> str:
+    return redis_url or os.environ.get("CASCADE_REDIS_URL") or DEFAULT_REDIS_URL
+
+
+def build_request(request: ChatRequest | dict[str, Any] | None = None, **fields: Any) -> ChatRequest:
+    """A validated ``ChatRequest`` with a ``request_id`` (a new UUID when none is given)."""
+    data: dict[str, Any] = request.model_dump(exclude_none=True) if isinstance(request, ChatRequest) else {}
+    if isinstance(request, dict):
+        data.update(request)
+    data.update({k: v for k, v in fields.items() if v is not None})
+    data.setdefault("request_id", uuid.uuid4().hex)
+    return ChatRequest.model_validate(data)
+
+
+def _parse(fields: dict[bytes, bytes]) -> StreamEvent:
+    return StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()])
+
+
+class CascadeClient:
+    """Blocking producer client; see the module docstring."""
+
+    def __init__(self, redis_url: str | None = None, *, queue: str = "chat") -> None:
+        url = _redis_url(redis_url)
+        self.queue = queue
+        self.redis = redis.Redis.from_url(url, health_check_interval=30, retry_on_timeout=True)
+        self._celery = Celery("cascade-producer", broker=url, set_as_current=False)
+        self._celery.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=True)
+
+    def submit(
+        self, request: ChatRequest | dict[str, Any] | None = None, *, queue: str | None = None, **fields: Any
+    ) -> str:
+        """Enqueue a request (a ChatRequest, a dict, or its fields as keywords); return its id."""
+        chat_request = build_request(request, **fields)
+        request_id = chat_request.request_id or ""
+        self._celery.send_task(
+            TASK_NAME,
+            kwargs={"request": chat_request.model_dump(mode="json", exclude_none=True)},
+            queue=queue or self.queue,
+            task_id=request_id,
+            headers={SUBMITTED_AT_HEADER: time.time()},
+        )
+        return request_id
+
+    def events(self, request_id: str, *, timeout_s: float | None = None) -> Iterator[StreamEvent]:
+        """Every event of the request from ``seq`` 0, then live ones, up to the terminal event.
+
+        Raises ``TimeoutError`` if ``timeout_s`` passes first.
+        """
+        stream = keys.events_stream(request_id)
+        last_id = "0-0"
+        give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            block = _BLOCK_MS if give_up is None else max(1, min(_BLOCK_MS, int((give_up - time.monotonic()) * 1000)))
+            response = self.redis.xread({stream: last_id}, count=_READ_COUNT, block=block)
+            for _name, entries in response or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    event = _parse(fields)
+                    yield event
+                    if event.is_terminal:
+                        return
+            if not response and self.redis.exists(keys.reply_key(request_id)):
+                return  # finished long ago: its events expired, the reply is still there
+            if give_up is not None and time.monotonic() >= give_up:
+                raise TimeoutError(f"request {request_id}: no terminal event within {timeout_s} s")
+
+    def reply(self, request_id: str) -> ChatReply | None:
+        """The stored reply, or None while the request is still running (or unknown)."""
+        raw = self.redis.get(keys.reply_key(request_id))
+        return ChatReply.model_validate_json(raw) if raw else None
+
+    def wait(self, request_id: str, *, timeout_s: float | None = None) -> ChatReply:
+        """Block until the request has a reply; raise ``TimeoutError`` after ``timeout_s``."""
+        for event in self.events(request_id, timeout_s=timeout_s):
+            if event.is_terminal and event.reply is not None:
+                return event.reply
+        reply = self.reply(request_id)
+        if reply is None:
+            raise TimeoutError(f"request {request_id}: no reply")
+        return reply
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the worker to stop the request at its next chunk (reply ``cancelled``)."""
+        self.redis.set(keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
+
+    def close(self) -> None:
+        """Close the connections."""
+        self.redis.close()
+        self._celery.close()
+
+    def __enter__(self) -> CascadeClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncCascadeClient:
+    """The same client for asyncio programs (``redis.asyncio``); ``submit`` runs Celery's
+    blocking send in a thread."""
+
+    def __init__(self, redis_url: str | None = None, *, queue: str = "chat") -> None:
+        url = _redis_url(redis_url)
+        self.redis = aioredis.Redis.from_url(url, health_check_interval=30, retry_on_timeout=True)
+        self._sync = CascadeClient(url, queue=queue)
+
+    async def submit(
+        self, request: ChatRequest | dict[str, Any] | None = None, *, queue: str | None = None, **fields: Any
+    ) -> str:
+        """Enqueue a request; return its id."""
+        return await asyncio.to_thread(self._sync.submit, request, queue=queue, **fields)
+
+    async def events(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[StreamEvent]:
+        """Every event from ``seq`` 0, then live ones, up to the terminal event."""
+        stream = keys.events_stream(request_id)
+        last_id = "0-0"
+        give_up = None if timeout_s is None else time.monotonic() + timeout_s
+        while True:
+            block = _BLOCK_MS if give_up is None else max(1, min(_BLOCK_MS, int((give_up - time.monotonic()) * 1000)))
+            response = await self.redis.xread({stream: last_id}, count=_READ_COUNT, block=block)
+            for _name, entries in response or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    event = _parse(fields)
+                    yield event
+                    if event.is_terminal:
+                        return
+            if not response and await self.redis.exists(keys.reply_key(request_id)):
+                return
+            if give_up is not None and time.monotonic() >= give_up:
+                raise TimeoutError(f"request {request_id}: no terminal event within {timeout_s} s")
+
+    async def reply(self, request_id: str) -> ChatReply | None:
+        """The stored reply, or None."""
+        raw = await self.redis.get(keys.reply_key(request_id))
+        return ChatReply.model_validate_json(raw) if raw else None
+
+    async def wait(self, request_id: str, *, timeout_s: float | None = None) -> ChatReply:
+        """Wait for the reply; raise ``TimeoutError`` after ``timeout_s``."""
+        async for event in self.events(request_id, timeout_s=timeout_s):
+            if event.is_terminal and event.reply is not None:
+                return event.reply
+        reply = await self.reply(request_id)
+        if reply is None:
+            raise TimeoutError(f"request {request_id}: no reply")
+        return reply
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask the worker to stop the request."""
+        await self.redis.set(keys.cancel_key(request_id), "1", ex=CANCEL_TTL_S)
+
+    async def aclose(self) -> None:
+        """Close the connections."""
+        await self.redis.aclose()
+        self._sync.close()
+
+    async def __aenter__(self) -> AsyncCascadeClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,93 @@
+"""Turning whatever arrived as the task's argument into a valid ``ChatRequest``, or a
+request-fatal error that names the problem."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from providers.errors import InvalidRequest, RequestError, RequestTooLarge, UnknownChain
+from settings import Settings
+from tasks.schemas import REQUEST_ID_PATTERN, ChatRequest
+
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+_MAX_ERRORS_SHOWN = 5
+
+
+@dataclass
+class Intake:
+    """The outcome of reading a task message: a request, or an error with the id to report to."""
+
+    request_id: str | None
+    request: ChatRequest | None = None
+    error: RequestError | None = None
+
+
+def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
+    """Validate ``raw`` (the ``request`` keyword) against the schema and the worker's limits.
+
+    The reply goes to the producer's ``request_id`` when it is usable as a key, else to the
+    Celery task id; ``request_id`` is None only when neither is usable.
+    """
+    request_id = _usable_id(task_id)
+    try:
+        if isinstance(raw, (str, bytes)):
+            if len(raw) > settings.max_message_bytes:
+                raise RequestTooLarge(f"request of {len(raw)} bytes exceeds {settings.max_message_bytes}")
+            raw = _parse_json(raw)
+        if not isinstance(raw, dict):
+            raise InvalidRequest(f"request must be a JSON object, got {type(raw).__name__}")
+        producer_id = raw.get("request_id")
+        if producer_id is not None:
+            if not isinstance(producer_id, str) or not _REQUEST_ID.match(producer_id):
+                raise InvalidRequest(f"request_id must match {REQUEST_ID_PATTERN}")
+            request_id = producer_id
+        try:
+            request = ChatRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise InvalidRequest(_describe(exc)) from None
+        if request.request_id is None:
+            if request_id is None:
+                raise InvalidRequest("no request_id and no task id to stand in for it")
+            request = request.model_copy(update={"request_id": request_id})
+        _check_limits(request, settings)
+        if request.chain not in settings.chains:
+            raise UnknownChain(f"unknown chain {request.chain!r}")
+    except RequestError as exc:
+        return Intake(request_id=request_id, error=exc)
+    return Intake(request_id=request.request_id, request=request)
+
+
+def _usable_id(candidate: str | None) -> str | None:
+    return candidate if candidate and _REQUEST_ID.match(candidate) else None
+
+
+def _parse_json(raw: str | bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"request is not valid JSON: {type(exc).__name__}") from None
+
+
+def _check_limits(request: ChatRequest, settings: Settings) -> None:
+    messages = request.conversation
+    if len(messages) > settings.max_messages:
+        raise RequestTooLarge(f"{len(messages)} messages exceed the limit of {settings.max_messages}")
+    chars = sum(len(message.content) for message in messages)
+    if chars > settings.max_input_chars:
+        raise RequestTooLarge(f"{chars} characters of input exceed the limit of {settings.max_input_chars}")
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors()[:_MAX_ERRORS_SHOWN]:
+        where = ".".join(str(part) for part in error["loc"]) or "request"
+        parts.append(f"{where}: {error['msg']}")
+    more = exc.error_count() - _MAX_ERRORS_SHOWN
+    if more > 0:
+        parts.append(f"and {more} more")
+    return "invalid request: " + "; ".join(parts)

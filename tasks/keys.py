@@ -1,0 +1,32 @@
+"""Redis key names of the public contract (DESIGN.md, "Redis keys")."""
+
+from __future__ import annotations
+
+STREAM_CHANNEL = "cascade:stream:{request_id}"
+EVENTS_STREAM = "cascade:events:{request_id}"
+REPLY = "cascade:reply:{request_id}"
+CANCEL = "cascade:cancel:{request_id}"
+DEAD_LETTERS = "cascade:dead"
+
+# The field of each entry of the events stream that holds the JSON StreamEvent.
+EVENT_FIELD = "event"
+
+
+def stream_channel(request_id: str) -> str:
+    """Pub/sub channel of live events."""
+    return STREAM_CHANNEL.format(request_id=request_id)
+
+
+def events_stream(request_id: str) -> str:
+    """Redis Stream holding every event, for replay."""
+    return EVENTS_STREAM.format(request_id=request_id)
+
+
+def reply_key(request_id: str) -> str:
+    """String key of the final ChatReply JSON."""
+    return REPLY.format(request_id=request_id)
+
+
+def cancel_key(request_id: str) -> str:
+    """Key a producer sets to cancel the request."""
+    return CANCEL.format(request_id=request_id)

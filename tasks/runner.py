@@ -1,0 +1,180 @@
+"""Running one validated request: events out, chain through, reply stored.
+
+``RequestRunner`` is the seam between Celery (``tasks.chat``) and the rest: it owns the
+request's event stream, turns chain callbacks into ``chunk`` and ``fallback`` events, applies
+the deadline and cancel, and always ends with exactly one terminal event and one stored reply.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from celery.exceptions import SoftTimeLimitExceeded
+
+from providers import errors
+from providers.base import StreamingChunk
+from providers.chain import ChainOutcome, ChainRun
+from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, Timings
+from worker.publisher import EventPublisher
+from worker.runtime import WorkerRuntime
+
+logger = logging.getLogger(__name__)
+
+# How often a wait (first-chunk delay, retry backoff) looks for a cancel.
+_WAIT_SLICE_S = 0.05
+
+
+@dataclass
+class TaskContext:
+    """What Celery knows about the delivery."""
+
+    task_id: str | None
+    queue: str | None
+    submitted_at: float | None = None
+    started_at_wall: float = 0.0
+    started_at: float = 0.0
+
+
+class RequestRunner:
+    """Runs one request on this worker; see the module docstring."""
+
+    def __init__(self, runtime: WorkerRuntime, request: ChatRequest, context: TaskContext) -> None:
+        self.runtime = runtime
+        self.request = request
+        self.context = context
+        self.request_id: str = request.request_id or ""
+        settings = runtime.settings
+        timeout = min(request.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
+        self.deadline = context.started_at + timeout
+        self.publisher = EventPublisher(
+            runtime.redis,
+            self.request_id,
+            store=runtime.replies,
+            events_maxlen=settings.events_maxlen,
+            events_ttl_s=settings.events_ttl_s,
+            next_seq=EventPublisher.resume_seq(runtime.redis, self.request_id),
+        )
+        self.first_chunk_at: float | None = None
+        self._last_cancel_check = 0.0
+
+    def run(self) -> ChatReply:
+        """Run the request to its terminal event and return the stored reply."""
+        stored = self.runtime.replies.get(self.request_id)
+        if stored is not None:
+            logger.info("request %s already answered (%s); not running it again", self.request_id, stored.status)
+            return stored
+
+        chain_name = self.request.chain
+        run = ChainRun(
+            providers=self.runtime.providers.chain(self.runtime.settings.chains[chain_name]),
+            messages=self.request.conversation,
+            generation_kwargs=self.request.generation_kwargs.model_dump(exclude_none=True),
+            deadline=self.deadline,
+            listener=self,
+            stream=self.request.stream,
+            worker=self.runtime.worker_name,
+            wait=self._wait,
+        )
+        try:
+            cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
+            if cancelled:
+                raise errors.Cancelled("cancelled before it started")
+            outcome = run.execute()
+        except errors.Cancelled as exc:
+            return self._finish("cancelled", run, None, ErrorInfo(type=exc.code, message=exc.message))
+        except SoftTimeLimitExceeded:
+            stop = errors.TimeLimitExceeded("the worker's soft time limit was reached")
+            return self._finish("error", run, None, ErrorInfo(type=stop.code, message=stop.message))
+        except errors.RequestStopped as exc:
+            return self._finish("error", run, None, ErrorInfo(type=exc.code, message=exc.message))
+        except Exception as exc:
+            logger.exception("request %s failed inside the worker", self.request_id)
+            error = ErrorInfo(type="internal_error", message=f"internal error ({type(exc).__name__})")
+            return self._finish("error", run, None, error)
+        if outcome.error is not None:
+            return self._finish("error", run, outcome, outcome.error)
+        return self._finish("done", run, outcome, None)
+
+    # --- ChainListener ------------------------------------------------------------------
+
+    def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
+        """Publish a chunk (when streaming) and stop on cancel or deadline."""
+        now = time.monotonic()
+        if now >= self.deadline:
+            raise errors.DeadlineExceeded("the request's deadline passed")
+        if self.first_chunk_at is None:
+            self.first_chunk_at = now
+        if self.request.stream and chunk.content:
+            cancelled = self.publisher.emit("chunk", delta=chunk.content, provider=provider_id, attempt=attempt)
+        elif now - self._last_cancel_check >= _WAIT_SLICE_S:
+            self._last_cancel_check = now
+            cancelled = self.publisher.cancel_requested()
+        else:
+            cancelled = False
+        if cancelled:
+            raise errors.Cancelled("cancelled by the producer")
+
+    def on_attempt_failed(self, record: AttemptRecord) -> None:
+        """Publish a ``fallback`` event: subscribers discard the deltas of that attempt."""
+        logger.warning(
+            "request %s: %s attempt %d failed: %s", self.request_id, record.provider, record.attempt, record.error_type
+        )
+        cancelled = self.publisher.emit(
+            "fallback", provider=record.provider, attempt=record.attempt, error_type=record.error_type
+        )
+        if cancelled:
+            raise errors.Cancelled("cancelled by the producer")
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep, waking every slice to honour the deadline and a cancel."""
+        until = time.monotonic() + seconds
+        while True:
+            now = time.monotonic()
+            if now >= self.deadline:
+                raise errors.DeadlineExceeded("the request's deadline passed")
+            if self.publisher.cancel_requested():
+                raise errors.Cancelled("cancelled by the producer")
+            if now >= until:
+                return
+            time.sleep(min(_WAIT_SLICE_S, until - now, self.deadline - now))
+
+    def _finish(
+        self, event_type: str, run: ChainRun, outcome: ChainOutcome | None, error: ErrorInfo | None
+    ) -> ChatReply:
+        status = {"done": "succeeded", "cancelled": "cancelled"}.get(event_type, "failed")
+        reply = ChatReply(
+            request_id=self.request_id,
+            status=status,  # type: ignore[arg-type]
+            replies=outcome.replies if outcome else [],
+            meta=self._meta(run, outcome),
+            error=error,
+            metadata=self.request.metadata,
+        )
+        self.publisher.finish(event_type, reply, error=error)
+        logger.info(
+            "request %s %s via %s after %d attempt(s)",
+            self.request_id,
+            status,
+            reply.meta.provider,
+            reply.meta.total_attempts,
+        )
+        return reply
+
+    def _meta(self, run: ChainRun, outcome: ChainOutcome | None) -> ChainMeta:
+        ctx = self.context
+        now = time.monotonic()
+        queued_ms = None
+        if ctx.submitted_at is not None:
+            queued_ms = round(max(0.0, ctx.started_at_wall - ctx.submitted_at) * 1000, 3)
+        timings = Timings(
+            queued_ms=queued_ms,
+            ttft_ms=round((self.first_chunk_at - ctx.started_at) * 1000, 3) if self.first_chunk_at else None,
+            total_ms=round((now - ctx.started_at) * 1000, 3),
+        )
+        extra: dict[str, Any] = {"chain": self.request.chain}
+        return ChainMeta(**run.meta(outcome), **extra, timings=timings, worker=self.runtime.worker_name, queue_hops=0)

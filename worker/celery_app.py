@@ -1,0 +1,75 @@
+"""The Celery app of a Cascade worker: JSON only, late acks, one message at a time.
+
+``celery -A worker worker -Q chat`` finds ``app`` here through ``worker/__init__.py``.
+Settings come from ``CASCADE_*`` and ``CASCADE_CONFIG``; a bad config stops the worker at
+start with a message naming the bad key.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from celery import Celery
+from kombu import Queue
+
+from settings import ConfigError, Settings
+from worker.runtime import get_settings
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "chat"
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from ``settings``."""
+    app = Celery("cascade", include=["tasks.chat"])
+    queues = sorted({DEFAULT_QUEUE, *(p.queue for p in settings.providers.values())})
+    app.conf.update(
+        broker_url=settings.redis_dsn,
+        result_backend=settings.redis_dsn,
+        # JSON only: a pickle message is refused before it is decoded.
+        # https://docs.celeryq.dev/en/stable/userguide/security.html#serializers
+        task_serializer="json",
+        result_serializer="json",
+        accept_content=["json"],
+        result_accept_content=["json"],
+        task_default_queue=DEFAULT_QUEUE,
+        task_queues=[Queue(name) for name in queues],
+        task_routes={"cascade.chat": {"queue": DEFAULT_QUEUE}},
+        # Ack after the task ran, and requeue if the worker process dies, so a crash never
+        # loses a request; idempotency by request_id makes the rerun safe.
+        # https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-acks-late
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        # LLM requests are long: one reserved message per process keeps the rest in Redis for
+        # idle workers. https://docs.celeryq.dev/en/stable/userguide/optimizing.html#prefetch-limits
+        worker_prefetch_multiplier=1,
+        # An unacked message is redelivered after the visibility timeout: keep it above the
+        # hard time limit or long requests run twice (celery/celery#5935).
+        # https://docs.celeryq.dev/en/stable/getting-started/backends-and-brokers/redis.html#visibility-timeout
+        broker_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        result_backend_transport_options={"visibility_timeout": settings.broker_visibility_timeout_s},
+        # The request's own deadline fires first; the soft limit ends the request cleanly
+        # (a failed reply, never a fallback) and the hard limit is the last resort.
+        task_soft_time_limit=settings.task_soft_time_limit_s,
+        task_time_limit=settings.hard_time_limit_s,
+        result_expires=settings.reply_ttl_s,
+        broker_connection_retry_on_startup=True,
+        # Dead-letter undecodable and unknown messages instead of only logging them.
+        worker_consumer="worker.consumer:DeadLetteringConsumer",
+        task_track_started=False,
+        worker_hijack_root_logger=False,
+    )
+    return app
+
+
+def _load() -> Settings:
+    try:
+        return get_settings()
+    except ConfigError as exc:
+        print(f"cascade: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+app = create_app(_load())

@@ -1,0 +1,60 @@
+"""Per-process state of a worker: settings, the Redis client and the warm providers.
+
+Built lazily on first use, so a prefork child opens its own connections after the fork and a
+parent process never builds a provider (nor initialises a GPU) it would then fork.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from dataclasses import dataclass
+
+import redis
+
+from providers.registry import ProviderPool
+from settings import Settings, load_settings
+from worker.store import DeadLetters, ReplyStore
+
+
+@dataclass
+class WorkerRuntime:
+    """What a task needs besides its request."""
+
+    settings: Settings
+    redis: redis.Redis
+    replies: ReplyStore
+    dead_letters: DeadLetters
+    providers: ProviderPool
+    worker_name: str
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The settings of this process, loaded once (raises ``ConfigError``)."""
+    return load_settings()
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    """A Redis client for ``settings.redis_url`` that survives Redis restarts."""
+    return redis.Redis.from_url(
+        settings.redis_dsn,
+        health_check_interval=30,
+        socket_keepalive=True,
+        retry_on_timeout=True,
+    )
+
+
+@functools.cache
+def get_runtime() -> WorkerRuntime:
+    """The runtime of this process, built on first use."""
+    settings = get_settings()
+    client = redis_client(settings)
+    return WorkerRuntime(
+        settings=settings,
+        redis=client,
+        replies=ReplyStore(client, settings.reply_ttl_s),
+        dead_letters=DeadLetters(client, settings.dead_letter_maxlen, settings.dead_letter_ttl_s),
+        providers=ProviderPool(settings.providers),
+        worker_name=settings.worker_name or socket.gethostname(),
+    )
