@@ -44,11 +44,11 @@ class ChainListener(Protocol):
 class CooldownGate(Protocol):
     """Shared memory of which providers failed too often lately."""
 
-    def is_cooling_down(self, provider_id: str) -> bool:
-        """True while ``provider_id`` must be skipped."""
+    def is_cooling_down(self, provider: ChatProvider) -> bool:
+        """True while ``provider`` must be skipped."""
 
-    def record_failure(self, provider_id: str) -> None:
-        """Count one provider failure."""
+    def record_failure(self, provider: ChatProvider) -> None:
+        """Count one failure of ``provider`` (which may start its cooldown)."""
 
 
 @dataclass
@@ -87,7 +87,7 @@ class ChainRun:
         last_error: errors.ProviderError | None = None
         for index in range(self.start_index, len(self.providers)):
             provider = self.providers[index]
-            if self.cooldowns is not None and self.cooldowns.is_cooling_down(provider.provider_id):
+            if self.cooldowns is not None and self.cooldowns.is_cooling_down(provider):
                 self._record(provider, index, "skipped", errors.ProviderUnavailable("in cooldown"), 0.0, 0)
                 continue
             try:
@@ -162,8 +162,8 @@ class ChainRun:
                 failure = errors.StreamInterrupted(f"{exc.message} (after {chunks} chunks)")
                 failure.__cause__ = exc
             record = self._record(provider, index, "failed", failure, started, chunks)
-            if self.cooldowns is not None:
-                self.cooldowns.record_failure(provider.provider_id)
+            if self.cooldowns is not None and errors.counts_against_provider(failure):
+                self.cooldowns.record_failure(provider)
             self.listener.on_attempt_failed(record)
             raise failure from exc
         except BaseException as exc:

@@ -213,6 +213,15 @@ class StreamInterrupted(ProviderError):
     code = "stream_interrupted"
 
 
+def counts_against_provider(exc: BaseException) -> bool:
+    """True if ``exc`` says the provider is unhealthy (and so counts toward its cooldown).
+
+    Failures caused by the request itself (too long, filtered, rejected) do not count.
+    """
+    request_specific = (ContextLengthExceeded, ContentFiltered, BadProviderRequest, ProviderUnavailable)
+    return isinstance(exc, ProviderError) and not isinstance(exc, request_specific)
+
+
 def error_code(exc: BaseException) -> str:
     """The taxonomy code of ``exc`` (``internal_error`` for anything outside the tree)."""
     return exc.code if isinstance(exc, CascadeError) else "internal_error"

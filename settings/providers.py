@@ -41,6 +41,11 @@ class ProviderConfigBase(BaseModel):
     retry_after_max_s: float = Field(
         default=30.0, ge=0, description="longest Retry-After honoured; longer ones fall through"
     )
+    # Cooldown: after `cooldown_failures` failures within `cooldown_window_s`, every worker
+    # skips the provider for `cooldown_s`. 0 failures turns it off.
+    cooldown_failures: int = Field(default=5, ge=0)
+    cooldown_window_s: float = Field(default=60.0, gt=0)
+    cooldown_s: float = Field(default=30.0, gt=0)
 
 
 class ScriptedConfig(ProviderConfigBase):
@@ -57,6 +62,8 @@ class ScriptedConfig(ProviderConfigBase):
     fail_times: int | None = Field(default=None, ge=0)
     fail_delay_ms: float = Field(default=0.0, ge=0, description="time taken before failing")
     retry_after_s: float | None = Field(default=1.0, ge=0, description="Retry-After of rate_limit")
+    # Scripted failures are deliberate, so they do not trip a cooldown unless asked to.
+    cooldown_failures: int = Field(default=0, ge=0)
 
 
 PROVIDER_CONFIG_TYPES: dict[str, type[ProviderConfigBase]] = {

@@ -77,6 +77,7 @@ class RequestRunner:
             stream=self.request.stream,
             worker=self.runtime.worker_name,
             wait=self._wait,
+            cooldowns=self.runtime.cooldowns,
         )
         try:
             cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)

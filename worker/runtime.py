@@ -7,6 +7,7 @@ parent process never builds a provider (nor initialises a GPU) it would then for
 from __future__ import annotations
 
 import functools
+import os
 import socket
 from dataclasses import dataclass
 
@@ -14,6 +15,7 @@ import redis
 
 from providers.registry import ProviderPool
 from settings import Settings, load_settings
+from worker.cooldown import RedisCooldowns
 from worker.store import DeadLetters, ReplyStore
 
 
@@ -26,6 +28,7 @@ class WorkerRuntime:
     replies: ReplyStore
     dead_letters: DeadLetters
     providers: ProviderPool
+    cooldowns: RedisCooldowns
     worker_name: str
 
 
@@ -56,5 +59,7 @@ def get_runtime() -> WorkerRuntime:
         replies=ReplyStore(client, settings.reply_ttl_s),
         dead_letters=DeadLetters(client, settings.dead_letter_maxlen, settings.dead_letter_ttl_s),
         providers=ProviderPool(settings.providers),
-        worker_name=settings.worker_name or socket.gethostname(),
+        cooldowns=RedisCooldowns(client),
+        # Built in the child after the fork, so the pid names the process that ran the request.
+        worker_name=settings.worker_name or f"{socket.gethostname()}/{os.getpid()}",
     )

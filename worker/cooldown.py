@@ -1,0 +1,51 @@
+"""Provider cooldowns shared by every worker through Redis.
+
+Each failure of a provider is a member of the sorted set ``cascade:cooldown:failures:{id}``
+scored by time; when ``cooldown_failures`` of them fall within ``cooldown_window_s`` the key
+``cascade:cooldown:{id}`` is set for ``cooldown_s`` and every worker skips the provider until
+it expires. Both keys expire by themselves, so a crashed worker leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import redis
+
+from providers.base import ChatProvider
+
+FAILURES_KEY = "cascade:cooldown:failures:{provider_id}"
+COOLDOWN_KEY = "cascade:cooldown:{provider_id}"
+
+
+class RedisCooldowns:
+    """The ``CooldownGate`` of ``providers.chain`` on a Redis shared by all workers."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def is_cooling_down(self, provider: ChatProvider) -> bool:
+        """True while the provider's cooldown key exists."""
+        if provider.config.cooldown_failures == 0:
+            return False
+        return bool(self._client.exists(COOLDOWN_KEY.format(provider_id=provider.provider_id)))
+
+    def record_failure(self, provider: ChatProvider) -> None:
+        """Count a failure; start the cooldown when the window holds enough of them."""
+        cfg = provider.config
+        if cfg.cooldown_failures == 0:
+            return
+        now = time.time()
+        failures = FAILURES_KEY.format(provider_id=provider.provider_id)
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zadd(failures, {uuid.uuid4().hex: now})
+        pipe.zremrangebyscore(failures, 0, now - cfg.cooldown_window_s)
+        pipe.zcard(failures)
+        pipe.expire(failures, int(cfg.cooldown_window_s) + 1)
+        recent = pipe.execute()[2]
+        if recent >= cfg.cooldown_failures:
+            cooldown = COOLDOWN_KEY.format(provider_id=provider.provider_id)
+            # NX: a cooldown already running is not extended by failures of in-flight calls.
+            self._client.set(cooldown, "1", px=int(cfg.cooldown_s * 1000), nx=True)
+            self._client.delete(failures)
