@@ -25,10 +25,21 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
+from tenacity.stop import stop_base
 
 from providers import errors
 from providers.base import ChatProvider, ProviderCall, StreamingChunk
 from tasks.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo
+
+
+class stop_when(stop_base):
+    """A tenacity stop strategy from a predicate."""
+
+    def __init__(self, predicate: Callable[[RetryCallState], bool]) -> None:
+        self._predicate = predicate
+
+    def __call__(self, retry_state: RetryCallState) -> bool:
+        return self._predicate(retry_state)
 
 
 class ChainListener(Protocol):
@@ -120,7 +131,7 @@ class ChainRun:
         cfg = provider.config
         retrying = Retrying(
             retry=retry_if_exception(lambda exc: self._worth_retrying(exc, cfg.retry_after_max_s)),
-            stop=stop_after_attempt(1 + cfg.max_retries) | self._stop_if_past_deadline,
+            stop=stop_after_attempt(1 + cfg.max_retries) | stop_when(self._stop_if_past_deadline),
             wait=self._backoff(cfg.backoff_initial_s, cfg.backoff_max_s),
             sleep=self.wait,
             reraise=True,

@@ -67,8 +67,11 @@ class ScriptedProvider(ChatProvider):
             self._pace(call, delay_ms / 1000, limit)
             first_chunk_at = first_chunk_at or utc_now_iso()
             last = number == len(pieces) - 1
-            meta = {"model": cfg.model, "finish_reason": finish_reason if last else None}
-            on_chunk(StreamingChunk(content=piece, meta=meta))
+            on_chunk(
+                StreamingChunk(
+                    content=piece, meta={"model": cfg.model, "finish_reason": finish_reason if last else None}
+                )
+            )
         if failing:  # "cut" with fail_after_chunks beyond the text: the end marker never came
             raise self._failure()
 

@@ -22,7 +22,7 @@ from worker.runtime import WorkerRuntime, get_runtime
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name=TASK_NAME, bind=True)
+@shared_task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
 def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     """Run one chat request through its chain and return the stored ``ChatReply`` as JSON."""
     runtime = get_runtime()

@@ -39,9 +39,7 @@ def describe_reply(reply: ChatReply) -> str:
         lines.append(f"error: {reply.error.type}: {reply.error.message}")
     if meta.provider:
         lines.append(f"provider: {meta.provider} (chain index {meta.successful_chat_generator_index})")
-    attempts = ", ".join(
-        f"{a.provider}:{a.outcome}{'/' + a.error_type if a.error_type else ''}" for a in meta.attempts
-    )
+    attempts = ", ".join(f"{a.provider}:{a.outcome}{'/' + a.error_type if a.error_type else ''}" for a in meta.attempts)
     lines.append(f"attempts ({meta.total_attempts}): {attempts or '-'}")
     timings = meta.timings
     lines.append(f"timings: queued {timings.queued_ms} ms, ttft {timings.ttft_ms} ms, total {timings.total_ms} ms")

@@ -42,8 +42,20 @@ def build_request(request: ChatRequest | dict[str, Any] | None = None, **fields:
     return ChatRequest.model_validate(data)
 
 
-def _parse(fields: dict[bytes, bytes]) -> StreamEvent:
-    return StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()])
+def _read_events(response: Any) -> list[tuple[bytes, StreamEvent]]:
+    """The (entry id, event) pairs of an XREAD response on one stream."""
+    pairs: list[tuple[bytes, StreamEvent]] = []
+    for _name, entries in response or []:
+        for entry_id, fields in entries:
+            pairs.append((entry_id, StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()])))
+    return pairs
+
+
+def _block_ms(give_up: float | None) -> int:
+    """How long the next XREAD may block, given the caller's deadline."""
+    if give_up is None:
+        return _BLOCK_MS
+    return max(1, min(_BLOCK_MS, int((give_up - time.monotonic()) * 1000)))
 
 
 class CascadeClient:
@@ -77,18 +89,15 @@ class CascadeClient:
         Raises ``TimeoutError`` if ``timeout_s`` passes first.
         """
         stream = keys.events_stream(request_id)
-        last_id = "0-0"
+        last_id: bytes | str = "0-0"
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            block = _BLOCK_MS if give_up is None else max(1, min(_BLOCK_MS, int((give_up - time.monotonic()) * 1000)))
-            response = self.redis.xread({stream: last_id}, count=_READ_COUNT, block=block)
-            for _name, entries in response or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    event = _parse(fields)
-                    yield event
-                    if event.is_terminal:
-                        return
+            response = self.redis.xread({stream: last_id}, count=_READ_COUNT, block=_block_ms(give_up))
+            for entry_id, event in _read_events(response):
+                last_id = entry_id
+                yield event
+                if event.is_terminal:
+                    return
             if not response and self.redis.exists(keys.reply_key(request_id)):
                 return  # finished long ago: its events expired, the reply is still there
             if give_up is not None and time.monotonic() >= give_up:
@@ -143,18 +152,15 @@ class AsyncCascadeClient:
     async def events(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[StreamEvent]:
         """Every event from ``seq`` 0, then live ones, up to the terminal event."""
         stream = keys.events_stream(request_id)
-        last_id = "0-0"
+        last_id: bytes | str = "0-0"
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
-            block = _BLOCK_MS if give_up is None else max(1, min(_BLOCK_MS, int((give_up - time.monotonic()) * 1000)))
-            response = await self.redis.xread({stream: last_id}, count=_READ_COUNT, block=block)
-            for _name, entries in response or []:
-                for entry_id, fields in entries:
-                    last_id = entry_id
-                    event = _parse(fields)
-                    yield event
-                    if event.is_terminal:
-                        return
+            response = await self.redis.xread({stream: last_id}, count=_READ_COUNT, block=_block_ms(give_up))
+            for entry_id, event in _read_events(response):
+                last_id = entry_id
+                yield event
+                if event.is_terminal:
+                    return
             if not response and await self.redis.exists(keys.reply_key(request_id)):
                 return
             if give_up is not None and time.monotonic() >= give_up:

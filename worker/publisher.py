@@ -9,7 +9,7 @@ and the stored reply are written in one MULTI/EXEC, reply first, so a subscriber
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -54,7 +54,7 @@ class EventPublisher:
         if not last:
             return 0
         _entry_id, fields = last[0]
-        event = StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()])
+        event = StreamEvent.model_validate_json(cast(dict[bytes, bytes], fields)[keys.EVENT_FIELD.encode()])
         return event.seq + 1
 
     def emit(self, event_type: str, **fields: Any) -> bool:
