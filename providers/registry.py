@@ -15,6 +15,11 @@ from settings.providers import ProviderConfigBase
 # type name -> "module:Class"; imported lazily.
 PROVIDER_CLASSES: dict[str, str] = {
     "scripted": "providers.scripted:ScriptedProvider",
+    "openai": "providers.openai_chat:OpenAIChatProvider",
+    "openai_responses": "providers.openai_responses:OpenAIResponsesProvider",
+    "azure_openai": "providers.azure_openai:AzureOpenAIChatProvider",
+    "azure_openai_responses": "providers.azure_openai:AzureOpenAIResponsesProvider",
+    "hf_api": "providers.hf_api:HfApiProvider",
 }
 
 

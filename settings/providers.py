@@ -7,9 +7,9 @@ settings loader can report an unknown type by name.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ScriptedFailure = Literal[
     "rate_limit",
@@ -66,6 +66,89 @@ class ScriptedConfig(ProviderConfigBase):
     cooldown_failures: int = Field(default=0, ge=0)
 
 
+class ApiProviderConfig(ProviderConfigBase):
+    """Fields of every provider reached over HTTP."""
+
+    model: str = Field(min_length=1)
+    api_key_env: str | None = Field(default=None, description="name of the env var holding the key")
+    generation_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="defaults; the request's generation_kwargs win"
+    )
+    stop_words: list[str] = Field(default_factory=list, max_length=16)
+
+
+class OpenAIConfig(ApiProviderConfig):
+    """``type = "openai"``: Chat Completions on OpenAI or any OpenAI-compatible server."""
+
+    type: Literal["openai"] = "openai"
+    api_key_env: str | None = "OPENAI_API_KEY"
+    api_base_url: str | None = None
+    organization: str | None = None
+
+
+class OpenAIResponsesConfig(OpenAIConfig):
+    """``type = "openai_responses"``: the Responses API (reasoning, text format)."""
+
+    type: Literal["openai_responses"] = "openai_responses"  # type: ignore[assignment]
+
+
+class AzureOpenAIConfig(ApiProviderConfig):
+    """``type = "azure_openai"``: Chat Completions on an Azure OpenAI deployment.
+
+    Authenticates with the key in ``api_key_env``, or an Azure AD token from
+    ``azure_ad_token_env`` or from ``azure_ad_token_provider`` (``"module:callable"``
+    returning a token string, called before each request).
+    """
+
+    type: Literal["azure_openai"] = "azure_openai"
+    model: str = ""
+    azure_endpoint: str = Field(min_length=1)
+    azure_deployment: str = Field(min_length=1)
+    api_version: str = "2024-12-01-preview"
+    api_key_env: str | None = "AZURE_OPENAI_API_KEY"
+    azure_ad_token_env: str | None = None
+    azure_ad_token_provider: str | None = Field(default=None, pattern=r"^[\w.]+:[\w.]+$")
+
+    @property
+    def model_name(self) -> str:
+        """The model to report: ``model`` when set, else the deployment name."""
+        return self.model or self.azure_deployment
+
+
+class AzureOpenAIResponsesConfig(AzureOpenAIConfig):
+    """``type = "azure_openai_responses"``: the Responses API on Azure OpenAI."""
+
+    type: Literal["azure_openai_responses"] = "azure_openai_responses"  # type: ignore[assignment]
+
+
+HfApiType = Literal["serverless_inference_api", "inference_endpoints", "text_generation_inference"]
+
+
+class HfApiConfig(ApiProviderConfig):
+    """``type = "hf_api"``: Hugging Face Inference Providers (``model`` + ``provider``),
+    Inference Endpoints or TGI (``url``), through ``huggingface_hub.InferenceClient``."""
+
+    type: Literal["hf_api"] = "hf_api"
+    api_type: HfApiType = "serverless_inference_api"
+    model: str = ""
+    url: str | None = None
+    provider: str | None = Field(default=None, description="inference provider, e.g. 'together'")
+    api_key_env: str | None = "HF_API_TOKEN"
+
+    @model_validator(mode="after")
+    def _target(self) -> HfApiConfig:
+        if self.api_type == "serverless_inference_api" and not self.model:
+            raise ValueError("model is required for api_type serverless_inference_api")
+        if self.api_type != "serverless_inference_api" and not self.url:
+            raise ValueError(f"url is required for api_type {self.api_type}")
+        return self
+
+
 PROVIDER_CONFIG_TYPES: dict[str, type[ProviderConfigBase]] = {
     "scripted": ScriptedConfig,
+    "openai": OpenAIConfig,
+    "openai_responses": OpenAIResponsesConfig,
+    "azure_openai": AzureOpenAIConfig,
+    "azure_openai_responses": AzureOpenAIResponsesConfig,
+    "hf_api": HfApiConfig,
 }

@@ -1,0 +1,67 @@
+"""Shared conversions for the API providers: messages, generation kwargs, secrets, finish
+reasons and usage."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from providers import errors
+from tasks.schemas import ChatMessage, Usage
+
+# Finish reasons normalised as Haystack does (TGI and HF report their own words).
+FINISH_REASONS: dict[str, str] = {
+    "stop": "stop",
+    "eos_token": "stop",
+    "stop_sequence": "stop",
+    "end_turn": "stop",
+    "completed": "stop",
+    "length": "length",
+    "max_tokens": "length",
+    "max_output_tokens": "length",
+    "content_filter": "content_filter",
+    "tool_calls": "tool_calls",
+    "function_call": "tool_calls",
+}
+
+
+def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
+    """Messages in the ``[{role, content}]`` shape of the OpenAI and HF chat APIs."""
+    return [{"role": message.role, "content": message.content} for message in messages]
+
+
+def merge_generation_kwargs(defaults: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
+    """The provider's configured defaults overlaid by the request's own values."""
+    merged = dict(defaults)
+    merged.update({key: value for key, value in request.items() if value is not None})
+    return merged
+
+
+def normalise_finish_reason(reason: str | None) -> str | None:
+    """``stop`` / ``length`` / ``content_filter`` / ``tool_calls`` from a vendor's word."""
+    if reason is None:
+        return None
+    return FINISH_REASONS.get(reason, reason)
+
+
+def usage_from(prompt_tokens: int | None, completion_tokens: int | None) -> Usage:
+    """A ``Usage`` from counts that may be missing."""
+    prompt, completion = prompt_tokens or 0, completion_tokens or 0
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
+def read_secret(provider_id: str, *env_names: str | None, required: bool = True) -> str | None:
+    """The first non-empty value among the named env vars.
+
+    Raises ``AuthenticationFailed`` naming the variable (never its value) when ``required``
+    and none is set.
+    """
+    names = [name for name in env_names if name]
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return value
+    if required:
+        raise errors.AuthenticationFailed(f"{provider_id}: no credential in env var {' / '.join(names) or '(none)'}")
+    return None
