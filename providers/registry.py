@@ -20,6 +20,7 @@ PROVIDER_CLASSES: dict[str, str] = {
     "azure_openai": "providers.azure_openai:AzureOpenAIChatProvider",
     "azure_openai_responses": "providers.azure_openai:AzureOpenAIResponsesProvider",
     "hf_api": "providers.hf_api:HfApiProvider",
+    "hf_local": "providers.hf_local:HfLocalProvider",
 }
 
 

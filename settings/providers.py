@@ -144,6 +144,30 @@ class HfApiConfig(ApiProviderConfig):
         return self
 
 
+class HfLocalConfig(ProviderConfigBase):
+    """``type = "hf_local"``: a transformers model loaded once per worker process.
+
+    ``model`` is a hub id (resolved offline from the local cache, or from the GGUF file a
+    package ships — see ``providers.local_models``) or a local folder.
+    """
+
+    type: Literal["hf_local"] = "hf_local"
+    queue: str = Field(default="chat.gpu", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    model: str = Field(min_length=1)
+    gguf_file: str | None = Field(default=None, description="load this GGUF file of `model` and convert it once")
+    device: str = Field(default="auto", pattern=r"^(auto|cpu|mps|cuda(:\d+)?)$")
+    torch_dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device_map: str | None = None
+    model_kwargs: dict[str, Any] = Field(default_factory=dict)
+    chat_template: str | None = Field(default=None, description="a Jinja template overriding the tokenizer's")
+    enable_thinking: bool | None = None
+    generation_kwargs: dict[str, Any] = Field(default_factory=dict)
+    stop_words: list[str] = Field(default_factory=list, max_length=16)
+    max_new_tokens: int = Field(default=512, ge=1)
+    timeout_s: float = Field(default=600.0, gt=0)
+    cooldown_failures: int = Field(default=0, ge=0)
+
+
 PROVIDER_CONFIG_TYPES: dict[str, type[ProviderConfigBase]] = {
     "scripted": ScriptedConfig,
     "openai": OpenAIConfig,
@@ -151,4 +175,5 @@ PROVIDER_CONFIG_TYPES: dict[str, type[ProviderConfigBase]] = {
     "azure_openai": AzureOpenAIConfig,
     "azure_openai_responses": AzureOpenAIResponsesConfig,
     "hf_api": HfApiConfig,
+    "hf_local": HfLocalConfig,
 }
