@@ -70,6 +70,7 @@ class ChainOutcome:
     succeeded_index: int | None
     provider: ChatProvider | None
     error: ErrorInfo | None
+    handoff_index: int | None = None
 
 
 @dataclass
@@ -91,23 +92,28 @@ class ChainRun:
     cooldowns: CooldownGate | None = None
     start_index: int = 0
     attempts: list[AttemptRecord] = field(default_factory=list)
+    local_queues: frozenset[str] | None = None
     rng: random.Random = field(default_factory=random.Random)
 
     def execute(self) -> ChainOutcome:
-        """Walk the chain from ``start_index``; raise ``RequestStopped`` when told to stop."""
-        last_error: errors.ProviderError | None = None
+        """Walk the chain from ``start_index``; raise ``RequestStopped`` when told to stop.
+
+        With ``local_queues`` set, the walk ends at the first provider served on another
+        queue: the outcome's ``handoff_index`` says where the next worker must resume.
+        """
         for index in range(self.start_index, len(self.providers)):
             provider = self.providers[index]
             if self.cooldowns is not None and self.cooldowns.is_cooling_down(provider):
                 self._record(provider, index, "skipped", errors.ProviderUnavailable("in cooldown"), 0.0, 0)
                 continue
+            if self.local_queues is not None and provider.queue not in self.local_queues:
+                return ChainOutcome(replies=[], succeeded_index=None, provider=None, error=None, handoff_index=index)
             try:
                 replies = self._with_retries(provider, index)
-            except errors.ProviderError as exc:
-                last_error = exc
+            except errors.ProviderError:
                 continue
             return ChainOutcome(replies=replies, succeeded_index=index, provider=provider, error=None)
-        return ChainOutcome(replies=[], succeeded_index=None, provider=None, error=self._final_error(last_error))
+        return ChainOutcome(replies=[], succeeded_index=None, provider=None, error=self._final_error())
 
     def meta(self, outcome: ChainOutcome | None = None) -> dict[str, Any]:
         """The chain part of the reply meta (Haystack's four keys, provider, attempts)."""
@@ -118,7 +124,7 @@ class ChainRun:
         winner = outcome.provider if outcome else None
         return {
             "successful_chat_generator_index": outcome.succeeded_index if outcome else None,
-            "successful_chat_generator_class": type(winner).__name__ if winner else None,
+            "successful_chat_generator_class": _class_name(winner) if winner else None,
             "total_attempts": sum(1 for r in self.attempts if r.outcome != "skipped"),
             "failed_chat_generators": failed,
             "provider": winner.provider_id if winner else None,
@@ -230,12 +236,17 @@ class ChainRun:
 
         return wait
 
-    def _final_error(self, last_error: errors.ProviderError | None) -> ErrorInfo:
+    def _final_error(self) -> ErrorInfo:
         tried = [r for r in self.attempts if r.outcome != "skipped"]
-        if last_error is None:
+        if not tried:
             return ErrorInfo(type="all_providers_failed", message="every provider of the chain is cooling down")
         summary = "; ".join(f"{r.provider}: {r.error_type}" for r in self.attempts)
         return ErrorInfo(
             type="all_providers_failed",
             message=f"all {len(tried)} attempt(s) failed ({summary})",
         )
+
+
+def _class_name(provider: ChatProvider) -> str:
+    """The provider's class name, seen through a lazy handle."""
+    return str(getattr(provider, "provider_class_name", type(provider).__name__))

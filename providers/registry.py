@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 import threading
 
-from providers.base import ChatProvider
+from providers.base import ChatProvider, OnChunk, ProviderCall
 from settings.providers import ProviderConfigBase
+from tasks.schemas import AssistantReply
 
 # type name -> "module:Class"; imported lazily.
 PROVIDER_CLASSES: dict[str, str] = {
@@ -51,5 +52,28 @@ class ProviderPool:
             return provider
 
     def chain(self, provider_ids: list[str]) -> list[ChatProvider]:
-        """The providers of a chain, in order."""
-        return [self.get(provider_id) for provider_id in provider_ids]
+        """Handles on the providers of a chain, in order; each is built when first called, so
+        a worker never builds (or imports the libraries of) a provider it hands off."""
+        return [ProviderHandle(self, provider_id, self._configs[provider_id]) for provider_id in provider_ids]
+
+
+class ProviderHandle(ChatProvider):
+    """A provider of a pool, built on its first ``run``; its id, config and queue are known
+    without building it."""
+
+    def __init__(self, pool: ProviderPool, provider_id: str, config: ProviderConfigBase) -> None:
+        super().__init__(provider_id, config)
+        self._pool = pool
+
+    @property
+    def provider_class_name(self) -> str:
+        """The class name of the provider behind the handle (for Haystack's meta key)."""
+        return PROVIDER_CLASSES[self.config.type].rpartition(":")[2]
+
+    def warm_up(self) -> None:
+        """Build the provider (and load what it needs) now."""
+        self._pool.get(self.provider_id)
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        """Build the provider if needed and run it."""
+        return self._pool.get(self.provider_id).run(call, on_chunk)

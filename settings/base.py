@@ -24,9 +24,8 @@ def redact_url(url: str) -> str:
     if parts.password is None:
         return url
     user = parts.username or ""
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host}{port}"))
+    host_and_port = parts.netloc.rpartition("@")[2]  # keeps an IPv6 host's brackets
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_and_port}"))
 
 
 class Settings(BaseSettings):

@@ -23,7 +23,8 @@ def load_settings(config_path: str | Path | None = None, **overrides: Any) -> Se
     ``config_path`` (or ``CASCADE_CONFIG``) names the TOML file; ``overrides`` win over both
     (for tests and embedding). Raises ``ConfigError`` with a one-line-per-problem message.
     """
-    path_text = config_path or overrides.pop("config", None) or os.environ.get("CASCADE_CONFIG")
+    config_override = overrides.pop("config", None)  # never passed twice to Settings below
+    path_text = config_path or config_override or os.environ.get("CASCADE_CONFIG")
     path = Path(path_text) if path_text else None
     file_data = _read_toml(path) if path else {}
     unknown = sorted(set(file_data) - set(Settings.model_fields))

@@ -13,7 +13,7 @@ from typing import Any
 from celery import Task, shared_task
 
 from providers.errors import InvalidRequest, RequestError
-from tasks.intake import read_request
+from tasks.intake import read_request, usable_request_id
 from tasks.runner import RequestRunner, TaskContext
 from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ErrorInfo
 from worker.publisher import EventPublisher
@@ -58,7 +58,7 @@ def reject(
     runtime.dead_letters.push(
         error.code, error.message, body=body, request_id=request_id, task_id=context.task_id, queue=context.queue
     )
-    reply_to = request_id or context.task_id
+    reply_to = request_id or usable_request_id(context.task_id)  # never a key built from an unusable id
     if reply_to is None:
         return {"status": "failed", "error": {"type": error.code, "message": error.message}}
     stored = runtime.replies.get(reply_to)

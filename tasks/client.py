@@ -38,7 +38,8 @@ def build_request(request: ChatRequest | dict[str, Any] | None = None, **fields:
     if isinstance(request, dict):
         data.update(request)
     data.update({k: v for k, v in fields.items() if v is not None})
-    data.setdefault("request_id", uuid.uuid4().hex)
+    if data.get("request_id") is None:  # absent, or given as None
+        data["request_id"] = uuid.uuid4().hex
     return ChatRequest.model_validate(data)
 
 
@@ -99,7 +100,11 @@ class CascadeClient:
                 if event.is_terminal:
                     return
             if not response and self.redis.exists(keys.reply_key(request_id)):
-                return  # finished long ago: its events expired, the reply is still there
+                # Finished long ago (its events expired, the reply is still there), unless it
+                # finished just now: the reply and the terminal event land together, so read on.
+                if not self.redis.xread({stream: last_id}, count=1):
+                    return
+                continue  # read it now, even if timeout_s has just passed
             if give_up is not None and time.monotonic() >= give_up:
                 raise TimeoutError(f"request {request_id}: no terminal event within {timeout_s} s")
 
@@ -162,7 +167,9 @@ class AsyncCascadeClient:
                 if event.is_terminal:
                     return
             if not response and await self.redis.exists(keys.reply_key(request_id)):
-                return
+                if not await self.redis.xread({stream: last_id}, count=1):  # see CascadeClient.events
+                    return
+                continue
             if give_up is not None and time.monotonic() >= give_up:
                 raise TimeoutError(f"request {request_id}: no terminal event within {timeout_s} s")
 

@@ -33,17 +33,19 @@ def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
     The reply goes to the producer's ``request_id`` when it is usable as a key, else to the
     Celery task id; ``request_id`` is None only when neither is usable.
     """
-    request_id = _usable_id(task_id)
+    request_id = usable_request_id(task_id)
     try:
         if isinstance(raw, (str, bytes)):
-            if len(raw) > settings.max_message_bytes:
-                raise RequestTooLarge(f"request of {len(raw)} bytes exceeds {settings.max_message_bytes}")
+            # A str counts in UTF-8 bytes (its characters can take up to 4 each).
+            size = len(raw) if isinstance(raw, bytes) else len(raw.encode("utf-8", errors="surrogatepass"))
+            if size > settings.max_message_bytes:
+                raise RequestTooLarge(f"request of {size} bytes exceeds {settings.max_message_bytes}")
             raw = _parse_json(raw)
         if not isinstance(raw, dict):
             raise InvalidRequest(f"request must be a JSON object, got {type(raw).__name__}")
         producer_id = raw.get("request_id")
         if producer_id is not None:
-            if not isinstance(producer_id, str) or not _REQUEST_ID.match(producer_id):
+            if not isinstance(producer_id, str) or not _REQUEST_ID.fullmatch(producer_id):
                 raise InvalidRequest(f"request_id must match {REQUEST_ID_PATTERN}")
             request_id = producer_id
         try:
@@ -62,8 +64,8 @@ def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
     return Intake(request_id=request.request_id, request=request)
 
 
-def _usable_id(candidate: str | None) -> str | None:
-    return candidate if candidate and _REQUEST_ID.match(candidate) else None
+def usable_request_id(candidate: str | None) -> str | None:
+    return candidate if candidate and _REQUEST_ID.fullmatch(candidate) else None
 
 
 def _parse_json(raw: str | bytes) -> Any:

@@ -249,3 +249,19 @@ class StreamEvent(BaseModel):
     def is_terminal(self) -> bool:
         """True for ``done``, ``error`` and ``cancelled``."""
         return self.type in TERMINAL_EVENT_TYPES
+
+
+class HandOff(BaseModel):
+    """What a worker passes on when the chain continues on another queue (the ``handoff``
+    keyword of an internal ``cascade.chat`` message; producers never send it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    start_index: int = Field(ge=0)
+    attempts: list[AttemptRecord] = Field(default_factory=list)
+    next_seq: int = Field(ge=0)
+    queue_hops: int = Field(ge=1)
+    deadline_at: float = Field(description="unix time the request's deadline passes")
+    started_at: float = Field(description="unix time the first worker started the request")
+    first_chunk_at: float | None = None
+    submitted_at: float | None = None

@@ -1,0 +1,312 @@
+"""The fallback chain (providers/chain.py) on scripted providers, with a fake ``wait``."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from providers import errors
+from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
+from providers.chain import ChainOutcome, ChainRun
+from providers.registry import build_provider
+from settings import ScriptedConfig
+from tasks.schemas import AssistantReply, AttemptRecord, ChatMessage
+
+TEXT = "Hello from the chain"
+FAST = {"backoff_initial_s": 0.1, "backoff_max_s": 0.4}
+
+
+class RecordingWait:
+    """Records requested sleeps instead of sleeping."""
+
+    def __init__(self) -> None:
+        self.calls: list[float] = []
+
+    def __call__(self, seconds: float) -> None:
+        self.calls.append(seconds)
+
+
+class Listener:
+    """Records chunks and failed attempts; can raise a stop on the n-th chunk."""
+
+    def __init__(self, stop_on_chunk: int | None = None, stop: type[errors.RequestStopped] = errors.Cancelled) -> None:
+        self.chunks: list[tuple[str, int, str]] = []
+        self.failed: list[AttemptRecord] = []
+        self._stop_on_chunk = stop_on_chunk
+        self._stop = stop
+
+    def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
+        self.chunks.append((provider_id, attempt, chunk.content))
+        if self._stop_on_chunk is not None and len(self.chunks) >= self._stop_on_chunk:
+            raise self._stop("told to stop")
+
+    def on_attempt_failed(self, record: AttemptRecord) -> None:
+        self.failed.append(record)
+
+    def text_of(self, attempt: int) -> str:
+        return "".join(content for _p, a, content in self.chunks if a == attempt)
+
+
+class Cooldowns:
+    """A CooldownGate stub: fixed set of cooling providers, counts failures."""
+
+    def __init__(self, cooling: set[str]) -> None:
+        self.cooling = cooling
+        self.failures: list[str] = []
+
+    def is_cooling_down(self, provider: ChatProvider) -> bool:
+        return provider.provider_id in self.cooling
+
+    def record_failure(self, provider: ChatProvider) -> None:
+        self.failures.append(provider.provider_id)
+
+
+class ChunkThenFail(ChatProvider):
+    """Streams one chunk, then raises a transient error (as an HTTP stream cut with a 5xx)."""
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        on_chunk(StreamingChunk(content="partial "))
+        raise errors.ServerError("upstream 502 mid-stream", status_code=502)
+
+
+def scripted(provider_id: str, **fields: Any) -> ChatProvider:
+    return build_provider(provider_id, ScriptedConfig(**{"text": TEXT, "chunk_size": 5, **FAST, **fields}))
+
+
+def make_run(
+    providers: list[ChatProvider],
+    listener: Listener,
+    wait: Callable[[float], None],
+    *,
+    deadline_s: float = 60.0,
+    **kw: Any,
+) -> ChainRun:
+    return ChainRun(
+        providers=providers,
+        messages=[ChatMessage(role="user", content="hi")],
+        generation_kwargs={},
+        deadline=time.monotonic() + deadline_s,
+        listener=listener,
+        wait=wait,
+        worker="unit-worker",
+        rng=random.Random(7),
+        **kw,
+    )
+
+
+def outcomes(run: ChainRun) -> list[tuple[str, str, str | None]]:
+    return [(r.provider, r.outcome, r.error_type) for r in run.attempts]
+
+
+def test_success_on_the_first_provider() -> None:
+    listener, wait = Listener(), RecordingWait()
+    run = make_run([scripted("a"), scripted("b")], listener, wait)
+    outcome = run.execute()
+    assert outcome.error is None
+    assert outcome.succeeded_index == 0
+    assert outcome.provider is not None and outcome.provider.provider_id == "a"
+    assert outcome.replies[0].content == TEXT
+    assert outcomes(run) == [("a", "succeeded", None)]
+    assert run.attempts[0].chunks == 4
+    assert run.attempts[0].worker == "unit-worker"
+    assert listener.text_of(1) == TEXT
+    assert listener.failed == [] and wait.calls == []
+
+
+def test_transient_error_is_retried_then_succeeds() -> None:
+    listener, wait = Listener(), RecordingWait()
+    run = make_run([scripted("a", fail="server_error", fail_times=2, max_retries=2), scripted("b")], listener, wait)
+    outcome = run.execute()
+    assert outcome.succeeded_index == 0
+    assert outcomes(run) == [("a", "failed", "server_error"), ("a", "failed", "server_error"), ("a", "succeeded", None)]
+    assert [r.attempt for r in run.attempts] == [1, 2, 3]
+    assert [r.attempt for r in listener.failed] == [1, 2]
+    assert len(wait.calls) == 2
+    assert 0.05 <= wait.calls[0] <= 0.1  # full jitter within [ceiling/2, ceiling]
+    assert 0.1 <= wait.calls[1] <= 0.2
+    assert listener.text_of(3) == TEXT
+
+
+def test_retry_after_is_honoured() -> None:
+    wait = RecordingWait()
+    run = make_run([scripted("a", fail="rate_limit", retry_after_s=3.0, fail_times=1)], Listener(), wait)
+    assert run.execute().succeeded_index == 0
+    assert len(wait.calls) == 1
+    assert wait.calls[0] >= 3.0
+
+
+def test_retry_after_beyond_the_maximum_falls_through_at_once() -> None:
+    wait = RecordingWait()
+    a = scripted("a", fail="rate_limit", retry_after_s=120.0, retry_after_max_s=30.0, max_retries=3)
+    run = make_run([a, scripted("b")], Listener(), wait)
+    outcome = run.execute()
+    assert outcome.succeeded_index == 1
+    assert outcomes(run) == [("a", "failed", "rate_limited"), ("b", "succeeded", None)]
+    assert wait.calls == []
+
+
+def test_exhausted_transient_errors_fall_through() -> None:
+    listener, wait = Listener(), RecordingWait()
+    run = make_run([scripted("a", fail="timeout", max_retries=2), scripted("b")], listener, wait)
+    outcome = run.execute()
+    assert outcome.succeeded_index == 1
+    assert outcomes(run) == [("a", "failed", "timeout")] * 3 + [("b", "succeeded", None)]
+    assert len(wait.calls) == 2
+    assert listener.text_of(4) == TEXT
+
+
+@pytest.mark.parametrize("kind", ["auth", "unknown_model", "context_length", "content_filter", "bad_request"])
+def test_fatal_errors_fall_through_without_retry(kind: str) -> None:
+    listener, wait = Listener(), RecordingWait()
+    run = make_run([scripted("a", fail=kind, max_retries=5), scripted("b")], listener, wait)
+    outcome = run.execute()
+    assert outcome.succeeded_index == 1
+    assert outcomes(run) == [("a", "failed", kind), ("b", "succeeded", None)]
+    assert wait.calls == []
+    assert len(listener.failed) == 1
+
+
+def test_failure_after_chunks_falls_through_and_restarts_from_scratch() -> None:
+    listener, wait = Listener(), RecordingWait()
+    run = make_run([scripted("a", fail="cut", fail_after_chunks=2, max_retries=3), scripted("b")], listener, wait)
+    outcome = run.execute()
+    assert outcome.succeeded_index == 1
+    assert outcomes(run) == [("a", "failed", "stream_interrupted"), ("b", "succeeded", None)]
+    assert run.attempts[0].chunks == 2
+    assert [(r.provider, r.error_type, r.chunks) for r in listener.failed] == [("a", "stream_interrupted", 2)]
+    assert listener.text_of(1) == TEXT[:10]
+    assert listener.text_of(2) == TEXT  # from the start, not from where "a" stopped
+    assert outcome.replies[0].content == TEXT
+    assert wait.calls == []
+
+
+def test_transient_error_after_chunks_becomes_stream_interrupted() -> None:
+    listener, wait = Listener(), RecordingWait()
+    cutter = ChunkThenFail("cutter", ScriptedConfig(text="x", max_retries=3))
+    run = make_run([cutter, scripted("b")], listener, wait)
+    assert run.execute().succeeded_index == 1
+    assert outcomes(run)[0] == ("cutter", "failed", "stream_interrupted")
+    assert "502" in (run.attempts[0].error_message or "")
+    assert wait.calls == []  # never retried: that would replay text already streamed
+
+
+def test_every_provider_failing() -> None:
+    listener = Listener()
+    providers = [scripted("a", fail="server_error", max_retries=1), scripted("b", fail="auth")]
+    run = make_run(providers, listener, RecordingWait())
+    outcome = run.execute()
+    assert outcome.replies == [] and outcome.succeeded_index is None and outcome.provider is None
+    assert outcome.error is not None and outcome.error.type == "all_providers_failed"
+    assert "a: server_error" in outcome.error.message and "b: auth" in outcome.error.message
+    assert outcomes(run) == [("a", "failed", "server_error"), ("a", "failed", "server_error"), ("b", "failed", "auth")]
+    assert len(listener.failed) == 3
+
+
+@pytest.mark.parametrize("stop", [errors.Cancelled, errors.DeadlineExceeded])
+def test_a_stop_from_the_listener_ends_the_chain(stop: type[errors.RequestStopped]) -> None:
+    listener = Listener(stop_on_chunk=2, stop=stop)
+    run = make_run([scripted("a", max_retries=3), scripted("b")], listener, RecordingWait())
+    with pytest.raises(stop):
+        run.execute()
+    assert outcomes(run) == [("a", "stopped", stop.code)]
+    assert run.attempts[0].chunks == 2
+    assert listener.failed == []
+    assert {provider for provider, _a, _c in listener.chunks} == {"a"}
+
+
+def test_a_stop_during_backoff_ends_the_chain() -> None:
+    def cancelled_wait(_seconds: float) -> None:
+        raise errors.Cancelled("cancelled while waiting")
+
+    run = make_run([scripted("a", fail="server_error", max_retries=3), scripted("b")], Listener(), cancelled_wait)
+    with pytest.raises(errors.Cancelled):
+        run.execute()
+    assert [r.provider for r in run.attempts] == ["a"]
+
+
+def test_retries_never_wait_past_the_deadline() -> None:
+    wait = RecordingWait()
+    a = scripted("a", fail="rate_limit", retry_after_s=5.0, max_retries=5)
+    run = make_run([a, scripted("b")], Listener(), wait, deadline_s=1.0)
+    outcome = run.execute()
+    assert wait.calls == []  # a 5 s Retry-After cannot fit in the 1 s left
+    assert outcomes(run) == [("a", "failed", "rate_limited"), ("b", "succeeded", None)]
+    assert outcome.succeeded_index == 1
+
+
+def test_cooling_provider_is_skipped_and_failures_recorded() -> None:
+    gate = Cooldowns({"a"})
+    providers = [scripted("a"), scripted("b", fail="auth"), scripted("c")]
+    run = make_run(providers, Listener(), RecordingWait(), cooldowns=gate)
+    outcome = run.execute()
+    assert outcome.succeeded_index == 2
+    assert outcomes(run) == [
+        ("a", "skipped", "provider_unavailable"),
+        ("b", "failed", "auth"),
+        ("c", "succeeded", None),
+    ]
+    assert gate.failures == ["b"]
+    meta = run.meta(outcome)
+    assert meta["total_attempts"] == 2  # the skip is recorded but is no call
+    assert meta["failed_chat_generators"] == ["b"]
+
+
+def test_request_specific_failures_do_not_count_toward_cooldown() -> None:
+    gate = Cooldowns(set())
+    providers = [scripted("a", fail="content_filter"), scripted("b", fail="timeout", max_retries=1), scripted("c")]
+    run = make_run(providers, Listener(), RecordingWait(), cooldowns=gate)
+    assert run.execute().succeeded_index == 2
+    assert gate.failures == ["b", "b"]
+
+
+def test_every_provider_cooling_down() -> None:
+    run = make_run([scripted("a"), scripted("b")], Listener(), RecordingWait(), cooldowns=Cooldowns({"a", "b"}))
+    outcome = run.execute()
+    assert outcome.error is not None and outcome.error.type == "all_providers_failed"
+    assert "cooling down" in outcome.error.message
+    assert [r.outcome for r in run.attempts] == ["skipped", "skipped"]
+
+
+def test_meta_keys_on_success() -> None:
+    run = make_run([scripted("a", fail="timeout", max_retries=1), scripted("b")], Listener(), RecordingWait())
+    outcome = run.execute()
+    meta = run.meta(outcome)
+    assert set(meta) == {
+        "successful_chat_generator_index",
+        "successful_chat_generator_class",
+        "total_attempts",
+        "failed_chat_generators",
+        "provider",
+        "attempts",
+    }
+    assert meta["successful_chat_generator_index"] == 1
+    assert meta["successful_chat_generator_class"] == "ScriptedProvider"
+    assert meta["total_attempts"] == 3
+    assert meta["failed_chat_generators"] == ["a"]
+    assert meta["provider"] == "b"
+    assert [r.provider for r in meta["attempts"]] == ["a", "a", "b"]
+
+
+def test_meta_without_an_outcome() -> None:
+    run = make_run([scripted("a", fail="auth")], Listener(), RecordingWait())
+    failed: ChainOutcome = run.execute()
+    for meta in (run.meta(), run.meta(failed)):
+        assert meta["successful_chat_generator_index"] is None
+        assert meta["successful_chat_generator_class"] is None
+        assert meta["provider"] is None
+        assert meta["failed_chat_generators"] == ["a"]
+
+
+def test_resuming_keeps_the_history_and_numbering() -> None:
+    earlier = AttemptRecord(provider="a", index=0, attempt=1, outcome="failed", error_type="timeout")
+    listener = Listener()
+    run = make_run([scripted("a"), scripted("b")], listener, RecordingWait(), start_index=1, attempts=[earlier])
+    outcome = run.execute()
+    assert outcome.succeeded_index == 1
+    assert [(r.provider, r.attempt) for r in run.attempts] == [("a", 1), ("b", 2)]
+    assert {attempt for _p, attempt, _c in listener.chunks} == {2}
+    assert run.meta(outcome)["failed_chat_generators"] == ["a"]

@@ -1,0 +1,170 @@
+"""The producer client (tasks/client.py) against fakeredis, with events written by EventPublisher."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import fakeredis
+import pytest
+
+from tasks import keys
+from tasks.client import CANCEL_TTL_S, AsyncCascadeClient, CascadeClient, build_request
+from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
+from worker.publisher import EventPublisher
+from worker.store import ReplyStore
+
+RID = "client-1"
+UNREACHABLE = "redis://127.0.0.1:1/0"  # never connected to: every test swaps in fakeredis
+
+
+def publish_request(client: fakeredis.FakeRedis, request_id: str = RID, *, chunks: int = 3) -> ChatReply:
+    """Write the events of a finished request, as a worker would; return its reply."""
+    publisher = EventPublisher(
+        client, request_id, store=ReplyStore(client, ttl_s=600), events_maxlen=1_000, events_ttl_s=600
+    )
+    publisher.emit("start", chain="default")
+    for n in range(chunks):
+        publisher.emit("chunk", delta=f"t{n} ", provider="p", attempt=1)
+    reply = ChatReply(request_id=request_id, status="succeeded", metadata={"n": chunks})
+    publisher.finish("done", reply)
+    return reply
+
+
+@pytest.fixture
+def client(fake_redis: fakeredis.FakeRedis) -> Iterator[CascadeClient]:
+    cascade = CascadeClient(UNREACHABLE)
+    cascade.redis = fake_redis
+    yield cascade
+
+
+def test_events_replay_from_the_start_to_the_terminal_event(
+    client: CascadeClient, fake_redis: fakeredis.FakeRedis
+) -> None:
+    reply = publish_request(fake_redis, chunks=4)
+    seen = list(client.events(RID, timeout_s=5))
+    assert [e.seq for e in seen] == list(range(6))
+    assert [e.type for e in seen] == ["start", "chunk", "chunk", "chunk", "chunk", "done"]
+    assert seen[-1].reply == reply
+
+
+def test_events_read_in_several_batches_without_duplicates(
+    client: CascadeClient, fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tasks.client._READ_COUNT", 2)
+    publish_request(fake_redis, chunks=7)
+    seqs = [e.seq for e in client.events(RID, timeout_s=5)]
+    assert seqs == list(range(9))
+
+
+def test_events_of_another_request_are_not_mixed_in(client: CascadeClient, fake_redis: fakeredis.FakeRedis) -> None:
+    publish_request(fake_redis, "other", chunks=5)
+    publish_request(fake_redis, chunks=1)
+    assert {e.request_id for e in client.events(RID, timeout_s=5)} == {RID}
+
+
+def test_wait_returns_the_reply(client: CascadeClient, fake_redis: fakeredis.FakeRedis) -> None:
+    reply = publish_request(fake_redis)
+    assert client.wait(RID, timeout_s=5) == reply
+    assert client.reply(RID) == reply
+
+
+def test_wait_when_the_events_expired(client: CascadeClient, fake_redis: fakeredis.FakeRedis) -> None:
+    reply = publish_request(fake_redis)
+    fake_redis.delete(keys.events_stream(RID))
+    assert client.wait(RID, timeout_s=0.05) == reply
+
+
+def test_unknown_request_times_out(client: CascadeClient) -> None:
+    assert client.reply("nobody") is None
+    with pytest.raises(TimeoutError):
+        list(client.events("nobody", timeout_s=0.05))
+    with pytest.raises(TimeoutError):
+        client.wait("nobody", timeout_s=0.05)
+
+
+class FinishesDuringTheBlock(fakeredis.FakeRedis):
+    """The worker ends the request just after a blocking XREAD timed out with nothing new."""
+
+    def xread(self, *args: Any, **kwargs: Any) -> Any:
+        response = super().xread(*args, **kwargs)
+        if not getattr(self, "finished", False):
+            self.finished = True
+            publish_request(self, chunks=2)
+        return response
+
+
+def test_the_terminal_event_is_not_lost_when_the_request_ends_during_a_read() -> None:
+    cascade = CascadeClient(UNREACHABLE)
+    cascade.redis = FinishesDuringTheBlock()
+    seen = list(cascade.events(RID, timeout_s=0.05))
+    assert [e.type for e in seen] == ["start", "chunk", "chunk", "done"]
+
+
+def test_cancel_sets_the_key_with_a_ttl(client: CascadeClient, fake_redis: fakeredis.FakeRedis) -> None:
+    client.cancel(RID)
+    assert fake_redis.get(keys.cancel_key(RID)) == b"1"
+    assert 0 < fake_redis.ttl(keys.cancel_key(RID)) <= CANCEL_TTL_S
+
+
+def test_build_request_generates_an_id() -> None:
+    first, second = build_request(prompt="hi"), build_request({"prompt": "hi"})
+    assert first.request_id and second.request_id and first.request_id != second.request_id
+    assert build_request({"prompt": "hi", "request_id": None}).request_id
+
+
+def test_build_request_keeps_what_it_is_given() -> None:
+    request = build_request({"prompt": "hi", "request_id": "mine"}, chain="rehearsal", stream=None)
+    assert (request.request_id, request.chain, request.stream) == ("mine", "rehearsal", True)
+    again = build_request(request, timeout_s=5)
+    assert again.request_id == "mine" and again.timeout_s == 5
+    assert again.conversation == request.conversation
+
+
+def test_build_request_validates() -> None:
+    with pytest.raises(ValueError):
+        build_request({"prompt": "hi", "generation_kwargs": {"api_key": "sk-x"}})
+
+
+class RecordingCelery:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def send_task(self, name: str, **options: Any) -> None:
+        self.sent.append((name, options))
+
+    def close(self) -> None:
+        pass
+
+
+def test_submit_sends_one_json_keyword_with_the_request_id_as_task_id(client: CascadeClient) -> None:
+    celery = RecordingCelery()
+    client._celery = celery  # type: ignore[assignment]
+    request_id = client.submit(prompt="hi", chain="rehearsal", queue="chat.gpu")
+    [(name, options)] = celery.sent
+    assert name == TASK_NAME
+    assert options["task_id"] == request_id
+    assert options["queue"] == "chat.gpu"
+    assert set(options["kwargs"]) == {"request"}
+    sent = ChatRequest.model_validate(options["kwargs"]["request"])
+    assert sent.request_id == request_id and sent.chain == "rehearsal"
+    assert isinstance(options["headers"][SUBMITTED_AT_HEADER], float)
+
+
+def test_async_client_replays_and_waits() -> None:
+    server = fakeredis.FakeServer()
+    sync_redis = fakeredis.FakeRedis(server=server)
+
+    async def scenario() -> tuple[list[StreamEvent], ChatReply]:
+        cascade = AsyncCascadeClient(UNREACHABLE)
+        cascade.redis = fakeredis.FakeAsyncRedis(server=server)
+        seen = [event async for event in cascade.events(RID, timeout_s=5)]
+        await cascade.cancel(RID)
+        return seen, await cascade.wait(RID, timeout_s=5)
+
+    reply = publish_request(sync_redis, chunks=2)
+    seen, waited = asyncio.run(scenario())
+    assert [e.seq for e in seen] == [0, 1, 2, 3]
+    assert waited == reply
+    assert sync_redis.exists(keys.cancel_key(RID)) == 1

@@ -1,0 +1,206 @@
+"""Typed configuration: TOML file, CASCADE_* env vars over it, errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from settings import ConfigError, ScriptedConfig, Settings, load_settings, redact_url
+
+GOOD_TOML = """
+reply_ttl_s = 600
+max_messages = 32
+
+[providers.steady]
+type = "scripted"
+text = "Natural Language Processing is ..."
+chunk_size = 4
+
+[providers.flaky]
+type = "scripted"
+text = "fallback text"
+fail = "rate_limit"
+fail_times = 1
+queue = "chat.other"
+
+[chains]
+default = ["flaky", "steady"]
+rehearsal = ["steady"]
+"""
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No CASCADE_* variable of the machine running the tests leaks in."""
+    import os
+
+    for name in list(os.environ):
+        if name.startswith("CASCADE_"):
+            monkeypatch.delenv(name)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "cascade.toml"
+    path.write_text(text)
+    return path
+
+
+def _config_error(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(_write(tmp_path, text))
+    return str(info.value)
+
+
+def test_load_from_toml(tmp_path: Path) -> None:
+    settings = load_settings(_write(tmp_path, GOOD_TOML))
+    assert settings.reply_ttl_s == 600
+    assert settings.max_messages == 32
+    assert settings.chains == {"default": ["flaky", "steady"], "rehearsal": ["steady"]}
+    steady = settings.providers["steady"]
+    assert isinstance(steady, ScriptedConfig)
+    assert steady.chunk_size == 4
+    assert settings.queue_of("flaky") == "chat.other"
+    assert settings.queue_of("steady") == "chat"
+    assert settings.config == tmp_path / "cascade.toml"
+
+
+def test_config_path_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_CONFIG", str(_write(tmp_path, GOOD_TOML)))
+    assert load_settings().chains["rehearsal"] == ["steady"]
+
+
+def test_env_overrides_toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_REPLY_TTL_S", "42")
+    monkeypatch.setenv("CASCADE_MAX_MESSAGES", "7")
+    monkeypatch.setenv("CASCADE_REDIS_URL", "redis://cache.internal:6380/2")
+    settings = load_settings(_write(tmp_path, GOOD_TOML))
+    assert settings.reply_ttl_s == 42
+    assert settings.max_messages == 7
+    assert settings.redis_dsn == "redis://cache.internal:6380/2"
+    assert "steady" in settings.providers  # the file still supplies what env does not
+
+
+def test_explicit_overrides_win_over_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_REPLY_TTL_S", "42")
+    assert load_settings(_write(tmp_path, GOOD_TOML), reply_ttl_s=5).reply_ttl_s == 5
+
+
+def test_defaults_without_a_file() -> None:
+    settings = load_settings()
+    assert settings.providers == {} and settings.chains == {}
+    assert settings.redis_dsn == "redis://127.0.0.1:6379/0"
+    assert settings.config is None
+
+
+def test_bad_provider_field_names_its_key(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, '[providers.steady]\ntype = "scripted"\ntext = "x"\nchunk_size = 0\n')
+    assert "providers.steady.chunk_size" in message
+    assert str(tmp_path / "cascade.toml") in message
+
+
+def test_unknown_provider_field_names_its_key(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, '[providers.steady]\ntype = "scripted"\ntext = "x"\nspeed = 3\n')
+    assert "providers.steady.speed" in message
+
+
+def test_unknown_provider_in_chain(tmp_path: Path) -> None:
+    text = '[providers.steady]\ntype = "scripted"\ntext = "x"\n[chains]\ndefault = ["steady", "ghost"]\n'
+    message = _config_error(tmp_path, text)
+    assert "chains.default[1]: unknown provider 'ghost'" in message
+
+
+def test_empty_chain_is_refused(tmp_path: Path) -> None:
+    assert "chains.default" in _config_error(tmp_path, "[chains]\ndefault = []\n")
+
+
+def test_unknown_provider_type(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, '[providers.odd]\ntype = "carrier_pigeon"\n')
+    assert "providers.odd.type" in message
+    assert "carrier_pigeon" in message
+
+
+def test_unknown_top_level_key(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, 'redis_uri = "redis://x"\n')
+    assert "unknown top-level key" in message
+    assert "redis_uri" in message
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    message = _config_error(tmp_path, "[providers.steady\ntype = \n")
+    assert "not valid TOML" in message
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError, match="no such file"):
+        load_settings(missing)
+
+
+def test_bad_top_level_value_names_its_key(tmp_path: Path) -> None:
+    assert "reply_ttl_s" in _config_error(tmp_path, "reply_ttl_s = 0\n")
+
+
+def test_every_problem_is_reported(tmp_path: Path) -> None:
+    text = '[providers.a]\ntype = "scripted"\ntext = "x"\nchunk_size = 0\n[providers.b]\ntype = "scripted"\ntext = ""\n'
+    message = _config_error(tmp_path, text)
+    assert "providers.a.chunk_size" in message
+    assert "providers.b.text" in message
+
+
+def test_bad_env_value_raises_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_EVENTS_MAXLEN", "3")
+    with pytest.raises(ConfigError, match="events_maxlen"):
+        load_settings(_write(tmp_path, GOOD_TOML))
+
+
+def test_redis_password_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CASCADE_REDIS_URL", "rediss://worker:s3cr3t-pw@redis.example:6380/1")
+    settings = load_settings()
+    assert "s3cr3t-pw" not in repr(settings)
+    assert "s3cr3t-pw" not in str(settings)
+    assert "s3cr3t-pw" not in settings.redis_url_redacted
+    assert settings.redis_url_redacted == "rediss://worker:***@redis.example:6380/1"
+    assert settings.redis_dsn == "rediss://worker:s3cr3t-pw@redis.example:6380/1"
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:pw@localhost:6379/0", "redis://:***@localhost:6379/0"),
+        ("rediss://user:pw@host/0", "rediss://user:***@host/0"),
+        ("redis://localhost:6379/0", "redis://localhost:6379/0"),
+        ("redis://user@localhost:6379/0", "redis://user@localhost:6379/0"),
+        ("redis://:pw@[::1]:6379/0", "redis://:***@[::1]:6379/0"),
+    ],
+)
+def test_redact_url(url: str, expected: str) -> None:
+    assert redact_url(url) == expected
+
+
+def test_derived_celery_limits_are_ordered() -> None:
+    settings = Settings(max_timeout_s=600)
+    assert settings.max_timeout_s < settings.task_soft_time_limit_s
+    assert settings.task_soft_time_limit_s < settings.hard_time_limit_s
+    assert settings.hard_time_limit_s < settings.broker_visibility_timeout_s
+
+
+def test_explicit_limits_must_stay_ordered() -> None:
+    with pytest.raises(ValueError, match="time_limit_s"):
+        Settings(soft_time_limit_s=100, time_limit_s=100)
+    with pytest.raises(ValueError, match="visibility_timeout_s"):
+        Settings(soft_time_limit_s=100, time_limit_s=200, visibility_timeout_s=150)
+    with pytest.raises(ValueError, match="default_timeout_s"):
+        Settings(default_timeout_s=100, max_timeout_s=50)
+
+
+def test_settings_are_frozen() -> None:
+    settings = Settings()
+    with pytest.raises(ValueError):
+        settings.reply_ttl_s = 1  # type: ignore[misc]
+
+
+def test_config_keyword_with_a_path_is_not_passed_twice(tmp_path: Path) -> None:
+    path = _write(tmp_path, GOOD_TOML)
+    assert load_settings(config=path).chains["rehearsal"] == ["steady"]
+    assert load_settings(path, config=path).config == path
