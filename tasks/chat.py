@@ -11,11 +11,12 @@ import time
 from typing import Any
 
 from celery import Task, shared_task
+from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError
 from tasks.intake import read_request, usable_request_id
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ErrorInfo
+from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ErrorInfo, HandOff
 from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, get_runtime
 
@@ -34,8 +35,9 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         submitted_at=float(submitted_at) if isinstance(submitted_at, (int, float)) else None,
         started_at_wall=time.time(),
         started_at=time.monotonic(),
+        local_queues=_consumed_queues(self),
     )
-    if args or set(kwargs) != {"request"}:
+    if args or not {"request"} <= set(kwargs) <= {"request", "handoff"}:
         raw = kwargs.get("request")
         error: RequestError = InvalidRequest(
             f"cascade.chat takes one keyword argument 'request'; got {len(args)} positional "
@@ -44,10 +46,38 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return reject(runtime, context, error, None, {"args": list(args), "kwargs": kwargs} if raw is None else raw)
 
     intake = read_request(kwargs["request"], context.task_id, runtime.settings)
+    handoff = None
+    if intake.error is None and "handoff" in kwargs:
+        try:
+            handoff = HandOff.model_validate(kwargs["handoff"])
+        except ValidationError:
+            intake.error = InvalidRequest("invalid hand-off state")
     if intake.error is not None or intake.request is None:
         failure = intake.error or InvalidRequest("invalid request")
         return reject(runtime, context, failure, intake.request_id, kwargs["request"])
-    return RequestRunner(runtime, intake.request, context).run().model_dump(mode="json")
+    request = intake.request
+
+    def send_handoff(queue: str, state: HandOff) -> None:
+        self.apply_async(
+            kwargs={
+                "request": request.model_dump(mode="json", exclude_none=True),
+                "handoff": state.model_dump(mode="json"),
+            },
+            queue=queue,
+        )
+
+    outcome = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff).run()
+    if isinstance(outcome, HandOff):
+        return {"request_id": request.request_id, "status": "handed_off", "queue_hops": outcome.queue_hops}
+    return outcome.model_dump(mode="json")
+
+
+def _consumed_queues(task: Task) -> frozenset[str] | None:
+    """The queues this worker consumes, or None outside a worker (eager calls, tests)."""
+    if task.request.is_eager:
+        return None
+    consume_from = getattr(task.app.amqp.queues, "consume_from", None)
+    return frozenset(consume_from) if consume_from else None
 
 
 def reject(

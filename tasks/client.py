@@ -24,6 +24,8 @@ from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CANCEL_TTL_S = 86_400
+DEFAULT_QUEUE = "chat"
+ROUTE_CACHE_S = 30.0
 _BLOCK_MS = 1_000
 _READ_COUNT = 500
 
@@ -62,9 +64,10 @@ def _block_ms(give_up: float | None) -> int:
 class CascadeClient:
     """Blocking producer client; see the module docstring."""
 
-    def __init__(self, redis_url: str | None = None, *, queue: str = "chat") -> None:
+    def __init__(self, redis_url: str | None = None, *, queue: str | None = None) -> None:
         url = _redis_url(redis_url)
         self.queue = queue
+        self._routes: dict[str, tuple[float, str]] = {}
         self.redis = redis.Redis.from_url(url, health_check_interval=30, retry_on_timeout=True)
         self._celery = Celery("cascade-producer", broker=url, set_as_current=False)
         self._celery.conf.update(task_serializer="json", accept_content=["json"], broker_connection_retry=True)
@@ -78,11 +81,22 @@ class CascadeClient:
         self._celery.send_task(
             TASK_NAME,
             kwargs={"request": chat_request.model_dump(mode="json", exclude_none=True)},
-            queue=queue or self.queue,
+            queue=queue or self.queue or self.route(chat_request.chain),
             task_id=request_id,
             headers={SUBMITTED_AT_HEADER: time.time()},
         )
         return request_id
+
+    def route(self, chain: str) -> str:
+        """The queue of ``chain``'s first provider, as workers publish it in
+        ``cascade:routes`` (cached for a while); ``chat`` if no worker said."""
+        cached = self._routes.get(chain)
+        if cached is not None and time.monotonic() - cached[0] < ROUTE_CACHE_S:
+            return cached[1]
+        raw = self.redis.hget(keys.ROUTES, chain)
+        queue = raw.decode() if isinstance(raw, bytes) else DEFAULT_QUEUE
+        self._routes[chain] = (time.monotonic(), queue)
+        return queue
 
     def events(self, request_id: str, *, timeout_s: float | None = None) -> Iterator[StreamEvent]:
         """Every event of the request from ``seq`` 0, then live ones, up to the terminal event.
@@ -143,7 +157,7 @@ class AsyncCascadeClient:
     """The same client for asyncio programs (``redis.asyncio``); ``submit`` runs Celery's
     blocking send in a thread."""
 
-    def __init__(self, redis_url: str | None = None, *, queue: str = "chat") -> None:
+    def __init__(self, redis_url: str | None = None, *, queue: str | None = None) -> None:
         url = _redis_url(redis_url)
         self.redis = aioredis.Redis.from_url(url, health_check_interval=30, retry_on_timeout=True)
         self._sync = CascadeClient(url, queue=queue)

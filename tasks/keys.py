@@ -7,6 +7,8 @@ EVENTS_STREAM = "cascade:events:{request_id}"
 REPLY = "cascade:reply:{request_id}"
 CANCEL = "cascade:cancel:{request_id}"
 DEAD_LETTERS = "cascade:dead"
+# Hash: chain name -> the queue of its first provider, written by workers at start.
+ROUTES = "cascade:routes"
 
 # The field of each entry of the events stream that holds the JSON StreamEvent.
 EVENT_FIELD = "event"

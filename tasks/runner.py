@@ -2,14 +2,16 @@
 
 ``RequestRunner`` is the seam between Celery (``tasks.chat``) and the rest: it owns the
 request's event stream, turns chain callbacks into ``chunk`` and ``fallback`` events, applies
-the deadline and cancel, and always ends with exactly one terminal event and one stored reply.
+the deadline and cancel, and ends with exactly one terminal event and one stored reply — or,
+when the chain continues on another queue, hands the request off with its history.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from celery.exceptions import SoftTimeLimitExceeded
@@ -17,7 +19,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun
-from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, Timings
+from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
 from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime
 
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 # How often a wait (first-chunk delay, retry backoff) looks for a cancel.
 _WAIT_SLICE_S = 0.05
+
+# Sends the request to a queue with the hand-off state.
+HandOffSender = Callable[[str, HandOff], None]
 
 
 @dataclass
@@ -34,42 +39,63 @@ class TaskContext:
     task_id: str | None
     queue: str | None
     submitted_at: float | None = None
-    started_at_wall: float = 0.0
-    started_at: float = 0.0
+    started_at_wall: float = field(default_factory=time.time)
+    started_at: float = field(default_factory=time.monotonic)
+    local_queues: frozenset[str] | None = None
 
 
 class RequestRunner:
-    """Runs one request on this worker; see the module docstring."""
+    """Runs one request (or its continuation after a hand-off) on this worker."""
 
-    def __init__(self, runtime: WorkerRuntime, request: ChatRequest, context: TaskContext) -> None:
+    def __init__(
+        self,
+        runtime: WorkerRuntime,
+        request: ChatRequest,
+        context: TaskContext,
+        *,
+        handoff: HandOff | None = None,
+        send_handoff: HandOffSender | None = None,
+    ) -> None:
         self.runtime = runtime
         self.request = request
         self.context = context
+        self.handoff = handoff
+        self._send_handoff = send_handoff
         self.request_id: str = request.request_id or ""
         settings = runtime.settings
-        timeout = min(request.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
-        self.deadline = context.started_at + timeout
+        if handoff is not None:
+            self.deadline_at = handoff.deadline_at
+            self.started_at_wall = handoff.started_at
+            self.first_chunk_at = handoff.first_chunk_at
+        else:
+            timeout = min(request.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
+            self.deadline_at = context.started_at_wall + timeout
+            self.started_at_wall = context.started_at_wall
+            self.first_chunk_at = None
+        self.deadline = context.started_at + (self.deadline_at - context.started_at_wall)
+        next_seq = EventPublisher.resume_seq(runtime.redis, self.request_id)
         self.publisher = EventPublisher(
             runtime.redis,
             self.request_id,
             store=runtime.replies,
             events_maxlen=settings.events_maxlen,
             events_ttl_s=settings.events_ttl_s,
-            next_seq=EventPublisher.resume_seq(runtime.redis, self.request_id),
+            next_seq=max(next_seq, handoff.next_seq if handoff else 0),
         )
-        self.first_chunk_at: float | None = None
         self._last_cancel_check = 0.0
 
-    def run(self) -> ChatReply:
-        """Run the request to its terminal event and return the stored reply."""
+    def run(self) -> ChatReply | HandOff:
+        """Run the request to its terminal event and return the stored reply, or return the
+        hand-off state if the chain continues on another queue."""
         stored = self.runtime.replies.get(self.request_id)
         if stored is not None:
             logger.info("request %s already answered (%s); not running it again", self.request_id, stored.status)
             return stored
 
         chain_name = self.request.chain
+        provider_ids = self.runtime.settings.chains[chain_name]
         run = ChainRun(
-            providers=self.runtime.providers.chain(self.runtime.settings.chains[chain_name]),
+            providers=self.runtime.providers.chain(provider_ids),
             messages=self.request.conversation,
             generation_kwargs=self.request.generation_kwargs.model_dump(exclude_none=True),
             deadline=self.deadline,
@@ -78,9 +104,15 @@ class RequestRunner:
             worker=self.runtime.worker_name,
             wait=self._wait,
             cooldowns=self.runtime.cooldowns,
+            start_index=self.handoff.start_index if self.handoff else 0,
+            attempts=list(self.handoff.attempts) if self.handoff else [],
+            local_queues=self.context.local_queues if self._send_handoff else None,
         )
         try:
-            cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
+            if self.handoff is None:
+                cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
+            else:
+                cancelled = self.publisher.cancel_requested()
             if cancelled:
                 raise errors.Cancelled("cancelled before it started")
             outcome = run.execute()
@@ -91,10 +123,12 @@ class RequestRunner:
             return self._finish("error", run, None, ErrorInfo(type=stop.code, message=stop.message))
         except errors.RequestStopped as exc:
             return self._finish("error", run, None, ErrorInfo(type=exc.code, message=exc.message))
-        except Exception as exc:
+        except Exception as exc:  # a bug must still end the stream and store a reply
             logger.exception("request %s failed inside the worker", self.request_id)
             error = ErrorInfo(type="internal_error", message=f"internal error ({type(exc).__name__})")
             return self._finish("error", run, None, error)
+        if outcome.handoff_index is not None:
+            return self._hand_off(run, outcome.handoff_index)
         if outcome.error is not None:
             return self._finish("error", run, outcome, outcome.error)
         return self._finish("done", run, outcome, None)
@@ -107,7 +141,7 @@ class RequestRunner:
         if now >= self.deadline:
             raise errors.DeadlineExceeded("the request's deadline passed")
         if self.first_chunk_at is None:
-            self.first_chunk_at = now
+            self.first_chunk_at = time.time()
         if self.request.stream and chunk.content:
             cancelled = self.publisher.emit("chunk", delta=chunk.content, provider=provider_id, attempt=attempt)
         elif now - self._last_cancel_check >= _WAIT_SLICE_S:
@@ -144,6 +178,24 @@ class RequestRunner:
                 return
             time.sleep(min(_WAIT_SLICE_S, until - now, self.deadline - now))
 
+    def _hand_off(self, run: ChainRun, index: int) -> HandOff:
+        assert self._send_handoff is not None
+        provider_id = self.runtime.settings.chains[self.request.chain][index]
+        queue = self.runtime.settings.queue_of(provider_id)
+        state = HandOff(
+            start_index=index,
+            attempts=run.attempts,
+            next_seq=self.publisher.next_seq,
+            queue_hops=(self.handoff.queue_hops if self.handoff else 0) + 1,
+            deadline_at=self.deadline_at,
+            started_at=self.started_at_wall,
+            first_chunk_at=self.first_chunk_at,
+            submitted_at=self.handoff.submitted_at if self.handoff else self.context.submitted_at,
+        )
+        self._send_handoff(queue, state)
+        logger.info("request %s handed off to queue %s for %s", self.request_id, queue, provider_id)
+        return state
+
     def _finish(
         self, event_type: str, run: ChainRun, outcome: ChainOutcome | None, error: ErrorInfo | None
     ) -> ChatReply:
@@ -167,15 +219,22 @@ class RequestRunner:
         return reply
 
     def _meta(self, run: ChainRun, outcome: ChainOutcome | None) -> ChainMeta:
-        ctx = self.context
-        now = time.monotonic()
-        queued_ms = None
-        if ctx.submitted_at is not None:
-            queued_ms = round(max(0.0, ctx.started_at_wall - ctx.submitted_at) * 1000, 3)
+        submitted_at = self.handoff.submitted_at if self.handoff else self.context.submitted_at
+        started = self.started_at_wall
+
+        def since_start_ms(moment: float | None) -> float | None:
+            return None if moment is None else round(max(0.0, moment - started) * 1000, 3)
+
         timings = Timings(
-            queued_ms=queued_ms,
-            ttft_ms=round((self.first_chunk_at - ctx.started_at) * 1000, 3) if self.first_chunk_at else None,
-            total_ms=round((now - ctx.started_at) * 1000, 3),
+            queued_ms=None if submitted_at is None else round(max(0.0, started - submitted_at) * 1000, 3),
+            ttft_ms=since_start_ms(self.first_chunk_at),
+            total_ms=since_start_ms(time.time()),
         )
         extra: dict[str, Any] = {"chain": self.request.chain}
-        return ChainMeta(**run.meta(outcome), **extra, timings=timings, worker=self.runtime.worker_name, queue_hops=0)
+        return ChainMeta(
+            **run.meta(outcome),
+            **extra,
+            timings=timings,
+            worker=self.runtime.worker_name,
+            queue_hops=self.handoff.queue_hops if self.handoff else 0,
+        )

@@ -8,9 +8,10 @@ from typing import Any
 import fakeredis
 import pytest
 
+from providers import errors, registry
 from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
 from providers.registry import ProviderPool
-from settings import ScriptedConfig, Settings
+from settings import ProviderConfigBase, ScriptedConfig, Settings
 from tasks import keys
 from tasks.runner import RequestRunner, TaskContext
 from tasks.schemas import AssistantReply, ChatReply, ChatRequest, StreamEvent
@@ -45,7 +46,9 @@ def run_request(runtime: WorkerRuntime, **fields: Any) -> ChatReply:
     context = TaskContext(
         task_id=RID, queue="chat", submitted_at=time.time(), started_at_wall=time.time(), started_at=time.monotonic()
     )
-    return RequestRunner(runtime, request, context).run()
+    reply = RequestRunner(runtime, request, context).run()
+    assert isinstance(reply, ChatReply)
+    return reply
 
 
 def events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
@@ -254,21 +257,37 @@ def test_timeout_is_capped_by_settings(fake_redis: fakeredis.FakeRedis, timeout_
     assert runner.deadline == pytest.approx(100.0 + expected)
 
 
-class UnbuildablePool:
-    """A pool whose provider cannot be built (missing key, model that will not load...)."""
-
-    def chain(self, _ids: list[str]) -> list[ChatProvider]:
+def test_a_provider_that_cannot_be_built_still_ends_the_request(
+    fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Providers are built lazily, inside the chain's run, so a build that blows up is caught
+    # by the runner and still ends the stream with an error and a stored reply.
+    def explode(provider_id: str, config: object) -> ChatProvider:
         raise RuntimeError("could not build provider")
 
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: RequestRunner.run builds the chain outside its try block, so a provider that fails "
-    "to build escapes as an exception with no terminal event and no stored reply",
-)
-def test_a_provider_that_cannot_be_built_still_ends_the_request(fake_redis: fakeredis.FakeRedis) -> None:
+    monkeypatch.setattr(registry, "build_provider", explode)
     runtime = runtime_for(fake_redis, {"steady": {}}, ["steady"])
-    runtime.providers = UnbuildablePool()  # type: ignore[assignment]
     reply = run_request(runtime)
     assert reply.status == "failed"
+    assert reply.error is not None and reply.error.type == "internal_error"
     assert events(fake_redis)[-1].type == "error"
+
+
+def test_a_provider_that_is_unavailable_falls_through(
+    fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_build = registry.build_provider
+
+    def build(provider_id: str, config: ProviderConfigBase) -> ChatProvider:
+        if provider_id == "broken":
+            raise errors.ProviderUnavailable("cannot load model 'x' from /nowhere")
+        return real_build(provider_id, config)
+
+    monkeypatch.setattr(registry, "build_provider", build)
+    runtime = runtime_for(fake_redis, {"broken": {}, "steady": {}}, ["broken", "steady"])
+    reply = run_request(runtime)
+    assert reply.status == "succeeded"
+    assert [(a.provider, a.outcome, a.error_type) for a in reply.meta.attempts] == [
+        ("broken", "failed", "provider_unavailable"),
+        ("steady", "succeeded", None),
+    ]
