@@ -25,6 +25,7 @@ from tasks.schemas import AssistantReply, ReplyMeta
 _GENERATE_KWARGS = {
     "max_tokens": "max_new_tokens",
     "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
     "temperature": "temperature",
     "top_p": "top_p",
     "top_k": "top_k",

