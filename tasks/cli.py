@@ -112,7 +112,7 @@ def _cancel(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from worker.demo import run_demo
 
-    return run_demo(prompt=args.prompt)
+    return run_demo(prompt=args.prompt, chain=args.chain)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,6 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="start Redis and a worker locally and stream one answer")
     demo.add_argument("--prompt", default="What is Natural Language Processing? Answer in two sentences.")
+    demo.add_argument("--chain", default="default", help="default: SmolLM2 on the CPU; rehearsal: scripted")
     demo.set_defaults(handler=_demo)
     return parser
 

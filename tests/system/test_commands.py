@@ -62,12 +62,21 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 def test_demo_streams_an_answer_and_shows_the_fallback() -> None:
-    result = run_cli("demo", timeout_s=120)
+    result = run_cli("demo", "--chain", "rehearsal", timeout_s=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "falling back" in result.stdout
     assert "Natural Language Processing (NLP) is the branch" in result.stdout
     assert "status: succeeded" in result.stdout
     assert "attempts (2): flaky:failed/stream_interrupted, steady:succeeded" in result.stdout
+
+
+@pytest.mark.slow
+def test_demo_streams_a_real_answer_from_smollm2() -> None:
+    result = run_cli("demo", "--prompt", "What is the capital of France?", timeout_s=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Paris" in result.stdout
+    assert "provider: smol (chain index 0)" in result.stdout
+    assert "model: HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout
 
 
 def test_submit_prints_the_tokens_then_the_meta(service: str) -> None:
