@@ -94,7 +94,9 @@ class CascadeClient:
         if cached is not None and time.monotonic() - cached[0] < ROUTE_CACHE_S:
             return cached[1]
         raw = self.redis.hget(keys.ROUTES, chain)
-        queue = raw.decode() if isinstance(raw, bytes) else DEFAULT_QUEUE
+        if not isinstance(raw, bytes):
+            return DEFAULT_QUEUE  # no worker has said yet: ask again next time
+        queue = raw.decode()
         self._routes[chain] = (time.monotonic(), queue)
         return queue
 

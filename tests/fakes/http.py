@@ -9,6 +9,8 @@ When the queue is empty it answers with ``default`` (a 500 unless set).
 from __future__ import annotations
 
 import json
+import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -26,6 +28,10 @@ class Reply:
     JSON-able object or a raw string line such as ``"[DONE]"``), ``delay_s`` before the first
     byte and ``event_delay_s`` between events; ``cut_after`` closes the connection abruptly
     after that many events (no end marker, no terminating chunk).
+
+    ``first_event_delay_s`` waits after the headers, before the first event (a slow first
+    token); ``chunked`` frames the event stream with ``Transfer-Encoding: chunked`` as TGI and
+    most servers do, so a cut is an incomplete body; ``reset`` ends a cut with a TCP RST.
     """
 
     status: int = 200
@@ -36,6 +42,9 @@ class Reply:
     event_delay_s: float = 0.0
     cut_after: int | None = None
     event_names: list[str | None] | None = None
+    first_event_delay_s: float = 0.0
+    chunked: bool = False
+    reset: bool = False
 
 
 @dataclass
@@ -124,28 +133,47 @@ class FakeHTTPServer:
                     for name, value in reply.headers.items():
                         self.send_header(name, value)
                     self.end_headers()
-                    self.wfile.write(payload)
+                    try:
+                        self.wfile.write(payload)
+                    except (BrokenPipeError, ConnectionResetError):  # the client gave up waiting
+                        return
 
             def _stream(self, reply: Reply) -> None:
                 self.send_response(reply.status)
                 self.send_header("Content-Type", "text/event-stream")
                 self.send_header("Cache-Control", "no-cache")
                 self.send_header("Connection", "close")
+                if reply.chunked:
+                    self.send_header("Transfer-Encoding", "chunked")
                 for name, value in reply.headers.items():
                     self.send_header(name, value)
                 self.end_headers()
+                if reply.first_event_delay_s:
+                    time.sleep(reply.first_event_delay_s)
                 events = reply.events or []
                 for number, event in enumerate(events):
                     if reply.cut_after is not None and number >= reply.cut_after:
-                        break
+                        if reply.reset:
+                            # Linger 0: close() sends RST instead of FIN.
+                            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                            self.connection.close()
+                        self.close_connection = True
+                        return
                     if number and reply.event_delay_s:
                         time.sleep(reply.event_delay_s)
                     data = event if isinstance(event, str) else json.dumps(event)
                     name = reply.event_names[number] if reply.event_names else None
-                    frame = (f"event: {name}\n" if name else "") + f"data: {data}\n\n"
+                    frame = ((f"event: {name}\n" if name else "") + f"data: {data}\n\n").encode()
+                    if reply.chunked:
+                        frame = f"{len(frame):x}\r\n".encode() + frame + b"\r\n"
                     try:
-                        self.wfile.write(frame.encode())
+                        self.wfile.write(frame)
                         self.wfile.flush()
+                    except (BrokenPipeError, ConnectionResetError):
+                        return
+                if reply.chunked:
+                    try:
+                        self.wfile.write(b"0\r\n\r\n")
                     except (BrokenPipeError, ConnectionResetError):
                         return
                 self.close_connection = True
