@@ -223,5 +223,14 @@ def counts_against_provider(exc: BaseException) -> bool:
 
 
 def error_code(exc: BaseException) -> str:
-    """The taxonomy code of ``exc`` (``internal_error`` for anything outside the tree)."""
-    return exc.code if isinstance(exc, CascadeError) else "internal_error"
+    """The taxonomy code of ``exc`` (``internal_error`` for anything outside the tree).
+
+    Celery's ``SoftTimeLimitExceeded`` (raised into the running task, so it reaches the chain
+    before the task turns it into ``TimeLimitExceeded``) is ``time_limit``; it is matched by
+    name so that providers do not import Celery.
+    """
+    if isinstance(exc, CascadeError):
+        return exc.code
+    if type(exc).__name__ == "SoftTimeLimitExceeded":
+        return TimeLimitExceeded.code
+    return "internal_error"

@@ -9,9 +9,12 @@ connection.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
+from celery.exceptions import InvalidTaskError
 from celery.worker.consumer import Consumer
+from kombu.exceptions import ContentDisallowed, DecodeError
 
 from worker.runtime import get_runtime
 
@@ -40,9 +43,57 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         super().on_unknown_task(body, message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        """A task message that is malformed."""
-        _dead_letter("invalid_task", f"invalid task message: {type(exc).__name__}", message, body)
+        """A task message that is malformed (or, via Celery, of a refused content type)."""
+        reason = "content_disallowed" if isinstance(exc, ContentDisallowed) else "invalid_task"
+        _dead_letter(reason, f"invalid task message: {type(exc).__name__}: {str(exc)[:200]}", message, body)
         super().on_invalid_task(body, message, exc)
+
+    def create_task_handler(self, *args: Any, **kwargs: Any) -> Callable[[Any], None]:
+        """Celery's handler, guarded: a task message whose headers or body do not have the shape
+        of Celery's protocol 2 crashes Celery's consumer (an unhandled ValueError/KeyError in
+        ``Request.__init__`` stops the worker and the message is restored, a poison pill) or
+        fails inside the pool without a trace. Reject it as an invalid task instead."""
+        handler = super().create_task_handler(*args, **kwargs)
+
+        def on_task_received(message: Any) -> None:
+            problem = _malformed(message, self.strategies)
+            if problem is not None:
+                self.on_invalid_task(None, message, InvalidTaskError(problem))
+                return
+            try:
+                handler(message)
+            except Exception as exc:
+                if isinstance(exc, tuple(self.connection_errors) + tuple(self.channel_errors)):
+                    raise
+                self.on_invalid_task(None, message, exc)
+
+        return on_task_received
+
+
+def _malformed(message: Any, known_tasks: Any) -> str | None:
+    """Why a protocol 2 task message cannot become a Celery request; None when it can (or when
+    it is not one: Celery's own handler deals with decode errors, v1 and unknown messages)."""
+    headers = getattr(message, "headers", None)
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None
+    if not isinstance(headers.get("id"), str):
+        return "the task message has no 'id' header"
+    if headers["task"] not in known_tasks:
+        return None  # Celery's handler dead-letters it as an unknown task
+    try:
+        payload = message.payload
+    except (DecodeError, ContentDisallowed):
+        return None  # undecodable or refused content: Celery's handler reports it
+    if isinstance(payload, dict) and "args" in payload:
+        return None  # a hybrid protocol 1 body: Celery checks it itself
+    if not (isinstance(payload, (list, tuple)) and len(payload) == 3):
+        return "the task message body is not [args, kwargs, embed]"
+    args, task_kwargs, embed = payload
+    if not isinstance(args, (list, tuple)) or not isinstance(task_kwargs, dict):
+        return "the task message body's args must be a list and kwargs an object"
+    if embed is not None and not isinstance(embed, dict):
+        return "the task message body's embed must be an object"
+    return None
 
 
 def _dead_letter(reason: str, detail: str, message: Any, body: Any) -> None:
@@ -52,7 +103,7 @@ def _dead_letter(reason: str, detail: str, message: Any, body: Any) -> None:
         get_runtime().dead_letters.push(
             reason,
             detail,
-            body=body,
+            body=body if body is not None else getattr(message, "body", None),  # Celery passes None for v2
             task_id=headers.get("id") if isinstance(headers, dict) else None,
             queue=delivery.get("routing_key"),
         )

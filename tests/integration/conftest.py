@@ -1,0 +1,88 @@
+"""Fixtures of the integration tests: one real ``redis-server`` and one real Celery worker per
+session (plus extra workers some modules start on their own Redis database).
+
+Nothing is flushed between tests: each test uses fresh request ids (uuid4 hex).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from tasks.client import CascadeClient
+
+from .harness import STARTED_WORKERS, RedisServer, Worker, write_config
+from .scenarios import MAX_INPUT_CHARS, MAX_MESSAGES, chain_table, provider_table
+
+
+@pytest.fixture(scope="session")
+def integration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("cascade-integration")
+
+
+@pytest.fixture(scope="session")
+def redis_server(integration_dir: Path) -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port, stopped by pid at the end."""
+    server = RedisServer(workdir=integration_dir / "redis").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def cascade_config(integration_dir: Path) -> Path:
+    """The worker TOML file with every scenario's providers and chains."""
+    return write_config(integration_dir / "cascade.toml", provider_table(), chain_table())
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url(0)
+
+
+@pytest.fixture(scope="session")
+def worker(redis_url: str, cascade_config: Path, integration_dir: Path) -> Iterator[Worker]:
+    """THE worker of the session: ``celery -A worker worker -Q chat -c 2`` on database 0."""
+    started = Worker(
+        redis_url=redis_url,
+        config_path=cascade_config,
+        log_path=integration_dir / "worker-main.log",
+        name="cascade-main",
+        env={"CASCADE_MAX_MESSAGES": str(MAX_MESSAGES), "CASCADE_MAX_INPUT_CHARS": str(MAX_INPUT_CHARS)},
+    ).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def client(worker: Worker, redis_url: str) -> Iterator[CascadeClient]:
+    """A producer client in the test process, talking to the session worker's Redis."""
+    with CascadeClient(redis_url) as producer:
+        yield producer
+    worker.assert_alive()
+
+
+@pytest.fixture
+def rdb(redis_url: str) -> Iterator[redis.Redis]:
+    """A raw Redis client on database 0."""
+    connection = redis.Redis.from_url(redis_url)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        for started in STARTED_WORKERS:
+            report.sections.append((f"worker {started.name} log (tail)", started.log_tail(120)))
+    return report

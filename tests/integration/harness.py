@@ -1,0 +1,409 @@
+"""Process harness of the integration tests: a real ``redis-server`` and real Celery workers.
+
+Everything here is reusable by later fault-injection tests: start Redis on a free loopback
+port, write a worker TOML config, start a worker in its own process group (log to a file),
+wait until it answers, stop both by pid. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from tasks import keys
+from tasks.client import CascadeClient
+from tasks.schemas import ChatReply, StreamEvent
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+REDIS_START_TIMEOUT_S = 10.0
+WORKER_START_TIMEOUT_S = 30.0
+WORKER_STOP_TIMEOUT_S = 20.0
+# The longest any single request of the suite may take to reach its terminal event.
+REQUEST_TIMEOUT_S = 20.0
+
+T = TypeVar("T")
+
+# Every worker started in this session, so a failing test can show their logs.
+STARTED_WORKERS: list[Worker] = []
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+def new_id() -> str:
+    """A fresh request id."""
+    return uuid.uuid4().hex
+
+
+def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: float = 0.02, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; raise ``TimeoutError`` after ``timeout_s``."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= give_up:
+            raise TimeoutError(f"{what}: not reached within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+def _stop_process(proc: subprocess.Popen[bytes], *, term_timeout_s: float, group: bool) -> None:
+    """SIGTERM ``proc`` (by pid), wait, then SIGKILL it (and its process group when ``group``)."""
+    if proc.poll() is None:
+        try:
+            os.kill(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=term_timeout_s)
+        except subprocess.TimeoutExpired:
+            pass
+    if group:
+        # The worker ran in its own process group (pgid == its pid): collect any pool child left.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=5)
+
+
+# --- redis-server ------------------------------------------------------------------------------
+
+
+@dataclass
+class RedisServer:
+    """A ``redis-server`` on 127.0.0.1, no persistence, keyspace notifications for strings on."""
+
+    workdir: Path
+    port: int = 0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self) -> RedisServer:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise RuntimeError("redis-server is not on PATH (Debian package redis-server); integration tests need it")
+        self.port = self.port or free_port()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"redis-{self.port}.log"
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.workdir),
+            "--logfile",
+            str(self.log_path),
+            # K = keyspace events, $ = string commands: lets tests count writes of a reply key.
+            "--notify-keyspace-events",
+            "K$",
+        ]
+        self.proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        give_up = time.monotonic() + REDIS_START_TIMEOUT_S
+        try:
+            while True:
+                if self.proc.poll() is not None:
+                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log_tail()}")
+                try:
+                    if client.ping():
+                        return self
+                except redis.RedisError:
+                    pass
+                if time.monotonic() >= give_up:
+                    self.stop()
+                    raise RuntimeError(f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S} s")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    def url(self, db: int = 0) -> str:
+        return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def log_tail(self, lines: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, term_timeout_s=10, group=False)
+
+
+# --- worker config -----------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, providers: Mapping[str, Mapping[str, Any]], chains: Mapping[str, Iterable[str]]) -> Path:
+    """Write a worker TOML file: ``[providers.<id>]`` tables and a ``[chains]`` table."""
+    lines: list[str] = []
+    for provider_id, entry in providers.items():
+        lines.append(f"[providers.{provider_id}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in entry.items())
+        lines.append("")
+    lines.append("[chains]")
+    lines.extend(f"{name} = {_toml_value(list(ids))}" for name, ids in chains.items())
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- Celery worker -----------------------------------------------------------------------------
+
+
+@dataclass
+class Worker:
+    """One ``celery -A worker worker -Q chat`` process (prefork pool) in its own process group."""
+
+    redis_url: str
+    config_path: Path
+    log_path: Path
+    name: str = "cascade-test"
+    concurrency: int = 2
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, warm_up_chain: str = "default") -> Worker:
+        # Only this worker's own CASCADE_* settings: none leak in from the calling shell.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
+        env = {
+            **inherited,
+            "CASCADE_REDIS_URL": self.redis_url,
+            "CASCADE_CONFIG": str(self.config_path),
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
+        command = [
+            sys.executable,
+            "-m",
+            "celery",
+            "-A",
+            "worker",
+            "worker",
+            "-Q",
+            "chat",
+            "-c",
+            str(self.concurrency),
+            "-n",
+            f"{self.name}@%h",
+            "--loglevel",
+            "INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        STARTED_WORKERS.append(self)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                command,
+                cwd=REPO_ROOT,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            self._wait_ready(warm_up_chain)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _wait_ready(self, chain: str) -> None:
+        """Ready = a trivial request through ``chain`` got its reply (proves broker, pool, Redis)."""
+        client = CascadeClient(self.redis_url)
+        try:
+            request_id = client.submit(prompt="warm up", chain=chain)
+            give_up = time.monotonic() + WORKER_START_TIMEOUT_S
+            while True:
+                self.assert_alive()
+                try:
+                    reply = client.wait(request_id, timeout_s=0.5)
+                except TimeoutError:
+                    reply = None
+                if reply is not None:
+                    if reply.status != "succeeded":
+                        raise RuntimeError(f"warm-up request failed: {reply.error}\n{self.log_tail()}")
+                    return
+                if time.monotonic() >= give_up:
+                    raise RuntimeError(
+                        f"worker {self.name} not ready within {WORKER_START_TIMEOUT_S} s\n{self.log_tail()}"
+                    )
+        finally:
+            client.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def assert_alive(self) -> None:
+        if not self.alive():
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"worker {self.name} exited with {code}\n{self.log_tail()}")
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 80) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            _stop_process(self.proc, term_timeout_s=WORKER_STOP_TIMEOUT_S, group=True)
+
+
+# --- reading what a request produced -------------------------------------------------------------
+
+
+def collect_events(client: CascadeClient, request_id: str, timeout_s: float = REQUEST_TIMEOUT_S) -> list[StreamEvent]:
+    """Every event of ``request_id`` up to its terminal event (bounded by ``timeout_s``)."""
+    return list(client.events(request_id, timeout_s=timeout_s))
+
+
+def stored_events(client: redis.Redis, request_id: str) -> list[StreamEvent]:
+    """The events now in ``cascade:events:{id}`` (XRANGE), in order."""
+    entries = client.xrange(keys.events_stream(request_id))
+    return [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _id, fields in entries]
+
+
+def stored_reply(client: redis.Redis, request_id: str) -> ChatReply | None:
+    raw = client.get(keys.reply_key(request_id))
+    return ChatReply.model_validate_json(raw) if raw else None
+
+
+def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every entry of ``cascade:dead``, newest first."""
+    return [json.loads(raw) for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)]
+
+
+def dead_letters_for(client: redis.Redis, ident: str) -> list[dict[str, Any]]:
+    """The dead letters whose request id or task id is ``ident``."""
+    return [entry for entry in dead_letters(client) if ident in (entry.get("request_id"), entry.get("task_id"))]
+
+
+def assert_well_formed(events: list[StreamEvent], request_id: str, *, expect_start: bool = True) -> None:
+    """The stream protocol: seq 0.. with no gap, one terminal event and it is last, one request id."""
+    assert events, f"no events for {request_id}"
+    assert [e.seq for e in events] == list(range(len(events))), [e.seq for e in events]
+    assert {e.request_id for e in events} == {request_id}
+    terminal = [e for e in events if e.is_terminal]
+    assert len(terminal) == 1, [e.type for e in events]
+    assert events[-1].is_terminal, [e.type for e in events]
+    if expect_start:
+        assert events[0].type == "start", [e.type for e in events]
+        assert [e.type for e in events].count("start") == 1
+
+
+def reconstruct_text(events: list[StreamEvent]) -> str:
+    """What a subscriber shows: the deltas of every attempt not voided by a ``fallback`` event."""
+    voided = {e.attempt for e in events if e.type == "fallback"}
+    return "".join(e.delta or "" for e in events if e.type == "chunk" and e.attempt not in voided)
+
+
+def wait_for_subscription(pubsub: Any, timeout_s: float = 5.0) -> None:
+    """Block until Redis confirmed the pending SUBSCRIBE of ``pubsub`` (bounded)."""
+    give_up = time.monotonic() + timeout_s
+    while time.monotonic() < give_up:
+        message = pubsub.get_message(timeout=0.1)
+        if message is not None and message["type"] in ("subscribe", "psubscribe"):
+            return
+    raise TimeoutError(f"no subscription confirmation within {timeout_s} s")
+
+
+class KeyWrites:
+    """Counts writes (SET) of one key through keyspace notifications (Redis runs with ``K$``)."""
+
+    def __init__(self, client: redis.Redis, key: str) -> None:
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        self._pubsub = client.pubsub()
+        self._pubsub.subscribe(f"__keyspace@{db}__:{key}")
+        # Wait for the subscription to be confirmed before the caller triggers any write.
+        wait_for_subscription(self._pubsub)
+        self.events: list[str] = []
+
+    def drain(self, settle_s: float = 0.2) -> list[str]:
+        give_up = time.monotonic() + settle_s
+        while time.monotonic() < give_up:
+            message = self._pubsub.get_message(timeout=0.05)
+            if message and message["type"] == "message":
+                data = message["data"]
+                self.events.append(data.decode() if isinstance(data, bytes) else str(data))
+        return self.events
+
+    def close(self) -> None:
+        self._pubsub.close()
+
+
+@dataclass
+class Outcome:
+    """What one request produced: its id, its events (replayed from seq 0) and its stored reply."""
+
+    request_id: str
+    events: list[StreamEvent]
+    reply: ChatReply
+
+    def types(self) -> list[str]:
+        return [e.type for e in self.events]
+
+    def of_type(self, event_type: str) -> list[StreamEvent]:
+        return [e for e in self.events if e.type == event_type]
+
+    def attempts(self) -> list[tuple[str, str, str | None]]:
+        """``(provider, outcome, error_type)`` of each attempt in the reply meta."""
+        return [(a.provider, a.outcome, a.error_type) for a in self.reply.meta.attempts]
+
+
+def run_request(client: CascadeClient, *, expect_start: bool = True, **fields: Any) -> Outcome:
+    """Submit a request, follow it to its terminal event and check the stream protocol."""
+    request_id = client.submit(**fields)
+    return follow(client, request_id, expect_start=expect_start)
+
+
+def follow(client: CascadeClient, request_id: str, *, expect_start: bool = True) -> Outcome:
+    """Follow ``request_id`` to its terminal event; check the protocol and the stored reply."""
+    events = collect_events(client, request_id)
+    assert_well_formed(events, request_id, expect_start=expect_start)
+    reply = stored_reply(client.redis, request_id)
+    assert reply is not None, f"no reply stored for {request_id}"
+    assert events[-1].reply == reply, "the terminal event must carry the stored reply"
+    assert reply.request_id == request_id
+    return Outcome(request_id, events, reply)
