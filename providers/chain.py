@@ -117,11 +117,13 @@ class ChainRun:
 
     def meta(self, outcome: ChainOutcome | None = None) -> dict[str, Any]:
         """The chain part of the reply meta (Haystack's four keys, provider, attempts)."""
+        winner = outcome.provider if outcome else None
+        # As in Haystack, the winner is never listed, even if it needed a retry.
         failed: list[str] = []
         for record in self.attempts:
             if record.outcome == "failed" and record.provider not in failed:
-                failed.append(record.provider)
-        winner = outcome.provider if outcome else None
+                if winner is None or record.provider != winner.provider_id:
+                    failed.append(record.provider)
         return {
             "successful_chat_generator_index": outcome.succeeded_index if outcome else None,
             "successful_chat_generator_class": _class_name(winner) if winner else None,

@@ -84,16 +84,16 @@ def reject(
     runtime: WorkerRuntime, context: TaskContext, error: RequestError, request_id: str | None, body: Any
 ) -> dict[str, Any]:
     """Dead-letter a request that cannot run; report it on its stream and reply if it has an id."""
+    reply_to = request_id or usable_request_id(context.task_id)  # never a key built from an unusable id
+    stored = runtime.replies.get(reply_to) if reply_to else None
+    if stored is not None:  # a redelivered copy of a request already answered (and dead-lettered)
+        return stored.model_dump(mode="json")
     logger.warning("rejected request %s: %s", request_id or context.task_id, error.code)
     runtime.dead_letters.push(
         error.code, error.message, body=body, request_id=request_id, task_id=context.task_id, queue=context.queue
     )
-    reply_to = request_id or usable_request_id(context.task_id)  # never a key built from an unusable id
     if reply_to is None:
         return {"status": "failed", "error": {"type": error.code, "message": error.message}}
-    stored = runtime.replies.get(reply_to)
-    if stored is not None:  # a redelivered copy of a request already answered
-        return stored.model_dump(mode="json")
     info = ErrorInfo(type=error.code, message=error.message)
     reply = ChatReply(
         request_id=reply_to,

@@ -51,6 +51,17 @@ def provider_table() -> dict[str, dict[str, Any]]:
             "retry_after_s": 60.0,
             "retry_after_max_s": 1.0,
         },
+        # Down for good: trips its cooldown after 2 failures within a minute.
+        "outage": {
+            "type": "scripted",
+            "text": PRIMARY_TEXT,
+            "fail": "server_error",
+            "max_retries": 0,
+            "cooldown_failures": 2,
+            "cooldown_window_s": 60,
+            "cooldown_s": 30,
+            **_FAST,
+        },
         # Fails after 3 chunks (cut connection), every time.
         "cutter": {"type": "scripted", "text": CUT_TEXT, "fail": "cut", "fail_after_chunks": 3, **_FAST},
         # Streams all of its text, then the stream ends without its end marker.
@@ -75,6 +86,7 @@ def chain_table() -> dict[str, list[str]]:
         "default": ["steady"],
         "backup_only": ["backup"],
         "retry_after_too_long": ["long_retry_after", "backup"],
+        "cooldown": ["outage", "backup"],
         "cut": ["cutter", "backup"],
         "no_end_marker": ["no_end_marker", "backup"],
         "all_fail": ["fatal_auth", "always_server_error", "fatal_context_length"],
