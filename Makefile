@@ -8,7 +8,7 @@ TORCH  ?= torch==2.13.0
 # The venv's bin first, so tests and the demo find the redis-server the demo extra ships.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: demo test lint typecheck schemas clean
+.PHONY: demo test bench lint typecheck schemas clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench.local_model --write BENCHMARKS.md
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
