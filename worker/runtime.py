@@ -48,11 +48,8 @@ def redis_client(settings: Settings) -> redis.Redis:
     )
 
 
-@functools.cache
-def get_runtime() -> WorkerRuntime:
-    """The runtime of this process, built on first use."""
-    settings = get_settings()
-    client = redis_client(settings)
+def build_runtime(settings: Settings, client: redis.Redis, worker_name: str | None = None) -> WorkerRuntime:
+    """A runtime on ``client`` (tests pass a fakeredis client here)."""
     return WorkerRuntime(
         settings=settings,
         redis=client,
@@ -61,5 +58,12 @@ def get_runtime() -> WorkerRuntime:
         providers=ProviderPool(settings.providers),
         cooldowns=RedisCooldowns(client),
         # Built in the child after the fork, so the pid names the process that ran the request.
-        worker_name=settings.worker_name or f"{socket.gethostname()}/{os.getpid()}",
+        worker_name=worker_name or settings.worker_name or f"{socket.gethostname()}/{os.getpid()}",
     )
+
+
+@functools.cache
+def get_runtime() -> WorkerRuntime:
+    """The runtime of this process, built on first use."""
+    settings = get_settings()
+    return build_runtime(settings, redis_client(settings))
