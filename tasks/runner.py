@@ -194,6 +194,8 @@ class RequestRunner:
         )
         self._send_handoff(queue, state)
         logger.info("request %s handed off to queue %s for %s", self.request_id, queue, provider_id)
+        for observer in self.runtime.observers:
+            observer.request_handed_off(self.request, state, queue)
         return state
 
     def _finish(
@@ -209,6 +211,8 @@ class RequestRunner:
             metadata=self.request.metadata,
         )
         self.publisher.finish(event_type, reply, error=error)
+        for observer in self.runtime.observers:
+            observer.request_finished(self.request, reply)
         logger.info(
             "request %s %s via %s after %d attempt(s)",
             self.request_id,

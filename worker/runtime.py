@@ -9,14 +9,27 @@ from __future__ import annotations
 import functools
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import redis
 
 from providers.registry import ProviderPool
 from settings import Settings, load_settings
+from tasks.schemas import ChatReply, ChatRequest, HandOff
 from worker.cooldown import RedisCooldowns
 from worker.store import DeadLetters, ReplyStore
+
+
+class RequestObserver(Protocol):
+    """Something that watches finished requests (telemetry): called after the reply is
+    stored or the request handed off, never on the path of a chunk."""
+
+    def request_finished(self, request: ChatRequest, reply: ChatReply) -> None:
+        """The request ended with ``reply`` on this worker."""
+
+    def request_handed_off(self, request: ChatRequest, state: HandOff, queue: str) -> None:
+        """The request continues on ``queue`` with ``state``."""
 
 
 @dataclass
@@ -30,6 +43,7 @@ class WorkerRuntime:
     providers: ProviderPool
     cooldowns: RedisCooldowns
     worker_name: str
+    observers: list[RequestObserver] = field(default_factory=list)
 
 
 @functools.cache
