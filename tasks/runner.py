@@ -21,7 +21,7 @@ from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun
 from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
 from worker.publisher import EventPublisher
-from worker.runtime import WorkerRuntime
+from worker.runtime import RequestObserver, WorkerRuntime
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +178,14 @@ class RequestRunner:
                 return
             time.sleep(min(_WAIT_SLICE_S, until - now, self.deadline - now))
 
+    def _notify(self, call: Callable[[RequestObserver], None]) -> None:
+        """Tell every observer; a failing observer is logged, never allowed to fail the request."""
+        for observer in self.runtime.observers:
+            try:
+                call(observer)
+            except Exception:
+                logger.exception("request observer %r failed", observer)
+
     def _hand_off(self, run: ChainRun, index: int) -> HandOff:
         assert self._send_handoff is not None
         provider_id = self.runtime.settings.chains[self.request.chain][index]
@@ -194,8 +202,7 @@ class RequestRunner:
         )
         self._send_handoff(queue, state)
         logger.info("request %s handed off to queue %s for %s", self.request_id, queue, provider_id)
-        for observer in self.runtime.observers:
-            observer.request_handed_off(self.request, state, queue)
+        self._notify(lambda observer: observer.request_handed_off(self.request, state, queue))
         return state
 
     def _finish(
@@ -211,8 +218,7 @@ class RequestRunner:
             metadata=self.request.metadata,
         )
         self.publisher.finish(event_type, reply, error=error)
-        for observer in self.runtime.observers:
-            observer.request_finished(self.request, reply)
+        self._notify(lambda observer: observer.request_finished(self.request, reply))
         logger.info(
             "request %s %s via %s after %d attempt(s)",
             self.request_id,
