@@ -155,7 +155,7 @@ class ChainRun:
         return result
 
     def _call_once(self, provider: ChatProvider, index: int, provider_attempt: int) -> list[AssistantReply]:
-        attempt = len(self.attempts) + 1
+        attempt = self._next_attempt()
         chunks = 0
 
         def on_chunk(chunk: StreamingChunk) -> None:
@@ -203,7 +203,7 @@ class ChainRun:
         record = AttemptRecord(
             provider=provider.provider_id,
             index=index,
-            attempt=len(self.attempts) + 1,
+            attempt=self._next_attempt(),
             outcome=outcome,  # type: ignore[arg-type]
             error_type=errors.error_code(exc) if exc is not None else None,
             error_message=exc.message if isinstance(exc, errors.CascadeError) else None,
@@ -213,6 +213,10 @@ class ChainRun:
         )
         self.attempts.append(record)
         return record
+
+    def _next_attempt(self) -> int:
+        """Attempt numbers only grow, also past those of a run this one resumes."""
+        return max((record.attempt for record in self.attempts), default=0) + 1
 
     # --- retry policy -------------------------------------------------------------------
 

@@ -55,6 +55,12 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(default=200_000, ge=1)
     max_message_bytes: int = Field(default=2_000_000, ge=1_000)
 
+    # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
+    lease_ttl_s: float = Field(default=10.0, ge=0.5)
+    reaper_interval_s: float = Field(default=2.0, gt=0)
+    # On SIGTERM, running requests get this long to finish before they are handed back.
+    soft_shutdown_s: float = Field(default=30.0, ge=0)
+
     # Celery's limits sit above the longest request so that the request's own deadline
     # always fires first and the soft limit is a last resort.
     soft_time_limit_s: float | None = None

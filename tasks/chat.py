@@ -17,10 +17,13 @@ from providers.errors import InvalidRequest, RequestError
 from tasks.intake import read_request, usable_request_id
 from tasks.runner import RequestRunner, TaskContext
 from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ErrorInfo, HandOff
+from worker.lease import LeaseLost, RequestLease
 from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, get_runtime
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_QUEUE = "chat"
 
 
 @shared_task(name=TASK_NAME, bind=True)  # type: ignore[untyped-decorator]
@@ -66,7 +69,30 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             queue=queue,
         )
 
-    outcome = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff).run()
+    stored = runtime.replies.get(request.request_id or "")
+    if stored is not None:  # answered already: a redelivery, or a resend that raced the reply
+        return stored.model_dump(mode="json")
+    lease = RequestLease(
+        runtime.redis,
+        request.request_id or "",
+        ttl_s=runtime.settings.lease_ttl_s,
+        record_ttl_s=runtime.settings.broker_visibility_timeout_s,
+        worker=runtime.worker_name,
+    )
+    message = {"request": request.model_dump(mode="json", exclude_none=True)}
+    if handoff is not None:
+        message["handoff"] = handoff.model_dump(mode="json")
+    if not lease.acquire(context.queue or DEFAULT_QUEUE, message):
+        logger.info("request %s is running on another worker; dropping this copy", request.request_id)
+        return {"request_id": request.request_id, "status": "duplicate"}
+    try:
+        runner = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff, lease=lease)
+        outcome = runner.run()
+    except LeaseLost:
+        logger.warning("request %s was taken over by another worker", request.request_id)
+        return {"request_id": request.request_id, "status": "taken_over"}
+    finally:
+        lease.release()
     if isinstance(outcome, HandOff):
         return {"request_id": request.request_id, "status": "handed_off", "queue_hops": outcome.queue_hops}
     return outcome.model_dump(mode="json")

@@ -19,7 +19,9 @@ from celery.exceptions import SoftTimeLimitExceeded
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun
+from tasks.recovery import WORKER_LOST, read_lost_run
 from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
+from worker.lease import LeaseLost, RequestLease
 from worker.publisher import EventPublisher
 from worker.runtime import RequestObserver, WorkerRuntime
 
@@ -55,6 +57,7 @@ class RequestRunner:
         *,
         handoff: HandOff | None = None,
         send_handoff: HandOffSender | None = None,
+        lease: RequestLease | None = None,
     ) -> None:
         self.runtime = runtime
         self.request = request
@@ -81,6 +84,7 @@ class RequestRunner:
             events_maxlen=settings.events_maxlen,
             events_ttl_s=settings.events_ttl_s,
             next_seq=max(next_seq, handoff.next_seq if handoff else 0),
+            lease=lease,
         )
         self._last_cancel_check = 0.0
 
@@ -94,6 +98,18 @@ class RequestRunner:
 
         chain_name = self.request.chain
         provider_ids = self.runtime.settings.chains[chain_name]
+        start_index = self.handoff.start_index if self.handoff else 0
+        attempts = list(self.handoff.attempts) if self.handoff else []
+        expected_seq = self.handoff.next_seq if self.handoff else 0
+        lost = None
+        if self.publisher.next_seq > expected_seq:
+            # An earlier run of this very message died mid-way: continue where it stopped.
+            lost = read_lost_run(self.runtime.redis, self.request_id, expected_seq, provider_ids)
+            known = {record.attempt for record in attempts}
+            attempts += [record for record in lost.attempts if record.attempt not in known]
+            if lost.resume_index is not None:
+                start_index = lost.resume_index
+            logger.warning("request %s: resuming a run that lost its worker", self.request_id)
         run = ChainRun(
             providers=self.runtime.providers.chain(provider_ids),
             messages=self.request.conversation,
@@ -104,18 +120,27 @@ class RequestRunner:
             worker=self.runtime.worker_name,
             wait=self._wait,
             cooldowns=self.runtime.cooldowns,
-            start_index=self.handoff.start_index if self.handoff else 0,
-            attempts=list(self.handoff.attempts) if self.handoff else [],
+            start_index=start_index,
+            attempts=attempts,
             local_queues=self.context.local_queues if self._send_handoff else None,
         )
         try:
-            if self.handoff is None:
+            if self.handoff is None and not (lost and lost.started):
                 cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
             else:
                 cancelled = self.publisher.cancel_requested()
+            if lost and lost.lost:
+                cancelled = (
+                    self.publisher.emit(
+                        "fallback", provider=lost.lost.provider, attempt=lost.lost.attempt, error_type=WORKER_LOST
+                    )
+                    or cancelled
+                )
             if cancelled:
                 raise errors.Cancelled("cancelled before it started")
             outcome = run.execute()
+        except LeaseLost:
+            raise  # another worker runs the request now: it, not this run, will answer
         except errors.Cancelled as exc:
             return self._finish("cancelled", run, None, ErrorInfo(type=exc.code, message=exc.message))
         except SoftTimeLimitExceeded:
@@ -217,7 +242,10 @@ class RequestRunner:
             error=error,
             metadata=self.request.metadata,
         )
-        self.publisher.finish(event_type, reply, error=error)
+        if not self.publisher.finish(event_type, reply, error=error):
+            stored = self.runtime.replies.get(self.request_id)
+            logger.warning("request %s was answered meanwhile; keeping that reply", self.request_id)
+            return stored or reply
         self._notify(lambda observer: observer.request_finished(self.request, reply))
         logger.info(
             "request %s %s via %s after %d attempt(s)",

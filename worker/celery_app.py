@@ -56,6 +56,16 @@ def create_app(settings: Settings) -> Celery:
         task_time_limit=settings.hard_time_limit_s,
         result_expires=settings.reply_ttl_s,
         broker_connection_retry_on_startup=True,
+        # Keep running requests when the broker connection drops: the redelivered copy finds
+        # the request's lease held (or its reply stored) and is dropped, so nothing runs twice.
+        # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-cancel-long-running-tasks-on-connection-loss
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+        # Soft shutdown (SIGQUIT, or SIGTERM with REMAP_SIGTERM=SIGQUIT): running requests get
+        # this long to finish; the rest are cancelled and their leases lapse, so the reaper of a
+        # surviving worker sends them again.
+        # https://docs.celeryq.dev/en/stable/userguide/workers.html#soft-shutdown
+        worker_soft_shutdown_timeout=settings.soft_shutdown_s,
+        worker_enable_soft_shutdown_on_idle=True,
         # Dead-letter undecodable and unknown messages instead of only logging them.
         worker_consumer="worker.consumer:DeadLetteringConsumer",
         task_track_started=False,

@@ -14,6 +14,8 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
 from tasks.keys import ROUTES
+from tasks.schemas import TASK_NAME
+from worker.reaper import Reaper
 from worker.runtime import get_runtime
 
 logger = logging.getLogger(__name__)
@@ -38,6 +40,18 @@ def warm_up_local_models(**_: Any) -> None:
             runtime.providers.get(provider_id)
 
 
+def start_reaper(**_: Any) -> None:
+    """Start this worker's reaper (main process only): it resends requests whose worker died."""
+    from worker.celery_app import app
+
+    runtime = get_runtime()
+
+    def resend(queue: str, kwargs: dict[str, Any]) -> None:
+        app.send_task(TASK_NAME, kwargs=kwargs, queue=queue)
+
+    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s).start()
+
+
 def publish_chain_routes(**_: Any) -> None:
     """Write ``cascade:routes`` (chain name -> queue of its first provider)."""
     runtime = get_runtime()
@@ -53,3 +67,4 @@ def publish_chain_routes(**_: Any) -> None:
 
 worker_process_init.connect(warm_up_local_models, weak=False)
 worker_ready.connect(publish_chain_routes, weak=False)
+worker_ready.connect(start_reaper, weak=False)

@@ -20,16 +20,12 @@ class ReplyStore:
 
     def __init__(self, client: redis.Redis, ttl_s: int) -> None:
         self._client = client
-        self._ttl_s = ttl_s
+        self.ttl_s = ttl_s
 
     def get(self, request_id: str) -> ChatReply | None:
         """The stored reply of ``request_id``, if any."""
         raw = self._client.get(keys.reply_key(request_id))
         return ChatReply.model_validate_json(raw) if raw else None
-
-    def stage(self, pipe: Any, reply: ChatReply) -> None:
-        """Add the write of ``reply`` to a pipeline (so it lands with the terminal event)."""
-        pipe.set(keys.reply_key(reply.request_id), reply.model_dump_json(), ex=self._ttl_s)
 
 
 class DeadLetters:

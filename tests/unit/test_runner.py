@@ -92,9 +92,7 @@ def test_success_streams_chunks_and_stores_the_reply(fake_redis: fakeredis.FakeR
 def test_a_stored_reply_short_circuits(fake_redis: fakeredis.FakeRedis) -> None:
     runtime = runtime_for(fake_redis, {"steady": {}}, ["steady"])
     earlier = ChatReply(request_id=RID, status="succeeded", metadata={"from": "earlier"})
-    pipe = fake_redis.pipeline()
-    runtime.replies.stage(pipe, earlier)
-    pipe.execute()
+    fake_redis.set(keys.reply_key(RID), earlier.model_dump_json())
     assert run_request(runtime) == earlier
     assert events(fake_redis) == []
     assert stored(runtime) == earlier
@@ -243,9 +241,18 @@ def test_a_redelivered_request_continues_the_seq(fake_redis: fakeredis.FakeRedis
     reply = run_request(runtime)
     stream = events(fake_redis)
     assert [e.seq for e in stream] == list(range(len(stream)))
-    assert stream[2].type == "start"
+    assert [e.type for e in stream].count("start") == 1  # the rerun continues, it does not restart
+    lost = stream[2]
+    assert (lost.type, lost.provider, lost.attempt, lost.error_type) == ("fallback", "steady", 1, "worker_lost")
+    assert {e.attempt for e in stream[3:] if e.type == "chunk"} == {2}
     assert [e.is_terminal for e in stream].count(True) == 1
     assert reply.status == "succeeded"
+    assert [(a.provider, a.attempt, a.outcome, a.error_type, a.chunks) for a in reply.meta.attempts] == [
+        ("steady", 1, "failed", "worker_lost", 1),
+        ("steady", 2, "succeeded", None, reply.meta.attempts[1].chunks),
+    ]
+    kept = "".join(e.delta or "" for e in stream if e.type == "chunk" and e.attempt != 1)
+    assert kept == reply.replies[0].content
 
 
 @pytest.mark.parametrize("timeout_s", [None, 10_000.0])
