@@ -103,6 +103,8 @@ class ChainRun:
         """
         for index in range(self.start_index, len(self.providers)):
             provider = self.providers[index]
+            if time.monotonic() >= self.deadline:
+                raise errors.DeadlineExceeded("the request's deadline passed")
             if self.cooldowns is not None and self.cooldowns.is_cooling_down(provider):
                 self._record(provider, index, "skipped", errors.ProviderUnavailable("in cooldown"), 0.0, 0)
                 continue

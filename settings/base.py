@@ -21,11 +21,16 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 def redact_url(url: str) -> str:
     """``url`` with any password replaced by ``***`` (for logs and error messages)."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.username or ""
-    host_and_port = parts.netloc.rpartition("@")[2]  # keeps an IPv6 host's brackets
-    return urlunsplit(parts._replace(netloc=f"{user}:***@{host_and_port}"))
+    if parts.password is not None:
+        user = parts.username or ""
+        host_and_port = parts.netloc.rpartition("@")[2]  # keeps an IPv6 host's brackets
+        parts = parts._replace(netloc=f"{user}:***@{host_and_port}")
+    if "password=" in parts.query:  # redis-py also takes ?password=...
+        query = "&".join(
+            "password=***" if item.startswith("password=") else item for item in parts.query.split("&")
+        )
+        parts = parts._replace(query=query)
+    return urlunsplit(parts)
 
 
 class Settings(BaseSettings):

@@ -16,6 +16,7 @@ from tasks.schemas import REQUEST_ID_PATTERN, ChatRequest
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _MAX_ERRORS_SHOWN = 5
+MAX_METADATA_BYTES = 16_384
 
 
 @dataclass
@@ -82,6 +83,10 @@ def _check_limits(request: ChatRequest, settings: Settings) -> None:
     chars = sum(len(message.content) for message in messages)
     if chars > settings.max_input_chars:
         raise RequestTooLarge(f"{chars} characters of input exceed the limit of {settings.max_input_chars}")
+    # metadata is echoed in the reply and the done event: keep it small.
+    metadata_bytes = len(json.dumps(request.metadata, default=str).encode())
+    if metadata_bytes > MAX_METADATA_BYTES:
+        raise RequestTooLarge(f"metadata of {metadata_bytes} bytes exceeds the limit of {MAX_METADATA_BYTES}")
 
 
 def _describe(exc: ValidationError) -> str:

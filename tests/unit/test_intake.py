@@ -176,3 +176,12 @@ def test_intake_and_schema_agree_on_request_ids(candidate: str) -> None:
     else:
         schema_accepts = True
     assert (usable_request_id(candidate) is not None) == schema_accepts
+
+
+def test_large_metadata_is_refused(settings: Settings) -> None:
+    from tasks.intake import MAX_METADATA_BYTES
+
+    body = {"request_id": "big-meta", "prompt": "hi", "metadata": {"blob": "x" * (MAX_METADATA_BYTES + 1)}}
+    intake = read_request(body, "task-1", settings)
+    assert isinstance(intake.error, errors.RequestTooLarge)
+    assert "metadata" in intake.error.message

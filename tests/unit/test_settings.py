@@ -204,3 +204,11 @@ def test_config_keyword_with_a_path_is_not_passed_twice(tmp_path: Path) -> None:
     path = _write(tmp_path, GOOD_TOML)
     assert load_settings(config=path).chains["rehearsal"] == ["steady"]
     assert load_settings(path, config=path).config == path
+
+
+def test_redact_url_masks_a_password_query_parameter() -> None:
+    from settings import redact_url
+
+    masked = redact_url("redis://127.0.0.1:6379/0?password=hunter2&socket_timeout=5")
+    assert "hunter2" not in masked
+    assert "socket_timeout=5" in masked
