@@ -55,7 +55,16 @@ class DeadLetteringConsumer(Consumer):  # type: ignore[misc]
         fails inside the pool without a trace. Reject it as an invalid task instead."""
         handler = super().create_task_handler(*args, **kwargs)
 
+        max_bytes = get_runtime().settings.max_message_bytes
+
         def on_task_received(message: Any) -> None:
+            body = getattr(message, "body", b"")
+            if isinstance(body, (bytes, str)) and len(body) > max_bytes:
+                # Refused before the body is decoded into Python objects.
+                detail = f"message body of {len(body)} bytes exceeds {max_bytes}"
+                _dead_letter("request_too_large", detail, message, body[:2_000])
+                message.reject_log_error(logger, self.connection_errors)
+                return
             problem = _malformed(message, self.strategies)
             if problem is not None:
                 self.on_invalid_task(None, message, InvalidTaskError(problem))
