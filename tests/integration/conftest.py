@@ -42,7 +42,7 @@ def cascade_config(integration_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer) -> str:
-    return redis_server.url(0)
+    return redis_server.url
 
 
 @pytest.fixture(scope="session")

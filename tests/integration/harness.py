@@ -2,18 +2,16 @@
 
 Everything here is reusable by later fault-injection tests: start Redis on a free loopback
 port, write a worker TOML config, start a worker in its own process group (log to a file),
-wait until it answers, stop both by pid. Every wait is bounded.
+wait until it answers, stop both by pid. Every wait is bounded. The processes themselves are
+``worker.local``'s (as the demo and the system tests start them); this adds what the tests need
+on top: keyspace notifications, log tails, named workers, readiness by a warm-up request.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -26,8 +24,8 @@ import redis
 from tasks import keys
 from tasks.client import CascadeClient
 from tasks.schemas import ChatReply, StreamEvent
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.stack import REPO
+from worker.local import LocalRedis, start_worker, stop_process
 
 REDIS_START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 30.0
@@ -39,14 +37,6 @@ T = TypeVar("T")
 
 # Every worker started in this session, so a failing test can show their logs.
 STARTED_WORKERS: list[Worker] = []
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def new_id() -> str:
@@ -66,97 +56,33 @@ def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: floa
         time.sleep(interval_s)
 
 
-def _stop_process(proc: subprocess.Popen[bytes], *, term_timeout_s: float, group: bool) -> None:
-    """SIGTERM ``proc`` (by pid), wait, then SIGKILL it (and its process group when ``group``)."""
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-        try:
-            proc.wait(timeout=term_timeout_s)
-        except subprocess.TimeoutExpired:
-            pass
-    if group:
-        # The worker ran in its own process group (pgid == its pid): collect any pool child left.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-    if proc.poll() is None:
-        proc.kill()
-        proc.wait(timeout=5)
+def tail_of(path: Path | None, lines: int) -> str:
+    """The last ``lines`` lines of the log at ``path`` (empty before it exists)."""
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
 
 # --- redis-server ------------------------------------------------------------------------------
 
 
-@dataclass
-class RedisServer:
-    """A ``redis-server`` on 127.0.0.1, no persistence, keyspace notifications for strings on."""
+class RedisServer(LocalRedis):
+    """``worker.local``'s ``redis-server`` (127.0.0.1, no persistence) with keyspace notifications
+    for strings on: K = keyspace events, $ = string commands, so tests can count writes of a key."""
 
-    workdir: Path
-    port: int = 0
-    proc: subprocess.Popen[bytes] | None = None
-    log_path: Path | None = None
+    def __init__(self, workdir: Path) -> None:
+        super().__init__(workdir, extra_args=("--notify-keyspace-events", "K$"))
 
-    def start(self) -> RedisServer:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise RuntimeError("redis-server is not on PATH (Debian package redis-server); integration tests need it")
-        self.port = self.port or free_port()
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.workdir / f"redis-{self.port}.log"
-        args = [
-            binary,
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.workdir),
-            "--logfile",
-            str(self.log_path),
-            # K = keyspace events, $ = string commands: lets tests count writes of a reply key.
-            "--notify-keyspace-events",
-            "K$",
-        ]
-        self.proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1, socket_connect_timeout=1)
-        give_up = time.monotonic() + REDIS_START_TIMEOUT_S
+    def start(self, timeout_s: float = REDIS_START_TIMEOUT_S) -> RedisServer:
         try:
-            while True:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"redis-server exited with {self.proc.returncode}: {self.log_tail()}")
-                try:
-                    if client.ping():
-                        return self
-                except redis.RedisError:
-                    pass
-                if time.monotonic() >= give_up:
-                    self.stop()
-                    raise RuntimeError(f"redis-server did not answer PING within {REDIS_START_TIMEOUT_S} s")
-                time.sleep(0.05)
-        finally:
-            client.close()
-
-    def url(self, db: int = 0) -> str:
-        return f"redis://127.0.0.1:{self.port}/{db}"
+            super().start(timeout_s)
+        except RuntimeError as error:
+            self.stop()
+            raise RuntimeError(f"{error}\n{self.log_tail()}") from None
+        return self
 
     def log_tail(self, lines: int = 40) -> str:
-        if self.log_path is None or not self.log_path.exists():
-            return ""
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            _stop_process(self.proc, term_timeout_s=10, group=False)
+        return tail_of(self.log_path, lines)
 
 
 # --- worker config -----------------------------------------------------------------------------
@@ -192,7 +118,8 @@ def write_config(path: Path, providers: Mapping[str, Mapping[str, Any]], chains:
 
 @dataclass
 class Worker:
-    """One ``celery -A worker worker -Q chat`` process (prefork pool) in its own process group."""
+    """One ``celery -A worker worker -Q chat`` process (prefork pool) in its own process group,
+    started by ``worker.local.start_worker`` and ready once a warm-up request got its reply."""
 
     redis_url: str
     config_path: Path
@@ -205,42 +132,18 @@ class Worker:
     def start(self, *, warm_up_chain: str = "default") -> Worker:
         # Only this worker's own CASCADE_* settings: none leak in from the calling shell.
         inherited = {k: v for k, v in os.environ.items() if not k.startswith("CASCADE_")}
-        env = {
-            **inherited,
-            "CASCADE_REDIS_URL": self.redis_url,
-            "CASCADE_CONFIG": str(self.config_path),
-            "PYTHONUNBUFFERED": "1",
-            **self.env,
-        }
-        command = [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "worker",
-            "worker",
-            "-Q",
-            "chat",
-            "-c",
-            str(self.concurrency),
-            "-n",
-            f"{self.name}@%h",
-            "--loglevel",
-            "INFO",
-            "--without-gossip",
-            "--without-mingle",
-        ]
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         STARTED_WORKERS.append(self)
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen(
-                command,
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
+            self.proc = start_worker(
+                self.redis_url,
+                self.config_path,
+                concurrency=self.concurrency,
+                log=log,
+                extra_env={"PYTHONUNBUFFERED": "1", **self.env},
+                cwd=REPO,
+                name=self.name,
+                base_env=inherited,
             )
         try:
             self._wait_ready(warm_up_chain)
@@ -284,11 +187,12 @@ class Worker:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_tail(self, lines: int = 80) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
+        return tail_of(self.log_path, lines)
 
     def stop(self) -> None:
+        """SIGTERM the main process (a warm shutdown), then SIGKILL its group: no pool child survives."""
         if self.proc is not None:
-            _stop_process(self.proc, term_timeout_s=WORKER_STOP_TIMEOUT_S, group=True)
+            stop_process(self.proc, WORKER_STOP_TIMEOUT_S, term_group=False, sweep=True)
 
 
 # --- reading what a request produced -------------------------------------------------------------

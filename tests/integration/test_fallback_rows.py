@@ -40,6 +40,21 @@ def assert_chunks_from(outcome: Outcome, provider: str, attempt: int, text: str)
     assert "".join(e.delta or "" for e in chunks) == text
 
 
+def assert_the_backup_answered(outcome: Outcome, failed: str, *, total_attempts: int) -> None:
+    """``failed`` gave up, and the backup (chain index 1) answered in the last attempt."""
+    reply = outcome.reply
+    assert reply.status == "succeeded", reply.error
+    assert [r.content for r in reply.replies] == [BACKUP_TEXT]
+    meta = reply.meta
+    assert meta.provider == "backup"
+    assert meta.successful_chat_generator_index == 1
+    assert meta.successful_chat_generator_class == SCRIPTED_CLASS
+    assert meta.total_attempts == total_attempts
+    assert meta.failed_chat_generators == [failed]
+    assert_chunks_from(outcome, "backup", total_attempts, BACKUP_TEXT)
+    assert reconstruct_text(outcome.events) == BACKUP_TEXT
+
+
 def fallback_events(outcome: Outcome) -> list[tuple[str | None, int | None, str | None]]:
     return [(e.provider, e.attempt, e.error_type) for e in outcome.of_type("fallback")]
 
@@ -77,16 +92,9 @@ def test_transient_failure_is_retried_and_succeeds_on_the_same_provider(client: 
 def test_transient_failure_that_persists_falls_through_after_max_retries(client: CascadeClient, kind: str) -> None:
     provider = f"always_{kind}"  # max_retries = 2: three calls in all
     outcome = run_request(client, prompt="hello", chain=f"exhaust_{kind}")
-    reply = outcome.reply
 
-    assert reply.status == "succeeded", reply.error
-    assert [r.content for r in reply.replies] == [BACKUP_TEXT]
-    meta = reply.meta
-    assert meta.provider == "backup"
-    assert meta.successful_chat_generator_index == 1
-    assert meta.successful_chat_generator_class == SCRIPTED_CLASS
-    assert meta.total_attempts == 4
-    assert meta.failed_chat_generators == [provider]
+    assert_the_backup_answered(outcome, provider, total_attempts=4)
+    meta = outcome.reply.meta
     error_type = ERROR_TYPE[kind]
     assert outcome.attempts() == [(provider, "failed", error_type)] * 3 + [("backup", "succeeded", None)]
     assert [a.attempt for a in meta.attempts] == [1, 2, 3, 4]
@@ -94,8 +102,6 @@ def test_transient_failure_that_persists_falls_through_after_max_retries(client:
 
     assert fallback_events(outcome) == [(provider, n, error_type) for n in (1, 2, 3)]
     assert {e.attempt for e in outcome.of_type("chunk")} == {4}
-    assert_chunks_from(outcome, "backup", 4, BACKUP_TEXT)
-    assert reconstruct_text(outcome.events) == BACKUP_TEXT
 
 
 def test_rate_limit_with_a_retry_after_beyond_the_limit_falls_through_without_retry(client: CascadeClient) -> None:
@@ -115,21 +121,12 @@ def test_rate_limit_with_a_retry_after_beyond_the_limit_falls_through_without_re
 def test_provider_fatal_failure_falls_through_after_one_attempt(client: CascadeClient, kind: str) -> None:
     provider = f"fatal_{kind}"  # configured with max_retries = 2, which must not be used
     outcome = run_request(client, prompt="hello", chain=f"fatal_{kind}")
-    reply = outcome.reply
 
-    assert reply.status == "succeeded", reply.error
-    assert [r.content for r in reply.replies] == [BACKUP_TEXT]
-    meta = reply.meta
-    assert meta.provider == "backup"
-    assert meta.successful_chat_generator_index == 1
-    assert meta.total_attempts == 2
-    assert meta.failed_chat_generators == [provider]
+    assert_the_backup_answered(outcome, provider, total_attempts=2)
     assert outcome.attempts() == [(provider, "failed", ERROR_TYPE[kind]), ("backup", "succeeded", None)]
-    assert meta.attempts[0].chunks == 0
+    assert outcome.reply.meta.attempts[0].chunks == 0
 
     assert fallback_events(outcome) == [(provider, 1, ERROR_TYPE[kind])]
-    assert_chunks_from(outcome, "backup", 2, BACKUP_TEXT)
-    assert reconstruct_text(outcome.events) == reply.replies[0].content
 
 
 # --- request-fatal: no provider is tried ------------------------------------------------------------
@@ -253,7 +250,7 @@ def limited_client(redis_server: RedisServer, cascade_config: Path, integration_
 
     It uses Redis database 1, so it never takes the session worker's messages (and vice versa).
     """
-    url = redis_server.url(1)
+    url = redis_server.db_url(1)
     worker = Worker(
         redis_url=url,
         config_path=cascade_config,

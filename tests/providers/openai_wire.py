@@ -8,57 +8,27 @@ and a ``sequence_number``. Errors: ``{"error": {message, type, param, code}}``.
 
 from __future__ import annotations
 
-import socket
-import time
 import traceback
 from typing import Any
 
-from providers.base import ProviderCall, StreamingChunk
-from tasks.schemas import ChatMessage
-from tests.fakes.http import Reply
+import pytest
+
+from tests.fakes.http import FakeHTTPServer, Reply
 
 API_KEY = "sk-test-DoNotLeak-0123456789abcdef"
 MODEL = "gpt-4.1-mini-2025-04-14"
 CREATED = 1_732_000_000
-MESSAGES = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Capital of France?")]
 
 
-def make_call(stream: bool = True, deadline_s: float = 10.0, **generation_kwargs: Any) -> ProviderCall:
-    """A provider call with the test conversation."""
-    return ProviderCall(
-        messages=MESSAGES,
-        generation_kwargs=generation_kwargs,
-        stream=stream,
-        deadline=time.monotonic() + deadline_s,
-    )
-
-
-class Collect:
-    """An ``on_chunk`` that keeps the chunks."""
-
-    def __init__(self) -> None:
-        self.chunks: list[StreamingChunk] = []
-
-    def __call__(self, chunk: StreamingChunk) -> None:
-        self.chunks.append(chunk)
-
-    @property
-    def text(self) -> str:
-        """The streamed text, all choices together."""
-        return "".join(chunk.content for chunk in self.chunks)
+def aim_openai_at(server: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Have the SDK take ``server`` for OpenAI: ``OPENAI_BASE_URL`` and ``OPENAI_API_KEY`` set."""
+    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
+    monkeypatch.setenv("OPENAI_BASE_URL", f"{server.url}/v1")
 
 
 def header(received_headers: dict[str, str], name: str) -> str | None:
     """A request header, whatever its case on the wire."""
     return next((value for key, value in received_headers.items() if key.lower() == name.lower()), None)
-
-
-def unused_port() -> int:
-    """A loopback port nothing listens on (connection refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
 
 
 def assert_no_secret(exc: BaseException, *secrets: str) -> None:

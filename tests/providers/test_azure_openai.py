@@ -8,30 +8,28 @@ prompt-filter chunks and its error bodies."""
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from providers import errors
 from providers.azure_openai import AzureOpenAIChatProvider, AzureOpenAIResponsesProvider
 from providers.base import ChatProvider
-from providers.registry import build_provider
+from settings import ProviderConfigBase
 from settings.providers import AzureOpenAIConfig, AzureOpenAIResponsesConfig
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
-    Collect,
     assert_no_secret,
     chat_chunk,
     chat_completion,
     chat_stream,
     error_reply,
     header,
-    make_call,
     response_object,
     responses_answer,
 )
+from tests.support.calls import ChunkCollector, make_call, provider_factory, run_failing
 
 AZURE_KEY = "0123456789abcdef0123456789abcdef"
 AD_TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJjb2duaXRpdmVzZXJ2aWNlcyJ9.c2lnbmF0dXJl"
@@ -54,12 +52,6 @@ Factory = Callable[..., ChatProvider]
 
 
 @pytest.fixture
-def server() -> Iterator[FakeHTTPServer]:
-    with FakeHTTPServer() as fake:
-        yield fake
-
-
-@pytest.fixture
 def azure_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("AZURE_OPENAI_API_KEY", AZURE_KEY)
     # The SDK would read these when no credential is given; make sure it is ours that is used.
@@ -67,30 +59,23 @@ def azure_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("OPENAI_API_VERSION", raising=False)
 
 
+def azure_factory(
+    provider_id: str, config_class: type[ProviderConfigBase], provider_class: type[ChatProvider], endpoint: str
+) -> Factory:
+    """Providers of ``provider_class`` on the fake server's ``DEPLOYMENT``, without retries."""
+    return provider_factory(
+        provider_id, config_class, provider_class, azure_endpoint=endpoint, azure_deployment=DEPLOYMENT, max_retries=0
+    )
+
+
 @pytest.fixture
 def make_chat(server: FakeHTTPServer, azure_env: None) -> Factory:
-    def build(**fields: Any) -> ChatProvider:
-        config = AzureOpenAIConfig(
-            **{"azure_endpoint": f"{server.url}/", "azure_deployment": DEPLOYMENT, "max_retries": 0, **fields}
-        )
-        provider = build_provider("azure", config)
-        assert isinstance(provider, AzureOpenAIChatProvider)
-        return provider
-
-    return build
+    return azure_factory("azure", AzureOpenAIConfig, AzureOpenAIChatProvider, f"{server.url}/")
 
 
 @pytest.fixture
 def make_responses(server: FakeHTTPServer, azure_env: None) -> Factory:
-    def build(**fields: Any) -> ChatProvider:
-        config = AzureOpenAIResponsesConfig(
-            **{"azure_endpoint": server.url, "azure_deployment": DEPLOYMENT, "max_retries": 0, **fields}
-        )
-        provider = build_provider("azure_thinker", config)
-        assert isinstance(provider, AzureOpenAIResponsesProvider)
-        return provider
-
-    return build
+    return azure_factory("azure_thinker", AzureOpenAIResponsesConfig, AzureOpenAIResponsesProvider, server.url)
 
 
 @pytest.fixture
@@ -103,20 +88,13 @@ def token_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     return name
 
 
-def run_failing(provider: ChatProvider, **call_kwargs: Any) -> tuple[BaseException, Collect]:
-    collect = Collect()
-    with pytest.raises(errors.CascadeError) as caught:
-        provider.run(make_call(**call_kwargs), collect)
-    return caught.value, collect
-
-
 # --- Chat Completions on Azure -----------------------------------------------------------------
 
 
 def test_chat_url_layout_key_header_and_body(server: FakeHTTPServer, make_chat: Factory) -> None:
     server.queue(Reply(json_body=chat_completion("Paris.", model="gpt-4.1-mini")))
 
-    (reply,) = make_chat().run(make_call(stream=False, max_tokens=50), Collect())
+    (reply,) = make_chat().run(make_call(stream=False, max_tokens=50), ChunkCollector())
 
     assert reply.content == "Paris."
     assert reply.meta.model == "gpt-4.1-mini"
@@ -132,7 +110,7 @@ def test_chat_url_layout_key_header_and_body(server: FakeHTTPServer, make_chat: 
 def test_chat_model_name_and_old_api_version(server: FakeHTTPServer, make_chat: Factory) -> None:
     server.queue(Reply(json_body=chat_completion("ok")))
 
-    make_chat(model="gpt-4o", api_version="2024-06-01").run(make_call(stream=False, max_tokens=50), Collect())
+    make_chat(model="gpt-4o", api_version="2024-06-01").run(make_call(stream=False, max_tokens=50), ChunkCollector())
 
     request = server.received[0]
     assert request.query == {"api-version": ["2024-06-01"]}
@@ -154,7 +132,7 @@ def test_chat_streaming_with_prompt_filter_chunks(server: FakeHTTPServer, make_c
     events = [prompt_filter, *chat_stream("Par", "is", usage=(9, 2))]
     events[2]["choices"][0]["content_filter_results"] = {"hate": {"filtered": False, "severity": "safe"}}
     server.queue(Reply(events=events, chunked=True))
-    collect = Collect()
+    collect = ChunkCollector()
 
     (reply,) = make_chat().run(make_call(), collect)
 
@@ -168,7 +146,7 @@ def test_ad_token_from_env(server: FakeHTTPServer, make_chat: Factory, monkeypat
     monkeypatch.setenv("AZURE_AD_TOKEN_FOR_TEST", AD_TOKEN)
     server.queue(Reply(json_body=chat_completion("ok")))
 
-    make_chat(azure_ad_token_env="AZURE_AD_TOKEN_FOR_TEST").run(make_call(stream=False), Collect())
+    make_chat(azure_ad_token_env="AZURE_AD_TOKEN_FOR_TEST").run(make_call(stream=False), ChunkCollector())
 
     request = server.received[0]
     assert header(request.headers, "authorization") == f"Bearer {AD_TOKEN}"
@@ -181,8 +159,8 @@ def test_ad_token_provider_imported_once_called_per_request(
     server.queue(Reply(json_body=chat_completion("a")), Reply(json_body=chat_completion("b")))
     provider = make_chat(azure_ad_token_provider=f"{token_module}:get_token")
 
-    provider.run(make_call(stream=False), Collect())
-    provider.run(make_call(stream=False), Collect())
+    provider.run(make_call(stream=False), ChunkCollector())
+    provider.run(make_call(stream=False), ChunkCollector())
 
     tokens = [header(request.headers, "authorization") for request in server.received]
     assert tokens == ["Bearer provider-token-1", "Bearer provider-token-2"]
@@ -307,7 +285,7 @@ def test_ad_token_never_in_errors(server: FakeHTTPServer, make_chat: Factory, mo
 
 def test_responses_url_layout_and_deployment_as_model(server: FakeHTTPServer, make_responses: Factory) -> None:
     server.queue(responses_answer("Paris", reasoning=["Simple."]))
-    collect = Collect()
+    collect = ChunkCollector()
 
     (reply,) = make_responses(model="o4-mini").run(make_call(max_tokens=100), collect)
 
@@ -324,7 +302,7 @@ def test_responses_url_layout_and_deployment_as_model(server: FakeHTTPServer, ma
 def test_responses_non_streaming(server: FakeHTTPServer, make_responses: Factory) -> None:
     server.queue(Reply(json_body=response_object(text="Paris.", model="o4-mini")))
 
-    (reply,) = make_responses().run(make_call(stream=False), Collect())
+    (reply,) = make_responses().run(make_call(stream=False), ChunkCollector())
 
     assert (reply.content, reply.meta.model) == ("Paris.", "o4-mini")
 

@@ -11,7 +11,6 @@ keeping the original ``Host`` header, and check both the Hub mapping lookup and 
 from __future__ import annotations
 
 import email.utils
-import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -29,103 +28,19 @@ from providers.chain import ChainRun
 from providers.hf_api import HfApiProvider, translate_hf_error
 from providers.registry import build_provider
 from settings.providers import HfApiConfig
-from tasks.schemas import AttemptRecord, ChatMessage
 from tests.fakes.http import FakeHTTPServer, Reply
+from tests.providers.tgi_wire import MODEL, chunk, completion, streamed, tgi_error, usage, usage_chunk
+from tests.support.calls import MESSAGES, ChainRecorder, ChunkCollector, make_call
+from worker.local import free_port
 
-MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 TOKEN = "hf_TestTokenDoNotLeak0123456789"
-FINGERPRINT = "3.0.1-sha-bb9095a"
 CONTEXT_ERROR = (
     "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
     "Given: 4000 `inputs` tokens and 200 `max_new_tokens`"
 )
-MESSAGES = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Capital of France?")]
-
-
-# --- TGI's wire format ---------------------------------------------------------------------
-
-
-def chunk(content: str | None, finish: str | None = None, usage: dict[str, int] | None = None) -> dict[str, Any]:
-    """One ``chat.completion.chunk`` as TGI streams it."""
-    return {
-        "object": "chat.completion.chunk",
-        "id": "",
-        "created": 1732000000,
-        "model": MODEL,
-        "system_fingerprint": FINGERPRINT,
-        "choices": [
-            {
-                "index": 0,
-                "delta": {"role": "assistant", "content": content},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": usage,
-    }
-
-
-def usage_chunk(prompt: int, completion: int) -> dict[str, Any]:
-    """TGI 3's closing chunk with ``stream_options.include_usage``: no choices, only usage."""
-    event = chunk(None)
-    event["choices"] = []
-    event["usage"] = usage(prompt, completion)
-    return event
-
-
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    """A usage object."""
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-
-
-def completion(content: str, finish: str = "eos_token", tokens: tuple[int, int] = (21, 3)) -> dict[str, Any]:
-    """A ``chat.completion`` as TGI answers a non-streamed request."""
-    return {
-        "object": "chat.completion",
-        "id": "",
-        "created": 1732000000,
-        "model": MODEL,
-        "system_fingerprint": FINGERPRINT,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": content},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        ],
-        "usage": usage(*tokens),
-    }
-
-
-def tgi_error(message: str, error_type: str) -> dict[str, str]:
-    """TGI's error body (and, inside a 200 stream, its error event)."""
-    return {"error": message, "error_type": error_type}
-
-
-def streamed(*contents: str, finish: str = "eos_token", **reply: Any) -> Reply:
-    """A TGI stream of ``contents``, the last with ``finish``, then usage and ``[DONE]``."""
-    events: list[Any] = [chunk(text) for text in contents[:-1]]
-    events += [chunk(contents[-1], finish), usage_chunk(21, len(contents)), "[DONE]"]
-    return Reply(events=events, chunked=True, **reply)
 
 
 # --- fixtures ------------------------------------------------------------------------------
-
-
-class Chunks:
-    """An ``on_chunk`` that keeps what it gets."""
-
-    def __init__(self) -> None:
-        self.chunks: list[StreamingChunk] = []
-
-    def __call__(self, chunk: StreamingChunk) -> None:
-        self.chunks.append(chunk)
-
-    @property
-    def text(self) -> str:
-        """The streamed text."""
-        return "".join(chunk.content for chunk in self.chunks)
 
 
 @pytest.fixture(autouse=True)
@@ -134,31 +49,15 @@ def _no_ambient_token(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name, raising=False)
 
 
-@pytest.fixture
-def server() -> Iterator[FakeHTTPServer]:
-    with FakeHTTPServer() as fake:
-        yield fake
-
-
 def tgi(url: str, **fields: Any) -> HfApiProvider:
     """An ``hf_api`` provider for the TGI server at ``url``."""
     return HfApiProvider("tgi", HfApiConfig(api_type="text_generation_inference", url=url, **fields))
 
 
-def make_call(stream: bool = True, deadline_s: float = 10.0, **generation_kwargs: Any) -> ProviderCall:
-    """A call of the two test messages, due in ``deadline_s``."""
-    return ProviderCall(
-        messages=MESSAGES,
-        generation_kwargs=generation_kwargs,
-        stream=stream,
-        deadline=time.monotonic() + deadline_s,
-    )
-
-
-def fail(provider: HfApiProvider, call: ProviderCall, on_chunk: Chunks | None = None) -> BaseException:
+def fail(provider: HfApiProvider, call: ProviderCall, on_chunk: ChunkCollector | None = None) -> BaseException:
     """The exception ``provider.run`` raises (it must raise)."""
     with pytest.raises(BaseException) as caught:
-        provider.run(call, on_chunk or Chunks())
+        provider.run(call, on_chunk or ChunkCollector())
     return caught.value
 
 
@@ -167,7 +66,7 @@ def fail(provider: HfApiProvider, call: ProviderCall, on_chunk: Chunks | None = 
 
 def test_non_streaming_reply_and_meta(server: FakeHTTPServer) -> None:
     server.queue(Reply(json_body=completion("Paris.", tokens=(21, 3))))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     replies = tgi(server.url).run(make_call(stream=False), chunks)
 
@@ -188,7 +87,7 @@ def test_non_streaming_reply_and_meta(server: FakeHTTPServer) -> None:
 
 def test_streaming_deltas_reach_on_chunk(server: FakeHTTPServer) -> None:
     server.queue(streamed("The capital", " of France", " is Paris."))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     [reply] = tgi(server.url).run(make_call(), chunks)
 
@@ -220,7 +119,7 @@ def test_finish_reasons_mapped_as_haystack_does(
     else:
         server.queue(Reply(json_body=completion("Paris.", finish=tgi_reason, tokens=(9, 2))))
 
-    [reply] = tgi(server.url).run(make_call(stream=stream), Chunks())
+    [reply] = tgi(server.url).run(make_call(stream=stream), ChunkCollector())
 
     assert reply.meta.finish_reason == expected
     assert reply.meta.usage.model_dump() == usage(9, 2)
@@ -231,7 +130,7 @@ def test_finish_on_a_chunk_without_text(server: FakeHTTPServer, last: str | None
     """TGI sends the end-of-sequence token (a special token) with no text, only its finish_reason."""
     events = [chunk("Paris"), chunk("."), chunk(last, "eos_token"), usage_chunk(9, 3), "[DONE]"]
     server.queue(Reply(events=events, chunked=True))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     [reply] = tgi(server.url).run(make_call(), chunks)
 
@@ -243,7 +142,7 @@ def test_finish_on_a_chunk_without_text(server: FakeHTTPServer, last: str | None
 def test_usage_stays_zero_when_tgi_sends_none(server: FakeHTTPServer) -> None:
     server.queue(Reply(events=[chunk("Hi"), chunk("!", "eos_token"), "[DONE]"], chunked=True))
 
-    [reply] = tgi(server.url).run(make_call(), Chunks())
+    [reply] = tgi(server.url).run(make_call(), ChunkCollector())
 
     assert reply.content == "Hi!"
     assert reply.meta.usage.model_dump() == usage(0, 0)
@@ -268,7 +167,7 @@ def test_generation_kwargs_on_the_wire(server: FakeHTTPServer) -> None:
         best_of=2,  # not a chat_completion argument: dropped
     )
 
-    provider.run(call, Chunks())
+    provider.run(call, ChunkCollector())
 
     [request] = server.received
     assert request.path == "/v1/chat/completions"
@@ -295,7 +194,7 @@ def test_url_with_v1_suffix_keeps_the_messages_api_path(server: FakeHTTPServer) 
     server.queue(Reply(json_body=completion("ok")))
 
     HfApiProvider("ep", HfApiConfig(api_type="inference_endpoints", url=f"{server.url}/v1/")).run(
-        make_call(stream=False), Chunks()
+        make_call(stream=False), ChunkCollector()
     )
 
     assert server.received[0].path == "/v1/chat/completions"
@@ -305,7 +204,7 @@ def test_token_sent_as_bearer(server: FakeHTTPServer, monkeypatch: pytest.Monkey
     monkeypatch.setenv("TGI_KEY", TOKEN)
     server.queue(Reply(json_body=completion("ok")))
 
-    tgi(server.url, api_key_env="TGI_KEY").run(make_call(stream=False), Chunks())
+    tgi(server.url, api_key_env="TGI_KEY").run(make_call(stream=False), ChunkCollector())
 
     headers = {name.lower(): value for name, value in server.received[0].headers.items()}
     assert headers["authorization"] == f"Bearer {TOKEN}"
@@ -315,7 +214,7 @@ def test_default_token_env_vars(server: FakeHTTPServer, monkeypatch: pytest.Monk
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     server.queue(Reply(json_body=completion("ok")))
 
-    tgi(server.url).run(make_call(stream=False), Chunks())
+    tgi(server.url).run(make_call(stream=False), ChunkCollector())
 
     headers = {name.lower(): value for name, value in server.received[0].headers.items()}
     assert headers["authorization"] == f"Bearer {TOKEN}"
@@ -324,7 +223,7 @@ def test_default_token_env_vars(server: FakeHTTPServer, monkeypatch: pytest.Monk
 def test_no_token_no_authorization_header(server: FakeHTTPServer) -> None:
     server.queue(Reply(json_body=completion("ok")))
 
-    tgi(server.url).run(make_call(stream=False), Chunks())
+    tgi(server.url).run(make_call(stream=False), ChunkCollector())
 
     assert "authorization" not in {name.lower() for name in server.received[0].headers}
 
@@ -401,11 +300,7 @@ def test_rate_limit_without_retry_after(server: FakeHTTPServer) -> None:
 
 
 def test_connection_refused() -> None:
-    with socket.socket() as probe:  # a port nothing listens on
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    exc = fail(tgi(f"http://127.0.0.1:{port}"), make_call())
+    exc = fail(tgi(f"http://127.0.0.1:{free_port()}"), make_call())  # nothing listens there
 
     assert isinstance(exc, errors.ProviderConnectionError)
 
@@ -423,14 +318,7 @@ def test_one_request_per_call_and_tenacity_is_the_only_retry(server: FakeHTTPSer
     """Two 503s then an answer: the chain retries; each of its three calls is one request."""
     overloaded = Reply(status=503, json_body={"error": f"Model {MODEL} is currently loading"})
     server.queue(overloaded, overloaded, streamed("Paris."))
-    failed: list[AttemptRecord] = []
-
-    class Listener:
-        def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
-            pass
-
-        def on_attempt_failed(self, record: AttemptRecord) -> None:
-            failed.append(record)
+    listener = ChainRecorder()
 
     provider = tgi(server.url, max_retries=2, backoff_initial_s=0, backoff_max_s=0)
     run = ChainRun(
@@ -438,14 +326,14 @@ def test_one_request_per_call_and_tenacity_is_the_only_retry(server: FakeHTTPSer
         messages=MESSAGES,
         generation_kwargs={},
         deadline=time.monotonic() + 10,
-        listener=Listener(),
+        listener=listener,
         wait=lambda seconds: None,
     )
 
     outcome = run.execute()
 
     assert [reply.content for reply in outcome.replies] == ["Paris."]
-    assert [record.error_type for record in failed] == ["overloaded", "overloaded"]
+    assert [record.error_type for record in listener.failed] == ["overloaded", "overloaded"]
     assert len(server.received) == 3
 
 
@@ -458,7 +346,7 @@ def test_stream_cut_midway_is_interrupted(server: FakeHTTPServer, chunked: bool)
     it the connection just closes, and only the missing finish_reason tells."""
     events = [chunk("The capital"), chunk(" of France"), chunk(" is"), chunk(" Paris.", "eos_token"), "[DONE]"]
     server.queue(Reply(events=events, cut_after=2, chunked=chunked))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     exc = fail(tgi(server.url), make_call(), chunks)
 
@@ -485,7 +373,7 @@ def test_empty_stream_is_a_connection_error(server: FakeHTTPServer) -> None:
 def test_error_event_after_chunks_is_interrupted(server: FakeHTTPServer) -> None:
     error = tgi_error("Request failed during generation: Server error: CUDA out of memory", "generation")
     server.queue(Reply(events=[chunk("The capital"), chunk(" of"), error], chunked=True))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     exc = fail(tgi(server.url), make_call(), chunks)
 
@@ -549,7 +437,7 @@ def test_guard_shuts_a_stalled_stream_down(server: FakeHTTPServer, monkeypatch: 
     monkeypatch.setattr(hf_api, "_shut_down", spy)
     monkeypatch.setattr(hf_api, "_CLIENT_TIMEOUT_GRACE_S", 3600.0)
     server.queue(streamed("The capital", " of France", event_delay_s=60.0))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     exc = fail(tgi(server.url, timeout_s=0.2), make_call(), chunks)
 
@@ -572,14 +460,14 @@ def test_slow_headers_time_out_through_the_client_timeout(server: FakeHTTPServer
 def test_first_chunk_limit_does_not_cap_a_non_streamed_answer(server: FakeHTTPServer) -> None:
     server.queue(Reply(json_body=completion("Paris."), delay_s=0.2))
 
-    [reply] = tgi(server.url, first_chunk_timeout_s=0.05).run(make_call(stream=False), Chunks())
+    [reply] = tgi(server.url, first_chunk_timeout_s=0.05).run(make_call(stream=False), ChunkCollector())
 
     assert reply.content == "Paris."
 
 
 def test_stall_after_chunks_past_timeout_s_is_interrupted(server: FakeHTTPServer) -> None:
     server.queue(streamed("The capital", " of France", " is Paris.", event_delay_s=2.0))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     exc = fail(tgi(server.url, timeout_s=0.2), make_call(), chunks)
 
@@ -590,7 +478,7 @@ def test_stall_after_chunks_past_timeout_s_is_interrupted(server: FakeHTTPServer
 
 def test_request_deadline_mid_stream(server: FakeHTTPServer) -> None:
     server.queue(streamed("The capital", " of France", " is Paris.", event_delay_s=2.0))
-    chunks = Chunks()
+    chunks = ChunkCollector()
 
     exc = fail(tgi(server.url), make_call(deadline_s=0.2), chunks)
 
@@ -670,7 +558,7 @@ def test_serverless_auto_routing_calls_the_router_directly(
     monkeypatch.setenv("HF_API_TOKEN", TOKEN)
     hub.queue(streamed("Paris."))
 
-    [reply] = serverless().run(make_call(max_tokens=8), Chunks())
+    [reply] = serverless().run(make_call(max_tokens=8), ChunkCollector())
 
     assert reply.content == "Paris."
     [request] = hub.received  # no Hub lookup: the router picks the provider
@@ -688,7 +576,7 @@ def test_serverless_named_provider_looks_up_the_mapping_then_routes(
     hub.queue(Reply(json_body={"id": MODEL, "_id": "abc", "inferenceProviderMapping": mapping}))
     hub.queue(Reply(json_body=completion("Paris.")))
 
-    [reply] = serverless("together").run(make_call(stream=False), Chunks())
+    [reply] = serverless("together").run(make_call(stream=False), ChunkCollector())
 
     assert reply.content == "Paris."
     lookup, chat = hub.received

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -18,7 +17,10 @@ from providers.hf_local import HfLocalProvider
 from providers.local_models import SMOLLM2_ID, load_model, pick_device, shipped_gguf
 from settings.providers import HfLocalConfig
 from tasks.schemas import ChatMessage
+from tests.support import calls
 from tests.support.tiny_model import build_tiny_model
+
+HELLO = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="hello world")]
 
 
 @pytest.fixture(scope="module")
@@ -33,25 +35,15 @@ def provider(tiny_model: Path) -> HfLocalProvider:
     return tiny
 
 
-def make_call(deadline_s: float = 60.0, **generation_kwargs: object) -> ProviderCall:
-    return ProviderCall(
-        messages=[ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="hello world")],
-        generation_kwargs=dict(generation_kwargs),
-        stream=True,
-        deadline=time.monotonic() + deadline_s,
-    )
-
-
-def collect() -> tuple[list[StreamingChunk], Callable[[StreamingChunk], None]]:
-    chunks: list[StreamingChunk] = []
-    return chunks, chunks.append
+def make_call(deadline_s: float = 60.0, **generation_kwargs: Any) -> ProviderCall:
+    return calls.make_call(messages=HELLO, deadline_s=deadline_s, **generation_kwargs)
 
 
 def test_streams_pieces_that_add_up_to_the_reply(provider: HfLocalProvider) -> None:
-    chunks, on_chunk = collect()
-    [reply] = provider.run(make_call(max_tokens=12), on_chunk)
-    assert chunks, "no chunk was streamed"
-    assert "".join(chunk.content for chunk in chunks) == reply.content
+    collect = calls.ChunkCollector()
+    [reply] = provider.run(make_call(max_tokens=12), collect)
+    assert collect.chunks, "no chunk was streamed"
+    assert collect.text == reply.content
     assert reply.meta.model == provider.config.model
     assert reply.meta.usage.prompt_tokens > 0
     assert 0 < reply.meta.usage.completion_tokens <= 12

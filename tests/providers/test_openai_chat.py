@@ -9,7 +9,7 @@ its config), so it behaves as it would against api.openai.com.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -18,56 +18,31 @@ from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainRun
 from providers.openai_chat import OpenAIChatProvider
-from providers.registry import build_provider
 from settings.providers import OpenAIConfig
-from tasks.schemas import AttemptRecord
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
     API_KEY,
-    MESSAGES,
     MODEL,
-    Collect,
+    aim_openai_at,
     assert_no_secret,
     chat_chunk,
     chat_completion,
     chat_stream,
     error_reply,
     header,
-    make_call,
-    unused_port,
     usage_chunk,
 )
+from tests.support.calls import MESSAGES, ChainRecorder, ChunkCollector, make_call, provider_factory, run_failing
+from worker.local import free_port
 
 ProviderFactory = Callable[..., OpenAIChatProvider]
 
 
 @pytest.fixture
-def server() -> Iterator[FakeHTTPServer]:
-    with FakeHTTPServer() as fake:
-        yield fake
-
-
-@pytest.fixture
 def make_provider(server: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch) -> ProviderFactory:
     """Build an ``openai`` provider aimed at the fake server as if it were OpenAI."""
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.setenv("OPENAI_BASE_URL", f"{server.url}/v1")
-
-    def build(**fields: Any) -> OpenAIChatProvider:
-        config = OpenAIConfig(**{"model": "gpt-4.1-mini", "max_retries": 0, **fields})
-        provider = build_provider("primary", config)
-        assert isinstance(provider, OpenAIChatProvider)
-        return provider
-
-    return build
-
-
-def run_failing(provider: OpenAIChatProvider, **call_kwargs: Any) -> tuple[BaseException, Collect]:
-    """Run a call that must fail; the error and the chunks emitted before it."""
-    collect = Collect()
-    with pytest.raises(errors.CascadeError) as caught:
-        provider.run(make_call(**call_kwargs), collect)
-    return caught.value, collect
+    aim_openai_at(server, monkeypatch)
+    return provider_factory("primary", OpenAIConfig, OpenAIChatProvider, model="gpt-4.1-mini", max_retries=0)
 
 
 # --- success -------------------------------------------------------------------------------
@@ -75,7 +50,7 @@ def run_failing(provider: OpenAIChatProvider, **call_kwargs: Any) -> tuple[BaseE
 
 def test_non_streaming_reply_and_single_on_chunk(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     server.queue(Reply(json_body=chat_completion("Paris.")))
-    collect = Collect()
+    collect = ChunkCollector()
 
     replies = make_provider().run(make_call(stream=False), collect)
 
@@ -98,7 +73,7 @@ def test_non_streaming_reply_and_single_on_chunk(server: FakeHTTPServer, make_pr
 
 def test_streaming_deltas_usage_and_meta(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     server.queue(Reply(events=chat_stream("The capital", " is", " Paris."), event_delay_s=0.001))
-    collect = Collect()
+    collect = ChunkCollector()
 
     (reply,) = make_provider().run(make_call(), collect)
 
@@ -125,7 +100,7 @@ def test_streaming_several_choices_keep_their_index(server: FakeHTTPServer, make
         "[DONE]",
     ]
     server.queue(Reply(events=events))
-    collect = Collect()
+    collect = ChunkCollector()
 
     replies = make_provider().run(make_call(n=2), collect)
 
@@ -161,7 +136,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
         tools=["not forwarded"],
     )
 
-    provider.run(call, Collect())
+    provider.run(call, ChunkCollector())
 
     body = server.received[0].body
     sent = {key: value for key, value in body.items() if key not in ("model", "messages")}
@@ -182,7 +157,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
 def test_custom_server_gets_max_tokens(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     server.queue(Reply(json_body=chat_completion("ok")))
 
-    make_provider(api_base_url=f"{server.url}/v1").run(make_call(stream=False, max_tokens=32), Collect())
+    make_provider(api_base_url=f"{server.url}/v1").run(make_call(stream=False, max_tokens=32), ChunkCollector())
 
     body = server.received[0].body
     assert body["max_tokens"] == 32
@@ -193,7 +168,7 @@ def test_custom_server_without_key(server: FakeHTTPServer, make_provider: Provid
     server.queue(Reply(json_body=chat_completion("ok")))
     provider = make_provider(api_base_url=f"{server.url}/v1", api_key_env="LOCAL_SERVER_KEY_UNSET")
 
-    (reply,) = provider.run(make_call(stream=False), Collect())
+    (reply,) = provider.run(make_call(stream=False), ChunkCollector())
 
     assert reply.content == "ok"
 
@@ -283,7 +258,7 @@ def test_rate_limit_carries_retry_after(
 
 
 def test_connection_refused(make_provider: ProviderFactory) -> None:
-    provider = make_provider(api_base_url=f"http://127.0.0.1:{unused_port()}/v1")
+    provider = make_provider(api_base_url=f"http://127.0.0.1:{free_port()}/v1")  # nothing listens there
 
     error, _ = run_failing(provider)
 
@@ -469,29 +444,15 @@ def test_client_is_built_once(server: FakeHTTPServer, make_provider: ProviderFac
     server.queue(Reply(json_body=chat_completion("a")), Reply(json_body=chat_completion("b")))
     provider = make_provider()
 
-    provider.run(make_call(stream=False), Collect())
+    provider.run(make_call(stream=False), ChunkCollector())
     first = provider.client()
-    provider.run(make_call(stream=False), Collect())
+    provider.run(make_call(stream=False), ChunkCollector())
 
     assert provider.client() is first
     assert len(server.received) == 2
 
 
 # --- in the chain ----------------------------------------------------------------------------
-
-
-class Listener:
-    """A ChainListener that records chunks and failed attempts."""
-
-    def __init__(self) -> None:
-        self.chunks: list[tuple[str, int, str]] = []
-        self.failed: list[AttemptRecord] = []
-
-    def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
-        self.chunks.append((provider_id, attempt, chunk.content))
-
-    def on_attempt_failed(self, record: AttemptRecord) -> None:
-        self.failed.append(record)
 
 
 def test_chain_retries_honour_retry_after_then_fall_back_after_a_cut(
@@ -505,7 +466,7 @@ def test_chain_retries_honour_retry_after_then_fall_back_after_a_cut(
         Reply(events=chat_stream("Paris")),
     )
     waits: list[float] = []
-    listener = Listener()
+    listener = ChainRecorder()
     run = ChainRun(
         providers=[make_provider(max_retries=3, backoff_initial_s=0, backoff_max_s=0), make_provider()],
         messages=MESSAGES,

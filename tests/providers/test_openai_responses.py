@@ -5,66 +5,43 @@ server that speaks the Responses API (a ``response`` JSON object; typed server-s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
 
 import pytest
 
 from providers import errors
 from providers.openai_responses import OpenAIResponsesProvider
-from providers.registry import build_provider
 from settings.providers import OpenAIResponsesConfig
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
     API_KEY,
-    Collect,
+    aim_openai_at,
     assert_no_secret,
     error_reply,
     header,
     lifecycle,
-    make_call,
     response_object,
     responses_answer,
     responses_stream,
     summary_delta,
     text_delta,
 )
+from tests.support.calls import ChunkCollector, make_call, provider_factory, run_failing
 
 ProviderFactory = Callable[..., OpenAIResponsesProvider]
 STARTED = response_object(status="in_progress", usage=None)
 
 
 @pytest.fixture
-def server() -> Iterator[FakeHTTPServer]:
-    with FakeHTTPServer() as fake:
-        yield fake
-
-
-@pytest.fixture
 def make_provider(server: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch) -> ProviderFactory:
-    monkeypatch.setenv("OPENAI_API_KEY", API_KEY)
-    monkeypatch.setenv("OPENAI_BASE_URL", f"{server.url}/v1")
-
-    def build(**fields: Any) -> OpenAIResponsesProvider:
-        config = OpenAIResponsesConfig(**{"model": "o4-mini", "max_retries": 0, **fields})
-        provider = build_provider("thinker", config)
-        assert isinstance(provider, OpenAIResponsesProvider)
-        return provider
-
-    return build
-
-
-def run_failing(provider: OpenAIResponsesProvider, **call_kwargs: Any) -> tuple[BaseException, Collect]:
-    collect = Collect()
-    with pytest.raises(errors.CascadeError) as caught:
-        provider.run(make_call(**call_kwargs), collect)
-    return caught.value, collect
+    aim_openai_at(server, monkeypatch)
+    return provider_factory("thinker", OpenAIResponsesConfig, OpenAIResponsesProvider, model="o4-mini", max_retries=0)
 
 
 def test_non_streaming_reply(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     body = response_object(text="Paris.", reasoning=["The user asks for a capital."])
     server.queue(Reply(json_body=body))
-    collect = Collect()
+    collect = ChunkCollector()
 
     (reply,) = make_provider().run(make_call(stream=False), collect)
 
@@ -91,7 +68,7 @@ def test_non_streaming_reply(server: FakeHTTPServer, make_provider: ProviderFact
 
 def test_streaming_text_and_reasoning_kept_apart(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     server.queue(responses_answer("The capital", " is Paris.", reasoning=["Capital ", "of France."]))
-    collect = Collect()
+    collect = ChunkCollector()
 
     (reply,) = make_provider().run(make_call(reasoning_summary="auto"), collect)
 
@@ -120,7 +97,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
         n=2,
     )
 
-    provider.run(call, Collect())
+    provider.run(call, ChunkCollector())
 
     body = server.received[0].body
     sent = {key: value for key, value in body.items() if key not in ("model", "input")}
@@ -143,7 +120,7 @@ def test_incomplete_response_finishes_with_length(server: FakeHTTPServer, make_p
         )
     )
 
-    (reply,) = make_provider().run(make_call(max_tokens=2), Collect())
+    (reply,) = make_provider().run(make_call(max_tokens=2), ChunkCollector())
 
     assert reply.content == "The capital"
     assert reply.meta.finish_reason == "length"

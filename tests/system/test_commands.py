@@ -13,11 +13,9 @@ from pathlib import Path
 import pytest
 
 from tasks.client import CascadeClient
-from worker.local import LocalRedis, start_worker, stop_process
+from tests.support.stack import REPO, local_stack
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = """
 [providers.slow]
@@ -48,35 +46,31 @@ def run_cli(*args: str, redis_url: str | None = None, timeout_s: float = 60) -> 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A redis-server and one worker with CONFIG; yields the Redis URL."""
-    workdir = tmp_path_factory.mktemp("commands")
-    config = workdir / "cascade.toml"
-    config.write_text(CONFIG)
-    server = LocalRedis(workdir).start()
-    with (workdir / "worker.log").open("wb") as log:
-        worker = start_worker(server.url, config, log=log, cwd=REPO)
-    try:
-        yield server.url
-    finally:
-        stop_process(worker)
-        server.stop()
+    with local_stack(tmp_path_factory.mktemp("commands"), CONFIG) as stack:
+        yield stack.url
+
+
+def run_demo(*args: str, timeout_s: float) -> str:
+    """Run `cascade demo` with ``args``, which must succeed; its output."""
+    result = run_cli("demo", *args, timeout_s=timeout_s)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
 
 
 def test_demo_streams_an_answer_and_shows_the_fallback() -> None:
-    result = run_cli("demo", "--chain", "rehearsal", timeout_s=120)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "falling back" in result.stdout
-    assert "Natural Language Processing (NLP) is the branch" in result.stdout
-    assert "status: succeeded" in result.stdout
-    assert "attempts (2): flaky:failed/stream_interrupted, steady:succeeded" in result.stdout
+    shown = run_demo("--chain", "rehearsal", timeout_s=120)
+    assert "falling back" in shown
+    assert "Natural Language Processing (NLP) is the branch" in shown
+    assert "status: succeeded" in shown
+    assert "attempts (2): flaky:failed/stream_interrupted, steady:succeeded" in shown
 
 
 @pytest.mark.slow
 def test_demo_streams_a_real_answer_from_smollm2() -> None:
-    result = run_cli("demo", "--prompt", "What is the capital of France?", timeout_s=300)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "Paris" in result.stdout
-    assert "provider: smol (chain index 0)" in result.stdout
-    assert "model: HuggingFaceTB/SmolLM2-135M-Instruct" in result.stdout
+    shown = run_demo("--prompt", "What is the capital of France?", timeout_s=300)
+    assert "Paris" in shown
+    assert "provider: smol (chain index 0)" in shown
+    assert "model: HuggingFaceTB/SmolLM2-135M-Instruct" in shown
 
 
 def test_submit_prints_the_tokens_then_the_meta(service: str) -> None:

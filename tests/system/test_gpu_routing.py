@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -16,12 +15,10 @@ pytest.importorskip("transformers")
 
 from tasks.client import CascadeClient
 from tasks.schemas import ChatReply, StreamEvent
+from tests.support.stack import LocalStack, local_stack
 from tests.support.tiny_model import build_tiny_model
-from worker.local import LocalRedis, start_worker, stop_process
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
 
 CONFIG = """
 [providers.api_cut]
@@ -49,30 +46,13 @@ local_first = ["tiny", "api_ok"]
 """
 
 
-@dataclass
-class Deployment:
-    url: str
-    api_pid: int
-    gpu_pid: int
-    gpu_log: Path
-
-
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """An API worker on ``chat`` and a local-model worker on ``chat.gpu``."""
     workdir = tmp_path_factory.mktemp("gpu-routing")
     model = build_tiny_model(workdir / "tiny")
-    config = workdir / "cascade.toml"
-    config.write_text(CONFIG.format(model=model))
-    server = LocalRedis(workdir).start()
-    with (workdir / "api.log").open("wb") as api_log, (workdir / "gpu.log").open("wb") as gpu_log:
-        api = start_worker(server.url, config, queues="chat", log=api_log, cwd=REPO)
-        gpu = start_worker(server.url, config, queues="chat.gpu", log=gpu_log, cwd=REPO)
-    try:
-        yield Deployment(server.url, api.pid, gpu.pid, workdir / "gpu.log")
-    finally:
-        stop_process(api)
-        stop_process(gpu)
-        server.stop()
+    with local_stack(workdir, CONFIG.format(model=model), queues=["chat", "chat.gpu"]) as stack:
+        yield stack
 
 
 def run(url: str, chain: str, queue: str | None = None) -> tuple[list[StreamEvent], ChatReply]:
@@ -90,7 +70,7 @@ def assert_one_stream(events: list[StreamEvent]) -> None:
     assert events[-1].type == "done"
 
 
-def test_a_chain_moves_from_the_api_queue_to_the_gpu_queue(deployment: Deployment) -> None:
+def test_a_chain_moves_from_the_api_queue_to_the_gpu_queue(deployment: LocalStack) -> None:
     events, reply = run(deployment.url, "default")
     assert_one_stream(events)
     assert reply.status == "succeeded"
@@ -104,7 +84,7 @@ def test_a_chain_moves_from_the_api_queue_to_the_gpu_queue(deployment: Deploymen
     assert "".join(d or "" for d in kept) == reply.replies[0].content
 
 
-def test_the_producer_routes_straight_to_the_first_providers_queue(deployment: Deployment) -> None:
+def test_the_producer_routes_straight_to_the_first_providers_queue(deployment: LocalStack) -> None:
     with CascadeClient(deployment.url) as client:
         assert client.route("local_first") == "chat.gpu"
         assert client.route("default") == "chat"
@@ -113,7 +93,7 @@ def test_the_producer_routes_straight_to_the_first_providers_queue(deployment: D
     assert reply.meta.provider == "tiny" and reply.meta.queue_hops == 0
 
 
-def test_a_request_on_the_wrong_queue_is_handed_off(deployment: Deployment) -> None:
+def test_a_request_on_the_wrong_queue_is_handed_off(deployment: LocalStack) -> None:
     events, reply = run(deployment.url, "local_first", queue="chat")
     assert_one_stream(events)
     assert reply.meta.provider == "tiny" and reply.meta.queue_hops == 1
@@ -139,15 +119,17 @@ def maps_torch(pid: int) -> bool:
         return False
 
 
-def test_the_api_worker_never_loads_torch_and_the_gpu_worker_warms_up(deployment: Deployment) -> None:
+def test_the_api_worker_never_loads_torch_and_the_gpu_worker_warms_up(deployment: LocalStack) -> None:
     run(deployment.url, "default")  # the API worker has served a chain that includes the local model
-    api_processes = process_group(deployment.api_pid)
-    gpu_processes = process_group(deployment.gpu_pid)
+    api_pid, gpu_pid = deployment.workers["chat"].pid, deployment.workers["chat.gpu"].pid
+    gpu_log = deployment.logs["chat.gpu"]
+    api_processes = process_group(api_pid)
+    gpu_processes = process_group(gpu_pid)
     assert len(api_processes) >= 2 and len(gpu_processes) >= 2  # main process + pool child
     assert not any(maps_torch(pid) for pid in api_processes)
-    assert maps_torch(deployment.gpu_pid) is False, "the GPU worker's parent must not load torch before forking"
+    assert maps_torch(gpu_pid) is False, "the GPU worker's parent must not load torch before forking"
     assert any(maps_torch(pid) for pid in gpu_processes)
     deadline = time.monotonic() + 10
-    while "warming up tiny" not in deployment.gpu_log.read_text() and time.monotonic() < deadline:
+    while "warming up tiny" not in gpu_log.read_text() and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert "warming up tiny on queue chat.gpu" in deployment.gpu_log.read_text()
+    assert "warming up tiny on queue chat.gpu" in gpu_log.read_text()

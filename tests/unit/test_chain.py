@@ -15,6 +15,7 @@ from providers.chain import ChainOutcome, ChainRun
 from providers.registry import build_provider
 from settings import ScriptedConfig
 from tasks.schemas import AssistantReply, AttemptRecord, ChatMessage
+from tests.support.calls import ChainRecorder
 
 TEXT = "Hello from the chain"
 FAST = {"backoff_initial_s": 0.1, "backoff_max_s": 0.4}
@@ -28,27 +29,6 @@ class RecordingWait:
 
     def __call__(self, seconds: float) -> None:
         self.calls.append(seconds)
-
-
-class Listener:
-    """Records chunks and failed attempts; can raise a stop on the n-th chunk."""
-
-    def __init__(self, stop_on_chunk: int | None = None, stop: type[errors.RequestStopped] = errors.Cancelled) -> None:
-        self.chunks: list[tuple[str, int, str]] = []
-        self.failed: list[AttemptRecord] = []
-        self._stop_on_chunk = stop_on_chunk
-        self._stop = stop
-
-    def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
-        self.chunks.append((provider_id, attempt, chunk.content))
-        if self._stop_on_chunk is not None and len(self.chunks) >= self._stop_on_chunk:
-            raise self._stop("told to stop")
-
-    def on_attempt_failed(self, record: AttemptRecord) -> None:
-        self.failed.append(record)
-
-    def text_of(self, attempt: int) -> str:
-        return "".join(content for _p, a, content in self.chunks if a == attempt)
 
 
 class Cooldowns:
@@ -79,7 +59,7 @@ def scripted(provider_id: str, **fields: Any) -> ChatProvider:
 
 def make_run(
     providers: list[ChatProvider],
-    listener: Listener,
+    listener: ChainRecorder,
     wait: Callable[[float], None],
     *,
     deadline_s: float = 60.0,
@@ -103,7 +83,7 @@ def outcomes(run: ChainRun) -> list[tuple[str, str, str | None]]:
 
 
 def test_success_on_the_first_provider() -> None:
-    listener, wait = Listener(), RecordingWait()
+    listener, wait = ChainRecorder(), RecordingWait()
     run = make_run([scripted("a"), scripted("b")], listener, wait)
     outcome = run.execute()
     assert outcome.error is None
@@ -118,7 +98,7 @@ def test_success_on_the_first_provider() -> None:
 
 
 def test_transient_error_is_retried_then_succeeds() -> None:
-    listener, wait = Listener(), RecordingWait()
+    listener, wait = ChainRecorder(), RecordingWait()
     run = make_run([scripted("a", fail="server_error", fail_times=2, max_retries=2), scripted("b")], listener, wait)
     outcome = run.execute()
     assert outcome.succeeded_index == 0
@@ -133,7 +113,7 @@ def test_transient_error_is_retried_then_succeeds() -> None:
 
 def test_retry_after_is_honoured() -> None:
     wait = RecordingWait()
-    run = make_run([scripted("a", fail="rate_limit", retry_after_s=3.0, fail_times=1)], Listener(), wait)
+    run = make_run([scripted("a", fail="rate_limit", retry_after_s=3.0, fail_times=1)], ChainRecorder(), wait)
     assert run.execute().succeeded_index == 0
     assert len(wait.calls) == 1
     assert wait.calls[0] >= 3.0
@@ -142,7 +122,7 @@ def test_retry_after_is_honoured() -> None:
 def test_retry_after_beyond_the_maximum_falls_through_at_once() -> None:
     wait = RecordingWait()
     a = scripted("a", fail="rate_limit", retry_after_s=120.0, retry_after_max_s=30.0, max_retries=3)
-    run = make_run([a, scripted("b")], Listener(), wait)
+    run = make_run([a, scripted("b")], ChainRecorder(), wait)
     outcome = run.execute()
     assert outcome.succeeded_index == 1
     assert outcomes(run) == [("a", "failed", "rate_limited"), ("b", "succeeded", None)]
@@ -150,7 +130,7 @@ def test_retry_after_beyond_the_maximum_falls_through_at_once() -> None:
 
 
 def test_exhausted_transient_errors_fall_through() -> None:
-    listener, wait = Listener(), RecordingWait()
+    listener, wait = ChainRecorder(), RecordingWait()
     run = make_run([scripted("a", fail="timeout", max_retries=2), scripted("b")], listener, wait)
     outcome = run.execute()
     assert outcome.succeeded_index == 1
@@ -161,7 +141,7 @@ def test_exhausted_transient_errors_fall_through() -> None:
 
 @pytest.mark.parametrize("kind", ["auth", "unknown_model", "context_length", "content_filter", "bad_request"])
 def test_fatal_errors_fall_through_without_retry(kind: str) -> None:
-    listener, wait = Listener(), RecordingWait()
+    listener, wait = ChainRecorder(), RecordingWait()
     run = make_run([scripted("a", fail=kind, max_retries=5), scripted("b")], listener, wait)
     outcome = run.execute()
     assert outcome.succeeded_index == 1
@@ -171,7 +151,7 @@ def test_fatal_errors_fall_through_without_retry(kind: str) -> None:
 
 
 def test_failure_after_chunks_falls_through_and_restarts_from_scratch() -> None:
-    listener, wait = Listener(), RecordingWait()
+    listener, wait = ChainRecorder(), RecordingWait()
     run = make_run([scripted("a", fail="cut", fail_after_chunks=2, max_retries=3), scripted("b")], listener, wait)
     outcome = run.execute()
     assert outcome.succeeded_index == 1
@@ -185,7 +165,7 @@ def test_failure_after_chunks_falls_through_and_restarts_from_scratch() -> None:
 
 
 def test_transient_error_after_chunks_becomes_stream_interrupted() -> None:
-    listener, wait = Listener(), RecordingWait()
+    listener, wait = ChainRecorder(), RecordingWait()
     cutter = ChunkThenFail("cutter", ScriptedConfig(text="x", max_retries=3))
     run = make_run([cutter, scripted("b")], listener, wait)
     assert run.execute().succeeded_index == 1
@@ -195,7 +175,7 @@ def test_transient_error_after_chunks_becomes_stream_interrupted() -> None:
 
 
 def test_every_provider_failing() -> None:
-    listener = Listener()
+    listener = ChainRecorder()
     providers = [scripted("a", fail="server_error", max_retries=1), scripted("b", fail="auth")]
     run = make_run(providers, listener, RecordingWait())
     outcome = run.execute()
@@ -208,7 +188,7 @@ def test_every_provider_failing() -> None:
 
 @pytest.mark.parametrize("stop", [errors.Cancelled, errors.DeadlineExceeded])
 def test_a_stop_from_the_listener_ends_the_chain(stop: type[errors.RequestStopped]) -> None:
-    listener = Listener(stop_on_chunk=2, stop=stop)
+    listener = ChainRecorder(stop_on_chunk=2, stop=stop)
     run = make_run([scripted("a", max_retries=3), scripted("b")], listener, RecordingWait())
     with pytest.raises(stop):
         run.execute()
@@ -222,7 +202,7 @@ def test_a_stop_during_backoff_ends_the_chain() -> None:
     def cancelled_wait(_seconds: float) -> None:
         raise errors.Cancelled("cancelled while waiting")
 
-    run = make_run([scripted("a", fail="server_error", max_retries=3), scripted("b")], Listener(), cancelled_wait)
+    run = make_run([scripted("a", fail="server_error", max_retries=3), scripted("b")], ChainRecorder(), cancelled_wait)
     with pytest.raises(errors.Cancelled):
         run.execute()
     assert [r.provider for r in run.attempts] == ["a"]
@@ -231,7 +211,7 @@ def test_a_stop_during_backoff_ends_the_chain() -> None:
 def test_retries_never_wait_past_the_deadline() -> None:
     wait = RecordingWait()
     a = scripted("a", fail="rate_limit", retry_after_s=5.0, max_retries=5)
-    run = make_run([a, scripted("b")], Listener(), wait, deadline_s=1.0)
+    run = make_run([a, scripted("b")], ChainRecorder(), wait, deadline_s=1.0)
     outcome = run.execute()
     assert wait.calls == []  # a 5 s Retry-After cannot fit in the 1 s left
     assert outcomes(run) == [("a", "failed", "rate_limited"), ("b", "succeeded", None)]
@@ -241,7 +221,7 @@ def test_retries_never_wait_past_the_deadline() -> None:
 def test_cooling_provider_is_skipped_and_failures_recorded() -> None:
     gate = Cooldowns({"a"})
     providers = [scripted("a"), scripted("b", fail="auth"), scripted("c")]
-    run = make_run(providers, Listener(), RecordingWait(), cooldowns=gate)
+    run = make_run(providers, ChainRecorder(), RecordingWait(), cooldowns=gate)
     outcome = run.execute()
     assert outcome.succeeded_index == 2
     assert outcomes(run) == [
@@ -258,13 +238,13 @@ def test_cooling_provider_is_skipped_and_failures_recorded() -> None:
 def test_request_specific_failures_do_not_count_toward_cooldown() -> None:
     gate = Cooldowns(set())
     providers = [scripted("a", fail="content_filter"), scripted("b", fail="timeout", max_retries=1), scripted("c")]
-    run = make_run(providers, Listener(), RecordingWait(), cooldowns=gate)
+    run = make_run(providers, ChainRecorder(), RecordingWait(), cooldowns=gate)
     assert run.execute().succeeded_index == 2
     assert gate.failures == ["b", "b"]
 
 
 def test_every_provider_cooling_down() -> None:
-    run = make_run([scripted("a"), scripted("b")], Listener(), RecordingWait(), cooldowns=Cooldowns({"a", "b"}))
+    run = make_run([scripted("a"), scripted("b")], ChainRecorder(), RecordingWait(), cooldowns=Cooldowns({"a", "b"}))
     outcome = run.execute()
     assert outcome.error is not None and outcome.error.type == "all_providers_failed"
     assert "cooling down" in outcome.error.message
@@ -272,7 +252,7 @@ def test_every_provider_cooling_down() -> None:
 
 
 def test_meta_keys_on_success() -> None:
-    run = make_run([scripted("a", fail="timeout", max_retries=1), scripted("b")], Listener(), RecordingWait())
+    run = make_run([scripted("a", fail="timeout", max_retries=1), scripted("b")], ChainRecorder(), RecordingWait())
     outcome = run.execute()
     meta = run.meta(outcome)
     assert set(meta) == {
@@ -292,7 +272,7 @@ def test_meta_keys_on_success() -> None:
 
 
 def test_meta_without_an_outcome() -> None:
-    run = make_run([scripted("a", fail="auth")], Listener(), RecordingWait())
+    run = make_run([scripted("a", fail="auth")], ChainRecorder(), RecordingWait())
     failed: ChainOutcome = run.execute()
     for meta in (run.meta(), run.meta(failed)):
         assert meta["successful_chat_generator_index"] is None
@@ -303,7 +283,7 @@ def test_meta_without_an_outcome() -> None:
 
 def test_resuming_keeps_the_history_and_numbering() -> None:
     earlier = AttemptRecord(provider="a", index=0, attempt=1, outcome="failed", error_type="timeout")
-    listener = Listener()
+    listener = ChainRecorder()
     run = make_run([scripted("a"), scripted("b")], listener, RecordingWait(), start_index=1, attempts=[earlier])
     outcome = run.execute()
     assert outcome.succeeded_index == 1

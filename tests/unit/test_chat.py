@@ -9,14 +9,11 @@ from typing import Any
 import fakeredis
 import pytest
 
-from providers.registry import ProviderPool
 from settings import Settings
 from tasks import keys
 from tasks.chat import chat
 from tasks.schemas import ChatReply, StreamEvent
-from worker.cooldown import RedisCooldowns
-from worker.runtime import WorkerRuntime
-from worker.store import DeadLetters, ReplyStore
+from worker.runtime import WorkerRuntime, build_runtime
 
 SettingsFactory = Callable[..., Settings]  # the make_settings fixture of conftest.py
 
@@ -26,15 +23,7 @@ def runtime(
     fake_redis: fakeredis.FakeRedis, make_settings: SettingsFactory, monkeypatch: pytest.MonkeyPatch
 ) -> WorkerRuntime:
     settings = make_settings({"steady": {"text": "all good"}}, {"default": ["steady"]})
-    built = WorkerRuntime(
-        settings=settings,
-        redis=fake_redis,
-        replies=ReplyStore(fake_redis, settings.reply_ttl_s),
-        dead_letters=DeadLetters(fake_redis, settings.dead_letter_maxlen, settings.dead_letter_ttl_s),
-        providers=ProviderPool(settings.providers),
-        cooldowns=RedisCooldowns(fake_redis),
-        worker_name="unit-worker",
-    )
+    built = build_runtime(settings, fake_redis, worker_name="unit-worker")
     monkeypatch.setattr("tasks.chat.get_runtime", lambda: built)
     return built
 

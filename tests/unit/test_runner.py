@@ -1,4 +1,4 @@
-"""RequestRunner (tasks/runner.py) on a hand-built WorkerRuntime over fakeredis."""
+"""RequestRunner (tasks/runner.py) on a WorkerRuntime over fakeredis (``build_runtime``)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,12 @@ import pytest
 
 from providers import errors, registry
 from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
-from providers.registry import ProviderPool
 from settings import ProviderConfigBase, ScriptedConfig, Settings
 from tasks import keys
 from tasks.runner import RequestRunner, TaskContext
 from tasks.schemas import AssistantReply, ChatReply, ChatRequest, StreamEvent
-from worker.cooldown import RedisCooldowns
 from worker.publisher import EventPublisher
-from worker.runtime import WorkerRuntime
-from worker.store import DeadLetters, ReplyStore
+from worker.runtime import WorkerRuntime, build_runtime
 
 TEXT = "The quick brown fox"
 RID = "run-1"
@@ -30,15 +27,7 @@ def runtime_for(client: fakeredis.FakeRedis, providers: dict[str, dict[str, Any]
         for pid, entry in providers.items()
     }
     settings = Settings(providers=configs, chains={"default": chain})
-    return WorkerRuntime(
-        settings=settings,
-        redis=client,
-        replies=ReplyStore(client, settings.reply_ttl_s),
-        dead_letters=DeadLetters(client, settings.dead_letter_maxlen, settings.dead_letter_ttl_s),
-        providers=ProviderPool(settings.providers),
-        cooldowns=RedisCooldowns(client),
-        worker_name="unit-worker",
-    )
+    return build_runtime(settings, client, worker_name="unit-worker")
 
 
 def run_request(runtime: WorkerRuntime, **fields: Any) -> ChatReply:

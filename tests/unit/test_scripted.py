@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import pytest
@@ -11,10 +10,10 @@ from hypothesis import strategies as st
 
 from providers import errors
 from providers.base import ProviderCall, StreamingChunk
-from providers.registry import build_provider
 from providers.scripted import ScriptedProvider
 from settings import ScriptedConfig
 from tasks.schemas import ChatMessage
+from tests.support.calls import ChunkCollector, make_call, provider_factory
 
 TEXT = "Natural Language Processing"  # 27 characters
 
@@ -29,24 +28,7 @@ class RecordingWait:
         self.calls.append(seconds)
 
 
-class ChunkSink:
-    """Collects the chunks a provider streams."""
-
-    def __init__(self) -> None:
-        self.chunks: list[StreamingChunk] = []
-
-    def __call__(self, chunk: StreamingChunk) -> None:
-        self.chunks.append(chunk)
-
-    @property
-    def text(self) -> str:
-        return "".join(chunk.content for chunk in self.chunks)
-
-
-def provider(**fields: Any) -> ScriptedProvider:
-    built = build_provider("scripted-test", ScriptedConfig(**{"text": TEXT, **fields}))
-    assert isinstance(built, ScriptedProvider)
-    return built
+provider = provider_factory("scripted-test", ScriptedConfig, ScriptedProvider, text=TEXT)
 
 
 def call(
@@ -56,18 +38,17 @@ def call(
     deadline_s: float = 60.0,
     **generation_kwargs: Any,
 ) -> ProviderCall:
-    return ProviderCall(
+    return make_call(
         messages=[ChatMessage(role="system", content="be brief"), ChatMessage(role="user", content="what is NLP")],
-        generation_kwargs=generation_kwargs,
-        stream=True,
-        deadline=time.monotonic() + deadline_s,
-        provider_attempt=attempt,
+        deadline_s=deadline_s,
+        attempt=attempt,
         wait=wait or RecordingWait(),
+        **generation_kwargs,
     )
 
 
 def test_replays_text_in_chunks_of_chunk_size() -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     replies = provider(chunk_size=4).run(call(), sink)
     assert [c.content for c in sink.chunks] == ["Natu", "ral ", "Lang", "uage", " Pro", "cess", "ing"]
     assert sink.text == TEXT
@@ -81,7 +62,7 @@ def test_replays_text_in_chunks_of_chunk_size() -> None:
 
 
 def test_only_the_last_chunk_carries_the_finish_reason() -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     provider(chunk_size=10, model="fake-model").run(call(), sink)
     assert [c.meta["finish_reason"] for c in sink.chunks] == [None, None, "stop"]
     assert {c.meta["model"] for c in sink.chunks} == {"fake-model"}
@@ -89,7 +70,7 @@ def test_only_the_last_chunk_carries_the_finish_reason() -> None:
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 27, 100])
 def test_chunks_reassemble_the_text(chunk_size: int) -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     provider(chunk_size=chunk_size).run(call(), sink)
     assert sink.text == TEXT
     assert all(1 <= len(c.content) <= chunk_size for c in sink.chunks)
@@ -97,7 +78,7 @@ def test_chunks_reassemble_the_text(chunk_size: int) -> None:
 
 
 def test_max_tokens_truncates_with_finish_reason_length() -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     replies = provider(chunk_size=4).run(call(max_tokens=2), sink)
     assert replies[0].content == "Natural "
     assert replies[0].meta.finish_reason == "length"
@@ -107,13 +88,13 @@ def test_max_tokens_truncates_with_finish_reason_length() -> None:
 
 
 def test_max_tokens_at_or_above_the_text_is_a_normal_stop() -> None:
-    replies = provider(chunk_size=4).run(call(max_tokens=7), ChunkSink())
+    replies = provider(chunk_size=4).run(call(max_tokens=7), ChunkCollector())
     assert replies[0].meta.finish_reason == "stop"
     assert replies[0].content == TEXT
 
 
 def test_usage_counts() -> None:
-    usage = provider(chunk_size=4).run(call(), ChunkSink())[0].meta.usage
+    usage = provider(chunk_size=4).run(call(), ChunkCollector())[0].meta.usage
     assert usage.prompt_tokens == 5  # "be brief" + "what is NLP", counted in words
     assert usage.completion_tokens == 7  # one token per chunk
     assert usage.total_tokens == 12
@@ -121,13 +102,13 @@ def test_usage_counts() -> None:
 
 def test_pacing_goes_through_call_wait() -> None:
     wait = RecordingWait()
-    provider(chunk_size=9, first_chunk_delay_ms=200, chunk_delay_ms=50).run(call(wait), ChunkSink())
+    provider(chunk_size=9, first_chunk_delay_ms=200, chunk_delay_ms=50).run(call(wait), ChunkCollector())
     assert wait.calls == pytest.approx([0.2, 0.05, 0.05])
 
 
 def test_no_delay_means_no_wait() -> None:
     wait = RecordingWait()
-    provider().run(call(wait), ChunkSink())
+    provider().run(call(wait), ChunkCollector())
     assert wait.calls == []
 
 
@@ -147,7 +128,7 @@ def test_no_delay_means_no_wait() -> None:
     ],
 )
 def test_each_failure_kind_raises_its_error_before_any_chunk(kind: str, error_class: type[Exception]) -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     with pytest.raises(error_class) as info:
         provider(fail=kind).run(call(), sink)
     assert type(info.value) is error_class
@@ -157,14 +138,14 @@ def test_each_failure_kind_raises_its_error_before_any_chunk(kind: str, error_cl
 
 def test_rate_limit_carries_retry_after() -> None:
     with pytest.raises(errors.RateLimited) as info:
-        provider(fail="rate_limit", retry_after_s=2.5).run(call(), ChunkSink())
+        provider(fail="rate_limit", retry_after_s=2.5).run(call(), ChunkCollector())
     assert info.value.retry_after_s == 2.5
     assert info.value.code == "rate_limited"
 
 
 def test_server_error_is_a_503() -> None:
     with pytest.raises(errors.ServerError) as info:
-        provider(fail="server_error").run(call(), ChunkSink())
+        provider(fail="server_error").run(call(), ChunkCollector())
     assert info.value.status_code == 503
     assert isinstance(info.value, errors.TransientError)
 
@@ -172,13 +153,13 @@ def test_server_error_is_a_503() -> None:
 def test_fail_delay_is_waited_before_failing() -> None:
     wait = RecordingWait()
     with pytest.raises(errors.Overloaded):
-        provider(fail="overloaded", fail_delay_ms=300).run(call(wait), ChunkSink())
+        provider(fail="overloaded", fail_delay_ms=300).run(call(wait), ChunkCollector())
     assert wait.calls == pytest.approx([0.3])
 
 
 @pytest.mark.parametrize("after", [0, 1, 3, 6])
 def test_cut_after_exactly_fail_after_chunks(after: int) -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     with pytest.raises(errors.StreamInterrupted):
         provider(chunk_size=4, fail="cut", fail_after_chunks=after).run(call(), sink)
     assert len(sink.chunks) == after
@@ -186,7 +167,7 @@ def test_cut_after_exactly_fail_after_chunks(after: int) -> None:
 
 
 def test_cut_beyond_the_text_streams_everything_then_fails() -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     with pytest.raises(errors.StreamInterrupted):
         provider(chunk_size=4, fail="cut", fail_after_chunks=50).run(call(), sink)
     assert sink.text == TEXT
@@ -197,19 +178,19 @@ def test_fail_times_fails_only_the_first_calls(kind: str) -> None:
     scripted = provider(fail=kind, fail_times=2, fail_after_chunks=1)
     for attempt in (1, 2):
         with pytest.raises(errors.ProviderError):
-            scripted.run(call(attempt=attempt), ChunkSink())
-    sink = ChunkSink()
+            scripted.run(call(attempt=attempt), ChunkCollector())
+    sink = ChunkCollector()
     assert scripted.run(call(attempt=3), sink)[0].content == TEXT
     assert sink.text == TEXT
 
 
 def test_fail_times_zero_never_fails() -> None:
-    assert provider(fail="auth", fail_times=0).run(call(), ChunkSink())[0].content == TEXT
+    assert provider(fail="auth", fail_times=0).run(call(), ChunkCollector())[0].content == TEXT
 
 
 def test_first_chunk_timeout_shorter_than_the_delay() -> None:
     wait = RecordingWait()
-    sink = ChunkSink()
+    sink = ChunkCollector()
     with pytest.raises(errors.ProviderTimeout):
         provider(first_chunk_delay_ms=5_000, first_chunk_timeout_s=0.5).run(call(wait), sink)
     assert sink.chunks == []
@@ -219,7 +200,7 @@ def test_first_chunk_timeout_shorter_than_the_delay() -> None:
 
 def test_first_chunk_timeout_longer_than_the_delay_succeeds() -> None:
     wait = RecordingWait()
-    replies = provider(first_chunk_delay_ms=100, first_chunk_timeout_s=1.0).run(call(wait), ChunkSink())
+    replies = provider(first_chunk_delay_ms=100, first_chunk_timeout_s=1.0).run(call(wait), ChunkCollector())
     assert replies[0].content == TEXT
     assert wait.calls == pytest.approx([0.1])
 
@@ -227,14 +208,14 @@ def test_first_chunk_timeout_longer_than_the_delay_succeeds() -> None:
 def test_whole_call_timeout() -> None:
     wait = RecordingWait()
     with pytest.raises(errors.ProviderTimeout):
-        provider(first_chunk_delay_ms=3_000, timeout_s=1.0).run(call(wait), ChunkSink())
+        provider(first_chunk_delay_ms=3_000, timeout_s=1.0).run(call(wait), ChunkCollector())
     assert wait.calls and wait.calls[0] <= 1.0
 
 
 def test_request_deadline_bounds_the_wait() -> None:
     wait = RecordingWait()
     with pytest.raises(errors.ProviderTimeout):
-        provider(first_chunk_delay_ms=10_000).run(call(wait, deadline_s=0.2), ChunkSink())
+        provider(first_chunk_delay_ms=10_000).run(call(wait, deadline_s=0.2), ChunkCollector())
     # It waits until the deadline (so the request's own deadline fires first), never the full delay.
     assert sum(wait.calls) <= 0.2 + 0.01 + 1e-6
     assert max(wait.calls) < 10
@@ -252,7 +233,7 @@ def test_a_stop_raised_by_wait_propagates() -> None:
     def deadline(_seconds: float) -> None:
         raise errors.DeadlineExceeded("late")
 
-    sink = ChunkSink()
+    sink = ChunkCollector()
     scripted = provider(first_chunk_delay_ms=100)
     with pytest.raises(errors.DeadlineExceeded):
         scripted.run(ProviderCall(messages=[], generation_kwargs={}, stream=True, deadline=1e12, wait=deadline), sink)
@@ -262,7 +243,7 @@ def test_a_stop_raised_by_wait_propagates() -> None:
 @given(text=st.text(min_size=1, max_size=200), chunk_size=st.integers(1, 50), max_tokens=st.none() | st.integers(1, 60))
 @settings(max_examples=100, deadline=None)
 def test_chunks_always_reassemble_into_the_reply(text: str, chunk_size: int, max_tokens: int | None) -> None:
-    sink = ChunkSink()
+    sink = ChunkCollector()
     kwargs = {} if max_tokens is None else {"max_tokens": max_tokens}
     reply = provider(text=text, chunk_size=chunk_size).run(call(**kwargs), sink)[0]
     assert sink.text == reply.content
