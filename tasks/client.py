@@ -21,6 +21,7 @@ from celery import Celery
 
 from tasks import keys
 from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
+from worker import tracing  # noqa: F401 - connects the publish hook that puts the trace context in each message
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CANCEL_TTL_S = 86_400

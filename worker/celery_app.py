@@ -23,7 +23,7 @@ DEFAULT_QUEUE = "chat"
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
-    app = Celery("cascade", include=["tasks.chat", "worker.signals"])
+    app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.observability"])
     queues = sorted({DEFAULT_QUEUE, *(p.queue for p in settings.providers.values())})
     app.conf.update(
         broker_url=settings.redis_dsn,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 
 import redis
 
@@ -22,8 +23,14 @@ COOLDOWN_KEY = "cascade:cooldown:{provider_id}"
 class RedisCooldowns:
     """The ``CooldownGate`` of ``providers.chain`` on a Redis shared by all workers."""
 
-    def __init__(self, client: redis.Redis) -> None:
+    def __init__(self, client: redis.Redis, on_trip: Callable[[str], None] | None = None) -> None:
         self._client = client
+        self._on_trip = on_trip  # told the provider id when this worker starts a cooldown (metrics)
+
+    @staticmethod
+    def key_of(provider_id: str, cooldown_failures: int) -> str | None:
+        """The key whose existence means ``provider_id`` cools down; None when its cooldown is off."""
+        return COOLDOWN_KEY.format(provider_id=provider_id) if cooldown_failures else None
 
     def is_cooling_down(self, provider: ChatProvider) -> bool:
         """True while the provider's cooldown key exists."""
@@ -47,5 +54,28 @@ class RedisCooldowns:
         if recent >= cfg.cooldown_failures:
             cooldown = COOLDOWN_KEY.format(provider_id=provider.provider_id)
             # NX: a cooldown already running is not extended by failures of in-flight calls.
-            self._client.set(cooldown, "1", px=int(cfg.cooldown_s * 1000), nx=True)
+            started = self._client.set(cooldown, "1", px=int(cfg.cooldown_s * 1000), nx=True)
             self._client.delete(failures)
+            if started and self._on_trip is not None:
+                self._on_trip(provider.provider_id)
+
+
+class ReadAhead:
+    """A cooldown gate that answers the first question about one provider from a value the
+    caller read ahead, in a round trip it made anyway; every other question goes to ``gate``."""
+
+    def __init__(self, gate: RedisCooldowns, provider_id: str, cooling: bool) -> None:
+        self._gate = gate
+        self._provider_id = provider_id
+        self._cooling: bool | None = cooling
+
+    def is_cooling_down(self, provider: ChatProvider) -> bool:
+        """The value read ahead (once), else the gate's answer."""
+        if provider.provider_id == self._provider_id and self._cooling is not None:
+            cooling, self._cooling = self._cooling, None
+            return cooling
+        return self._gate.is_cooling_down(provider)
+
+    def record_failure(self, provider: ChatProvider) -> None:
+        """Count a failure (the gate's job)."""
+        self._gate.record_failure(provider)

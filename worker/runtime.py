@@ -19,6 +19,7 @@ from settings import Settings, load_settings
 from tasks.schemas import ChatReply, ChatRequest, HandOff
 from worker.cooldown import RedisCooldowns
 from worker.store import DeadLetters, ReplyStore
+from worker.telemetry import telemetry_observer
 
 
 class RequestObserver(Protocol):
@@ -63,16 +64,19 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 
 def build_runtime(settings: Settings, client: redis.Redis, worker_name: str | None = None) -> WorkerRuntime:
-    """A runtime on ``client`` (tests pass a fakeredis client here)."""
+    """A runtime on ``client`` (tests pass a fakeredis client here), with the telemetry observer
+    when telemetry is on (``worker.telemetry``)."""
+    telemetry = telemetry_observer(settings)
     return WorkerRuntime(
         settings=settings,
         redis=client,
         replies=ReplyStore(client, settings.reply_ttl_s),
         dead_letters=DeadLetters(client, settings.dead_letter_maxlen, settings.dead_letter_ttl_s),
         providers=ProviderPool(settings.providers),
-        cooldowns=RedisCooldowns(client),
+        cooldowns=RedisCooldowns(client, on_trip=telemetry.cooldown_tripped if telemetry else None),
         # Built in the child after the fork, so the pid names the process that ran the request.
         worker_name=worker_name or settings.worker_name or f"{socket.gethostname()}/{os.getpid()}",
+        observers=[telemetry] if telemetry else [],
     )
 
 
