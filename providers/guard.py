@@ -1,15 +1,19 @@
 """Wall-clock limits for a provider call that blocks on the network.
 
 An HTTP client's read timeout bounds one read, not a whole streamed answer, and a cancel or a
-deadline cannot interrupt a blocking read. ``CallGuard`` runs a watchdog thread that closes
-the call's stream when its time is up — the provider's ``first_chunk_timeout_s`` until the
+deadline cannot interrupt a blocking read. ``CallGuard`` has a watchdog thread close the
+call's stream when its time is up — the provider's ``first_chunk_timeout_s`` until the
 first chunk, its ``timeout_s`` for the whole call, and the request's deadline — so the blocked
 read fails at once; the provider then asks ``guard.failure()`` which limit fired and raises
 that instead of the read error the close caused.
+
+One watchdog thread per process serves every open guard: a call starts no thread of its own,
+which on a busy machine can take milliseconds on the path of the first token.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -18,6 +22,58 @@ from types import TracebackType
 from providers import errors
 from providers.base import ProviderCall
 from settings.providers import ProviderConfigBase
+
+
+class _Watchdog:
+    """The process's watchdog thread: fires the limit of every open guard when it passes."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
+        self.lock = threading.Condition()
+        self._guards: set[CallGuard] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, guard: CallGuard) -> None:
+        """Start watching ``guard``."""
+        with self.lock:
+            self._guards.add(guard)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="cascade-guard", daemon=True)
+                self._thread.start()
+            else:
+                self.lock.notify()
+
+    def forget(self, guard: CallGuard) -> None:
+        """Stop watching ``guard`` (its limit can no longer fire)."""
+        with self.lock:
+            self._guards.discard(guard)
+
+    def _run(self) -> None:
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                fired: list[tuple[CallGuard, Callable[[], None] | None]] = []
+                next_limit: float | None = None
+                for guard in list(self._guards):
+                    limit, error = guard._next_limit()
+                    if limit <= now:
+                        guard._fired = error
+                        fired.append((guard, guard._closer))
+                        self._guards.discard(guard)
+                    elif next_limit is None or limit < next_limit:
+                        next_limit = limit
+                if not fired:
+                    self.lock.wait(None if next_limit is None else next_limit - now)
+                    continue
+            for guard, closer in fired:  # outside the lock: closing a stream may block a while
+                guard._close(closer)
+
+
+_WATCHDOG = _Watchdog()
 
 
 class CallGuard:
@@ -33,21 +89,20 @@ class CallGuard:
         self._closer: Callable[[], None] | None = None
         self._got_chunk = False
         self._fired: errors.CascadeError | None = None
-        self._changed = threading.Condition()
-        self._done = False
-        self._thread = threading.Thread(target=self._watch, name=f"guard-{provider_id}", daemon=True)
+        self._closed = threading.Event()  # set once the watchdog is done closing a fired call
 
     def __enter__(self) -> CallGuard:
-        self._thread.start()
+        _WATCHDOG.watch(self)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        with self._changed:
-            self._done = True
-            self._changed.notify_all()
-        self._thread.join()
+        _WATCHDOG.forget(self)
+        with _WATCHDOG.lock:
+            fired = self._fired is not None
+        if fired:
+            self._closed.wait()  # never return while the watchdog is still closing this call
 
     @property
     def first_read_timeout_s(self) -> float:
@@ -57,7 +112,7 @@ class CallGuard:
 
     def attach(self, closer: Callable[[], None]) -> None:
         """Register how to abort the call (e.g. ``stream.close``); runs at once if time is up."""
-        with self._changed:
+        with _WATCHDOG.lock:
             self._closer = closer
             fired = self._fired is not None
         if fired:
@@ -66,9 +121,8 @@ class CallGuard:
     def chunk_received(self) -> None:
         """Mark the first chunk: from now on only the whole-call limit applies."""
         if not self._got_chunk:
-            with self._changed:
-                self._got_chunk = True
-                self._changed.notify_all()
+            with _WATCHDOG.lock:
+                self._got_chunk = True  # the watchdog's next look sees the later limit
         self.raise_if_fired()
 
     def failure(self) -> errors.CascadeError | None:
@@ -93,20 +147,12 @@ class CallGuard:
             )
         return limit, error
 
-    def _watch(self) -> None:
-        with self._changed:
-            while not self._done:
-                limit, error = self._next_limit()
-                remaining = limit - time.monotonic()
-                if remaining <= 0:
-                    self._fired = error
-                    closer = self._closer
-                    break
-                self._changed.wait(remaining)
-            else:
-                return
-        if closer is not None:
-            try:
+    def _close(self, closer: Callable[[], None] | None) -> None:
+        """The watchdog's part once the limit fired: abort the call."""
+        try:
+            if closer is not None:
                 closer()
-            except Exception:  # noqa: BLE001, S110 - closing a stream the reader is still using may fail; the reader sees it
-                pass
+        except Exception:  # noqa: BLE001, S110 - closing a stream the reader is still using may fail; the reader sees it
+            pass
+        finally:
+            self._closed.set()

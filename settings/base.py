@@ -60,6 +60,10 @@ class Settings(BaseSettings):
     max_input_chars: int = Field(default=200_000, ge=1)
     max_message_bytes: int = Field(default=2_000_000, ge=1_000)
 
+    # Streaming: publish chunks that arrive within this many ms of the last publish as one
+    # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.
+    coalesce_ms: float = Field(default=0.0, ge=0, le=1_000)
+
     # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
     lease_ttl_s: float = Field(default=10.0, ge=0.5)
     reaper_interval_s: float = Field(default=2.0, gt=0)

@@ -6,10 +6,12 @@ plus an ``error`` event and a ``failed`` reply wherever there is a request id to
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from typing import Any
 
+import redis
 from celery import Task, shared_task
 from pydantic import ValidationError
 
@@ -59,6 +61,13 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         failure = intake.error or InvalidRequest("invalid request")
         return reject(runtime, context, failure, intake.request_id, kwargs["request"])
     request = intake.request
+    try:
+        # Replies, events and resends are JSON: a request that cannot be written as JSON (nested
+        # deeper than pydantic serialises, lone surrogates in its metadata) is refused here.
+        message = {"request": json.loads(request.model_dump_json(exclude_none=True))}
+    except ValueError:
+        failure = InvalidRequest("request cannot be written as JSON (nested too deeply, or invalid text)")
+        return reject(runtime, context, failure, intake.request_id, kwargs["request"])
 
     def send_handoff(queue: str, state: HandOff) -> None:
         self.apply_async(
@@ -69,9 +78,8 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
             queue=queue,
         )
 
-    stored = runtime.replies.get(request.request_id or "")
-    if stored is not None:  # answered already: a redelivery, or a resend that raced the reply
-        return stored.model_dump(mode="json")
+    # A redelivery or a resend of a request answered already finds its reply in runner.run(),
+    # after the lease is taken: one read on the path of every request, not two.
     lease = RequestLease(
         runtime.redis,
         request.request_id or "",
@@ -79,7 +87,6 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         record_ttl_s=runtime.settings.broker_visibility_timeout_s,
         worker=runtime.worker_name,
     )
-    message = {"request": request.model_dump(mode="json", exclude_none=True)}
     if handoff is not None:
         message["handoff"] = handoff.model_dump(mode="json")
     if not lease.acquire(context.queue or DEFAULT_QUEUE, message):
@@ -91,6 +98,11 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     except LeaseLost:
         logger.warning("request %s was taken over by another worker", request.request_id)
         return {"request_id": request.request_id, "status": "taken_over"}
+    except (redis.ConnectionError, redis.TimeoutError):
+        # Cut off from Redis before the request ended: releasing would drop its only record.
+        # The lease lapses instead and a reaper sends the request again (worker.lease).
+        lease.abandon()
+        raise
     finally:
         lease.release()
     if isinstance(outcome, HandOff):

@@ -14,13 +14,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 from celery.exceptions import SoftTimeLimitExceeded
 
 from providers import errors
 from providers.base import StreamingChunk
-from providers.chain import ChainOutcome, ChainRun
+from providers.chain import ChainOutcome, ChainRun, CooldownGate
+from tasks import keys
 from tasks.recovery import WORKER_LOST, read_lost_run
 from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
+from worker.cooldown import ReadAhead, RedisCooldowns
 from worker.lease import LeaseLost, RequestLease
 from worker.publisher import EventPublisher
 from worker.runtime import RequestObserver, WorkerRuntime
@@ -76,7 +79,21 @@ class RequestRunner:
             self.started_at_wall = context.started_at_wall
             self.first_chunk_at = None
         self.deadline = context.started_at + (self.deadline_at - context.started_at_wall)
-        next_seq = EventPublisher.resume_seq(runtime.redis, self.request_id)
+        # One round trip for what a run reads first: where the request's events stopped (a rerun
+        # or a hand-off continues their seq) and the reply, if one is stored already ...
+        pipe = runtime.redis.pipeline(transaction=False)
+        pipe.xrevrange(keys.events_stream(self.request_id), count=1)
+        pipe.get(keys.reply_key(self.request_id))
+        # ... and whether the first provider to try cools down, so the chain asks Redis no more.
+        first_id = settings.chains[request.chain][handoff.start_index if handoff else 0]
+        cooldown_key = RedisCooldowns.key_of(first_id, settings.providers[first_id].cooldown_failures)
+        if cooldown_key is not None:
+            pipe.exists(cooldown_key)
+        last_event, self._stored_reply, *cooling = pipe.execute()
+        self._cooldowns: CooldownGate = runtime.cooldowns
+        if cooling:
+            self._cooldowns = ReadAhead(runtime.cooldowns, first_id, bool(cooling[0]))
+        next_seq = EventPublisher.seq_after(last_event)
         self.publisher = EventPublisher(
             runtime.redis,
             self.request_id,
@@ -85,13 +102,14 @@ class RequestRunner:
             events_ttl_s=settings.events_ttl_s,
             next_seq=max(next_seq, handoff.next_seq if handoff else 0),
             lease=lease,
+            coalesce_s=settings.coalesce_ms / 1000,
         )
         self._last_cancel_check = 0.0
 
     def run(self) -> ChatReply | HandOff:
         """Run the request to its terminal event and return the stored reply, or return the
         hand-off state if the chain continues on another queue."""
-        stored = self.runtime.replies.get(self.request_id)
+        stored = ChatReply.model_validate_json(self._stored_reply) if self._stored_reply else None
         if stored is not None:
             logger.info("request %s already answered (%s); not running it again", self.request_id, stored.status)
             return stored
@@ -119,7 +137,7 @@ class RequestRunner:
             stream=self.request.stream,
             worker=self.runtime.worker_name,
             wait=self._wait,
-            cooldowns=self.runtime.cooldowns,
+            cooldowns=self._cooldowns,
             start_index=start_index,
             attempts=attempts,
             local_queues=self.context.local_queues if self._send_handoff else None,
@@ -148,6 +166,11 @@ class RequestRunner:
             return self._finish("error", run, None, ErrorInfo(type=stop.code, message=stop.message))
         except errors.RequestStopped as exc:
             return self._finish("error", run, None, ErrorInfo(type=exc.code, message=exc.message))
+        except (redis.ConnectionError, redis.TimeoutError):
+            # Cut off from Redis: an error reply now would fail the request for an outage and
+            # leave a hole in its seq. The run stops; its lease lapses and a reaper resends it.
+            logger.warning("request %s lost its Redis connection; it will be sent again", self.request_id)
+            raise
         except Exception as exc:  # a bug must still end the stream and store a reply
             logger.exception("request %s failed inside the worker", self.request_id)
             error = ErrorInfo(type="internal_error", message=f"internal error ({type(exc).__name__})")
@@ -191,17 +214,24 @@ class RequestRunner:
     # --- helpers --------------------------------------------------------------------------
 
     def _wait(self, seconds: float) -> None:
-        """Sleep, waking every slice to honour the deadline and a cancel."""
+        """Sleep, waking every slice to honour the deadline and a cancel.
+
+        The cancel key is read after each slice while time is left, not before the first nor
+        after the last: the event published just before and the one just after a wait read
+        it anyway, so a short wait (a provider's pace) costs no round trip.
+        """
         until = time.monotonic() + seconds
+        slept = False
         while True:
             now = time.monotonic()
             if now >= self.deadline:
                 raise errors.DeadlineExceeded("the request's deadline passed")
-            if self.publisher.cancel_requested():
-                raise errors.Cancelled("cancelled by the producer")
             if now >= until:
                 return
+            if slept and self.publisher.cancel_requested():
+                raise errors.Cancelled("cancelled by the producer")
             time.sleep(min(_WAIT_SLICE_S, until - now, self.deadline - now))
+            slept = True
 
     def _notify(self, call: Callable[[RequestObserver], None]) -> None:
         """Tell every observer; a failing observer is logged, never allowed to fail the request."""
@@ -213,6 +243,7 @@ class RequestRunner:
 
     def _hand_off(self, run: ChainRun, index: int) -> HandOff:
         assert self._send_handoff is not None
+        self.publisher.flush()  # a coalesced chunk goes out before the next queue's events
         provider_id = self.runtime.settings.chains[self.request.chain][index]
         queue = self.runtime.settings.queue_of(provider_id)
         state = HandOff(

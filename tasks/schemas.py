@@ -67,10 +67,16 @@ class GenerationKwargs(BaseModel):
             "url",
             "headers",
             "extra_headers",
+            "default_headers",
+            "extra_body",
+            "extra_query",
             "model",
             "organization",
             "token",
             "api_version",
+            "azure_deployment",
+            "deployment",
+            "provider",
         }
         bad = sorted(forbidden & set(self.model_extra or {}))
         if bad:

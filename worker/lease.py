@@ -2,12 +2,12 @@
 
 A worker that starts a request takes its lease (``cascade:lease:{id}``, a random token with a
 short TTL) and records the task message it is running (``cascade:inflight:{id}``) with the
-lease's expiry in the sorted set ``cascade:inflight``. A heartbeat thread renews both every
-third of the TTL while the request runs. If the worker dies — SIGKILL, OOM, a lost machine —
-the heartbeat stops, the lease expires within seconds, and any surviving worker's reaper
-(``worker.reaper``) sends the recorded message again. Recovery therefore never waits for the
-broker's visibility timeout, which must stay longer than the longest request
-(celery/celery#5935).
+lease's expiry in the sorted set ``cascade:inflight``. A heartbeat thread (one per process,
+for all its leases) renews both every third of the TTL while the request runs. If the worker
+dies — SIGKILL, OOM, a lost machine — the heartbeat stops, the lease expires within seconds,
+and any surviving worker's reaper (``worker.reaper``) sends the recorded message again.
+Recovery therefore never waits for the broker's visibility timeout, which must stay longer
+than the longest request (celery/celery#5935).
 
 A second delivery of a request whose lease is held by a live worker is a duplicate and is
 dropped; a worker whose lease was taken over stops at its next event (``LeaseLost``).
@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import threading
 import time
@@ -32,6 +33,13 @@ LEASE_KEY = "cascade:lease:{request_id}"
 INFLIGHT_KEY = "cascade:inflight:{request_id}"
 INFLIGHT_SET = "cascade:inflight"
 
+# Take the lease if it is free and record the message to resend, in one round trip.
+_ACQUIRE = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
+redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
+return 1
+"""
 # Renew only if the lease is still ours (compare-and-expire).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -63,6 +71,54 @@ def lease_key(request_id: str) -> str:
     return LEASE_KEY.format(request_id=request_id)
 
 
+class _Heartbeat:
+    """One daemon thread per process renews every lease the process holds, each every third of
+    its TTL. Taking a lease starts no thread: on a busy machine a thread start can take
+    milliseconds, on the path of the request's first event."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
+        self._cond = threading.Condition()
+        self._due: dict[RequestLease, float] = {}  # lease -> monotonic time of its next renewal
+        self._thread: threading.Thread | None = None
+
+    def add(self, lease: RequestLease) -> None:
+        """Renew ``lease`` from now on."""
+        due = time.monotonic() + lease.interval_s
+        with self._cond:
+            # Wake the thread only if it must beat sooner than it planned (a wake costs a GIL
+            # switch on the request's path; leases of one process share their TTL, so it rarely must).
+            wake = not self._due or due < min(self._due.values())
+            self._due[lease] = due
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
+                self._thread.start()
+            elif wake:
+                self._cond.notify()
+
+    def remove(self, lease: RequestLease) -> None:
+        """Stop renewing ``lease``; once this returns, no renewal of it is in flight."""
+        with self._cond:
+            self._due.pop(lease, None)
+
+    def _run(self) -> None:
+        with self._cond:
+            while True:
+                now = time.monotonic()
+                for lease, due in list(self._due.items()):
+                    if due <= now:
+                        if lease.renew():
+                            self._due[lease] = now + lease.interval_s
+                        else:
+                            del self._due[lease]
+                next_due = min(self._due.values(), default=None)
+                self._cond.wait(None if next_due is None else max(0.0, next_due - time.monotonic()))
+
+
 class RequestLease:
     """The lease of one request on this worker; use ``acquire`` then ``release``."""
 
@@ -76,21 +132,18 @@ class RequestLease:
         self._ttl_ms = int(ttl_s * 1000)
         self._record_ttl_s = record_ttl_s
         self.token = f"{worker}:{secrets.token_hex(8)}"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.lost = False
+        self.abandoned = False
 
     def acquire(self, queue: str, kwargs: dict[str, Any]) -> bool:
         """Take the lease and record the message to resend if this worker dies; False if a
         live worker already holds it."""
-        if not self._client.set(self.key, self.token, nx=True, px=self._ttl_ms):
+        record = json.dumps({"queue": queue, "kwargs": kwargs})
+        keys = (self.key, self._inflight, INFLIGHT_SET)
+        args = (self.token, self._ttl_ms, record, self._record_ttl_s, self._expiry_ms(), self.request_id)
+        if not self._client.eval(_ACQUIRE, len(keys), *keys, *args):
             return False
-        pipe = self._client.pipeline(transaction=True)
-        pipe.set(self._inflight, json.dumps({"queue": queue, "kwargs": kwargs}), ex=self._record_ttl_s)
-        pipe.zadd(INFLIGHT_SET, {self.request_id: self._expiry_ms()})
-        pipe.execute()
-        self._thread = threading.Thread(target=self._heartbeat, name=f"lease-{self.request_id}", daemon=True)
-        self._thread.start()
+        _HEARTBEAT.add(self)
         return True
 
     def holds(self, current: bytes | None) -> bool:
@@ -98,28 +151,43 @@ class RequestLease:
         return current is not None and current.decode() == self.token
 
     def release(self) -> None:
-        """Stop the heartbeat and drop the lease and the in-flight record."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned)."""
+        _HEARTBEAT.remove(self)
+        if self.abandoned:
+            return
         try:
             self._client.eval(_RELEASE, 3, self.key, INFLIGHT_SET, self._inflight, self.token, self.request_id)
         except redis.RedisError:
             logger.warning("could not release the lease of %s; it expires by itself", self.request_id)
 
+    def abandon(self) -> None:
+        """Stop renewing the lease but keep it and the in-flight record, for a run cut off from
+        Redis before its request ended: the lease lapses within its TTL and a reaper sends the
+        request again. A later ``release`` does nothing."""
+        _HEARTBEAT.remove(self)
+        self.abandoned = True
+
     def _expiry_ms(self) -> int:
         return int(time.time() * 1000) + self._ttl_ms
 
-    def _heartbeat(self) -> None:
-        interval = self._ttl_ms / 3000
-        while not self._stop.wait(interval):
-            try:
-                renewed = self._client.eval(
-                    _RENEW, 2, self.key, INFLIGHT_SET, self.token, self._ttl_ms, self._expiry_ms(), self.request_id
-                )
-            except redis.RedisError:
-                continue  # Redis is restarting; the next beat tries again
-            if not renewed:
-                logger.warning("lease of %s was taken over; this run will stop", self.request_id)
-                self.lost = True
-                return
+    @property
+    def interval_s(self) -> float:
+        """Time between two renewals: a third of the TTL."""
+        return self._ttl_ms / 3000
+
+    def renew(self) -> bool:
+        """Extend the lease (the heartbeat calls this); False once it was taken over."""
+        try:
+            renewed = self._client.eval(
+                _RENEW, 2, self.key, INFLIGHT_SET, self.token, self._ttl_ms, self._expiry_ms(), self.request_id
+            )
+        except redis.RedisError:
+            return True  # Redis is restarting; the next beat tries again
+        if not renewed:
+            logger.warning("lease of %s was taken over; this run will stop", self.request_id)
+            self.lost = True
+            return False
+        return True
+
+
+_HEARTBEAT = _Heartbeat()

@@ -1,9 +1,19 @@
 """The reaper: every worker's main process looks for requests whose lease expired (their
 worker died) and sends their task message again, so another worker picks them up within
-seconds. See ``worker.lease``."""
+seconds. See ``worker.lease``.
+
+It also puts back orphans: a message a worker took from the queue but never started (the worker
+died in the few milliseconds before the task took its lease) has no lease and no in-flight
+record, only kombu's unacked entry, which the broker would restore only after its visibility
+timeout (longer than the longest request). An unacked ``cascade.chat`` message that has waited
+``orphan_after_s`` and whose request never started — no lease, no in-flight record, no reply,
+no event since the message was sent — goes back to its queue. A copy delivered twice runs once:
+the lease and the stored reply drop the other.
+"""
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import threading
@@ -14,6 +24,8 @@ from typing import Any
 import redis
 
 from tasks import keys
+from tasks.intake import usable_request_id
+from tasks.schemas import TASK_NAME, StreamEvent
 from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
 
 logger = logging.getLogger(__name__)
@@ -30,6 +42,23 @@ return record
 """
 
 Resend = Callable[[str, dict[str, Any]], None]
+
+# kombu's Redis transport keeps each delivered, unacknowledged message in the hash ``unacked``
+# (tag -> [message, exchange, routing key]) indexed by delivery time in ``unacked_index``
+# (kombu's default names; the Celery app does not change them).
+UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"
+# Put one orphan back on its queue, unless its request started meanwhile (a lease, an in-flight
+# record or a reply exists) or another reaper already did.
+_RESTORE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+if redis.call('EXISTS', KEYS[3], KEYS[4], KEYS[5]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[6], ARGV[3])
+return 1
+"""
 
 
 def reclaim_expired(client: redis.Redis, resend: Resend, *, batch: int = 100) -> list[str]:
@@ -52,13 +81,91 @@ def reclaim_expired(client: redis.Redis, resend: Resend, *, batch: int = 100) ->
     return reclaimed
 
 
-class Reaper:
-    """A daemon thread running ``reclaim_expired`` every ``interval_s``."""
+def restore_orphans(client: redis.Redis, *, orphan_after_s: float, page: int = 200, max_pages: int = 50) -> list[str]:
+    """Put back on its queue every ``cascade.chat`` message a worker took and never started
+    (see the module docstring); return the request ids. Two round trips per page of unacked
+    messages older than ``orphan_after_s`` (most are long requests still running)."""
+    ceil = time.time() - orphan_after_s
+    restored = []
+    for first in range(0, page * max_pages, page):
+        tags: list[bytes] = client.zrangebyscore(UNACKED_INDEX, "-inf", ceil, start=first, num=page)  # type: ignore[assignment]
+        if not tags:
+            break
+        parsed = [(tag, _parse(raw)) for tag, raw in zip(tags, client.hmget(UNACKED, tags), strict=True)]
+        candidates = [(tag, found) for tag, found in parsed if found is not None]
+        pipe = client.pipeline(transaction=False)
+        for _tag, (request_id, _queue, _message, _handoff) in candidates:
+            pipe.exists(*_guards(request_id))
+            pipe.xrevrange(keys.events_stream(request_id), count=1)
+        checks = pipe.execute() if candidates else []
+        for number, (tag, (request_id, queue, message, handoff)) in enumerate(candidates):
+            running, last = checks[2 * number], checks[2 * number + 1]
+            if running or (last and not _unstarted_since_handoff(last, handoff)):
+                continue  # it started: the lease and the in-flight record cover it from there
+            if client.eval(_RESTORE, 6, UNACKED_INDEX, UNACKED, *_guards(request_id), queue, tag, ceil, message):
+                logger.warning("request %s: its worker died before starting it; back to %s", request_id, queue)
+                restored.append(request_id)
+        if len(tags) < page:
+            break
+    return restored
 
-    def __init__(self, client: redis.Redis, resend: Resend, interval_s: float) -> None:
+
+def _guards(request_id: str) -> tuple[str, str, str]:
+    """Keys that exist once a request started (or ended): lease, reply, in-flight record."""
+    return lease_key(request_id), keys.reply_key(request_id), INFLIGHT_KEY.format(request_id=request_id)
+
+
+def _unstarted_since_handoff(last: Any, handoff: dict[str, Any] | None) -> bool:
+    """True if a hand-off message's request published nothing since it was handed off."""
+    if handoff is None:
+        return False
+    try:
+        seq = StreamEvent.model_validate_json(last[0][1][keys.EVENT_FIELD.encode()]).seq
+        return seq + 1 <= int(handoff.get("next_seq", 0))
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False  # unreadable: leave it to the visibility timeout
+
+
+def _parse(raw: Any) -> tuple[str, str, str, dict[str, Any] | None] | None:
+    """(request id, queue, message to push back, hand-off state) of an unacked message if it is
+    a ``cascade.chat`` message the task can run; else None (the visibility timeout deals with it)."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        message, _exchange, queue = json.loads(raw)
+        headers = message.get("headers") or {}
+        if headers.get("task") != TASK_NAME or headers.get("eta"):
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+        request = kwargs.get("request")
+        request = json.loads(request) if isinstance(request, str) else request
+        candidates = (request.get("request_id") if isinstance(request, dict) else None, headers.get("id"))
+        request_id = next(filter(None, (usable_request_id(c) if isinstance(c, str) else None for c in candidates)))
+        handoff = kwargs.get("handoff")
+    except (ValueError, TypeError, KeyError, AttributeError, StopIteration, RecursionError):
+        return None
+    for entry in (headers, message.get("properties", {}).get("delivery_info")):
+        if isinstance(entry, dict):
+            entry["redelivered"] = True
+    message["headers"] = headers
+    return request_id, str(queue), json.dumps(message), handoff if isinstance(handoff, dict) else None
+
+
+class Reaper:
+    """A daemon thread running ``reclaim_expired`` and ``restore_orphans`` every
+    ``interval_s``; orphans are messages unstarted for ``orphan_after_s`` (by default 20
+    intervals, at least 10 s: far longer than a live worker takes to start a message)."""
+
+    def __init__(
+        self, client: redis.Redis, resend: Resend, interval_s: float, orphan_after_s: float | None = None
+    ) -> None:
         self._client = client
         self._resend = resend
         self._interval_s = interval_s
+        self._orphan_after_s = orphan_after_s if orphan_after_s is not None else max(10.0, 20 * interval_s)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cascade-reaper", daemon=True)
 
@@ -75,6 +182,7 @@ class Reaper:
         while not self._stop.wait(self._interval_s):
             try:
                 reclaim_expired(self._client, self._resend)
+                restore_orphans(self._client, orphan_after_s=self._orphan_after_s)
             except redis.RedisError as exc:  # Redis restarting: try again next pass
                 logger.info("reaper pass skipped: %s", type(exc).__name__)
             except Exception:

@@ -1,0 +1,47 @@
+"""The fault suite's hooks: worker logs on failure, leftover processes killed by pid, and the
+figures of the run (recovery times, the load run) printed as the suite's last lines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from .harness import STARTED
+from .report import FIGURES, LOAD_FIGURES, LOAD_REPORT
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_leftover_workers() -> Iterator[None]:
+    yield
+    for started in STARTED:
+        started.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _first_worker_of_module(request: pytest.FixtureRequest) -> None:
+    """Remember which workers this module starts, so a failure shows only their logs."""
+    request.module._faults_first_worker = len(STARTED)
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    report = yield
+    if report.when == "call" and report.failed:
+        first = getattr(getattr(item, "module", None), "_faults_first_worker", len(STARTED))
+        for started in STARTED[first:]:
+            report.sections.append((f"worker {started.name} log (tail)", started.log_tail(80)))
+    return report
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if not (FIGURES or LOAD_FIGURES):
+        return
+    terminalreporter.section("fault suite figures")
+    for name, value in FIGURES.items():
+        terminalreporter.write_line(f"{name}: {value}")
+    if LOAD_FIGURES:
+        terminalreporter.write_line(f"load run (also in {LOAD_REPORT}):")
+        for name, value in LOAD_FIGURES.items():
+            terminalreporter.write_line(f"  {name}: {value}")

@@ -1,0 +1,576 @@
+"""Process harness of the fault suite: real ``redis-server`` processes and real Celery workers on
+loopback, faults injected by pid (SIGKILL of a worker's process group or of one pool child,
+SIGTERM, Redis restarts, ``CLIENT KILL``), and the checks every fault case shares.
+
+Redis is started with ``worker.local.LocalRedis`` (password always on), workers with
+``worker.local.start_worker``; ``RedisProcess`` adds what LocalRedis cannot do (TLS, extra
+server arguments). Every wait is bounded; every process is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+
+from tasks import keys
+from tasks.client import CascadeClient
+from tasks.schemas import ChatReply, StreamEvent
+from worker.local import LOOPBACK, find_redis_server, free_port, start_worker, stop_process
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Secrets every fault case runs with; nothing any case produces may contain them.
+REDIS_PASSWORD = "faults-LEAKCHECK-redis-9b1f2c"
+PROVIDER_SECRETS = {
+    "OPENAI_API_KEY": "sk-faults-LEAKCHECK-openai-5d2e8a",
+    "AZURE_OPENAI_API_KEY": "az-faults-LEAKCHECK-azure-71c04e",
+    "HF_API_TOKEN": "hf_faultsLEAKCHECKtoken3e9d",
+}
+ALL_SECRETS = {"redis password": REDIS_PASSWORD, **PROVIDER_SECRETS}
+
+# Short leases, so a dead worker's request is sent again within seconds (defaults: 10 s and 2 s).
+FAST_RECOVERY_ENV = {"CASCADE_LEASE_TTL_S": "2", "CASCADE_REAPER_INTERVAL_S": "0.5"}
+
+# The issue's bound: a request whose worker died is running again and answered within this.
+RECOVERY_BOUND_S = 30.0
+WORKER_START_TIMEOUT_S = 45.0
+REQUEST_TIMEOUT_S = 30.0
+
+T = TypeVar("T")
+
+# Every worker started in this session: a failing test shows their logs, teardown kills leftovers.
+STARTED: list[FaultWorker] = []
+
+
+def new_id(prefix: str = "f") -> str:
+    """A fresh request id."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> T:
+    """Poll ``predicate`` until it returns something truthy; ``TimeoutError`` after ``timeout_s``."""
+    give_up = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= give_up:
+            raise TimeoutError(f"{what}: not reached within {timeout_s} s")
+        time.sleep(interval_s)
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string is a valid TOML basic string
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    raise TypeError(f"cannot write {value!r} as TOML")
+
+
+def write_config(path: Path, providers: Mapping[str, Mapping[str, Any]], chains: Mapping[str, Iterable[str]]) -> Path:
+    """A worker TOML file: ``[providers.<id>]`` tables and a ``[chains]`` table."""
+    lines: list[str] = []
+    for provider_id, entry in providers.items():
+        lines.append(f"[providers.{provider_id}]")
+        lines.extend(f"{key} = {_toml_value(value)}" for key, value in entry.items())
+        lines.append("")
+    lines.append("[chains]")
+    lines.extend(f"{name} = {_toml_value(list(ids))}" for name, ids in chains.items())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# --- processes -----------------------------------------------------------------------------------
+
+
+def pool_children(pid: int) -> list[int]:
+    """The pids of the direct children of ``pid`` (a worker's prefork pool). A replacement child
+    may be forked by any thread of the worker, so every thread's list is read."""
+    children: set[int] = set()
+    try:
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                children.update(int(child) for child in (task / "children").read_text().split())
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+        return sorted(children)
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    except PermissionError:  # pragma: no cover - /proc without the children files
+        pass
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            children.add(int(stat.parent.name))
+    return sorted(children)
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of ``pid`` (``VmRSS`` in ``/proc``)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise ProcessLookupError(pid)
+
+
+def pid_of(worker_name: str | None) -> int | None:
+    """The pool child's pid in a worker name ``host/pid`` (events and replies carry it)."""
+    if not worker_name or "/" not in worker_name:
+        return None
+    tail = worker_name.rsplit("/", 1)[1]
+    return int(tail) if tail.isdigit() else None
+
+
+@dataclass
+class FaultWorker:
+    """One ``celery -A worker worker -Q chat -c N`` started by ``worker.local.start_worker``, in
+    its own process group, logging to ``log_path`` (appended across restarts)."""
+
+    name: str
+    redis_url: str
+    config: Path
+    log_path: Path
+    env: dict[str, str] = field(default_factory=dict)
+    concurrency: int = 1
+    proc: subprocess.Popen[bytes] | None = None
+    starts: int = 0
+    _offset: int = 0
+
+    def start(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> FaultWorker:
+        """Start the worker and wait until it logged ``ready`` and forked its pool."""
+        self.launch()
+        return self.wait_ready(timeout_s)
+
+    def launch(self) -> FaultWorker:
+        """Start the worker process without waiting for it (see ``wait_ready``)."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        env = {**PROVIDER_SECRETS, "PYTHONUNBUFFERED": "1", **self.env}
+        with self.log_path.open("ab") as log:
+            self.proc = start_worker(
+                self.redis_url, self.config, concurrency=self.concurrency, log=log, extra_env=env, cwd=REPO
+            )
+        if self not in STARTED:
+            STARTED.append(self)
+        self.starts += 1
+        return self
+
+    def wait_ready(self, timeout_s: float = WORKER_START_TIMEOUT_S) -> FaultWorker:
+        """Wait until the worker logged ``ready`` (its consumer and reaper run) and forked its pool."""
+
+        def ready() -> bool:
+            self.assert_alive()
+            with self.log_path.open("rb") as log:
+                log.seek(self._offset)
+                started = b" ready." in log.read()
+            return started and len(self.pool_pids()) >= self.concurrency
+
+        try:
+            wait_until(ready, timeout_s=timeout_s, what=f"worker {self.name} ready")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def assert_alive(self) -> None:
+        if not self.alive():
+            code = None if self.proc is None else self.proc.returncode
+            raise RuntimeError(f"worker {self.name} exited with {code}\n{self.log_tail()}")
+
+    def pool_pids(self) -> list[int]:
+        return pool_children(self.pid) if self.alive() else []
+
+    def runs(self, worker_name: str | None) -> bool:
+        """True if ``worker_name`` (``host/pid``) is one of this worker's pool processes."""
+        pid = pid_of(worker_name)
+        return pid is not None and pid in self.pool_pids()
+
+    def kill_group(self) -> None:
+        """SIGKILL the whole process group: the main process and its pool, no goodbye."""
+        os.killpg(self.pid, signal.SIGKILL)
+        assert self.proc is not None
+        self.proc.wait(timeout=10)
+
+    def kill_child(self, pid: int) -> None:
+        """SIGKILL one pool process; the main process lives on and forks a new one."""
+        assert pid in self.pool_pids(), f"{pid} is not a pool process of {self.name}"
+        os.kill(pid, signal.SIGKILL)
+
+    def terminate(self) -> None:
+        """SIGTERM to the main process only, as a supervisor sends it (a warm shutdown)."""
+        os.kill(self.pid, signal.SIGTERM)
+
+    def wait_exit(self, timeout_s: float) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout_s)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, grace_s=10)
+            if self.proc.poll() is None:  # pragma: no cover - stop_process waits
+                self.proc.kill()
+        # A pool child orphaned by a killed main process keeps the group id: collect it too.
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError, AssertionError):
+            pass
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+
+# --- Redis over TLS ------------------------------------------------------------------------------
+
+
+def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
+    """A self-signed CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    cert, key = directory / "server.pem", directory / "server.key"
+    openssl = shutil.which("openssl")
+    if openssl is not None:
+        ext = directory / "san.ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
+        csr = directory / "server.csr"
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
+
+        new_key = ("-newkey", "rsa:2048", "-nodes")
+        run(
+            "req",
+            "-x509",
+            *new_key,
+            "-days",
+            "2",
+            "-subj",
+            "/CN=cascade-test-ca",
+            "-keyout",
+            str(ca_key),
+            "-out",
+            str(ca),
+        )
+        run("req", *new_key, "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
+        signed_by_ca = ("-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial")
+        run("x509", "-req", "-in", str(csr), *signed_by_ca, "-days", "2", "-extfile", str(ext), "-out", str(cert))
+        return ca, cert, key
+    return _make_certificates_with_cryptography(ca, ca_key, cert, key)
+
+
+def _make_certificates_with_cryptography(ca: Path, ca_key: Path, cert: Path, key: Path) -> tuple[Path, Path, Path]:
+    import datetime
+    import ipaddress
+
+    import pytest
+
+    x509 = pytest.importorskip("cryptography.x509", reason="neither the openssl CLI nor cryptography is available")
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(common: str) -> Any:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    def pem_key(private: Any) -> bytes:
+        return bytes(
+            private.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
+            )
+        )
+
+    authority_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    authority = (
+        x509.CertificateBuilder()
+        .subject_name(name("cascade-test-ca"))
+        .issuer_name(name("cascade-test-ca"))
+        .public_key(authority_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(authority_key, hashes.SHA256())
+    )
+    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")])
+    server = (
+        x509.CertificateBuilder()
+        .subject_name(name(LOOPBACK))
+        .issuer_name(authority.subject)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(san, critical=False)
+        .sign(authority_key, hashes.SHA256())
+    )
+    ca.write_bytes(authority.public_bytes(serialization.Encoding.PEM))
+    ca_key.write_bytes(pem_key(authority_key))
+    cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(pem_key(server_key))
+    return ca, cert, key
+
+
+@dataclass
+class RedisProcess:
+    """A ``redis-server`` on loopback with a password, started with what
+    ``worker.local.LocalRedis`` cannot pass: TLS only (``tls=True``: ``--port 0``, a
+    certificate made here, clients need none of their own) or extra arguments. ``restart()``
+    stops it (SIGTERM: it writes its AOF) and starts a new one on the same port and directory."""
+
+    workdir: Path
+    password: str
+    port: int = field(default_factory=free_port)
+    tls: bool = False
+    appendonly: bool = False
+    extra_args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+    ca: Path | None = None
+    _cert: Path | None = None
+    _key: Path | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL with the password; for TLS, with the query parameters Celery's broker
+        (kombu), Celery's result backend and redis-py all read: verify the server against our CA."""
+        if not self.tls:
+            return f"redis://:{self.password}@{LOOPBACK}:{self.port}/0"
+        query = f"ssl_cert_reqs=required&ssl_ca_certs={self.ca}"
+        return f"rediss://:{self.password}@{LOOPBACK}:{self.port}/0?{query}"
+
+    def start(self, timeout_s: float = 10.0) -> RedisProcess:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        args = [find_redis_server(), "--bind", LOOPBACK, "--requirepass", self.password, "--save", ""]
+        args += ["--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir), *self.extra_args]
+        if self.tls:
+            if self.ca is None:
+                self.ca, self._cert, self._key = make_certificates(self.workdir / "tls")
+            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
+            args += ["--tls-cert-file", str(self._cert), "--tls-key-file", str(self._key)]
+            args += ["--tls-ca-cert-file", str(self.ca)]
+        else:
+            args += ["--port", str(self.port)]
+        log_path = self.workdir / f"redis-{self.port}.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
+        give_up = time.monotonic() + timeout_s
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.RedisError:
+                    if self.proc.poll() is not None or time.monotonic() > give_up:
+                        said = log_path.read_text(errors="replace")[-2000:]
+                        raise RuntimeError(f"redis-server did not start: {said}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc)
+
+    def restart(self) -> float:
+        """Stop and start again on the same port and directory; return how long it was away."""
+        went_away = time.monotonic()
+        self.stop()
+        self.start()
+        return time.monotonic() - went_away
+
+
+# --- what a request left in Redis ---------------------------------------------------------------
+
+
+def stored_events(client: redis.Redis, request_id: str) -> list[StreamEvent]:
+    """The events now in ``cascade:events:{id}``, in order."""
+    entries = client.xrange(keys.events_stream(request_id))
+    return [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _id, fields in entries]
+
+
+def stored_reply(client: redis.Redis, request_id: str) -> ChatReply | None:
+    raw = client.get(keys.reply_key(request_id))
+    return ChatReply.model_validate_json(raw) if raw else None
+
+
+def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:
+    """Every entry of ``cascade:dead``, newest first."""
+    return [json.loads(raw) for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)]
+
+
+def reconstruct_text(events: list[StreamEvent]) -> str:
+    """What a subscriber shows: the deltas of every attempt no ``fallback`` event voided."""
+    voided = {e.attempt for e in events if e.type == "fallback"}
+    return "".join(e.delta or "" for e in events if e.type == "chunk" and e.attempt not in voided)
+
+
+def assert_coherent(events: list[StreamEvent], reply: ChatReply | None, request_id: str) -> ChatReply:
+    """One coherent answer: seq 0..n with no gap, one ``start``, exactly one terminal event and
+    it is last and carries the stored reply, and the kept deltas are the reply's text."""
+    types = [e.type for e in events]
+    assert reply is not None, f"no reply stored for {request_id}; events {types}"
+    assert [e.seq for e in events] == list(range(len(events))), [e.seq for e in events]
+    assert {e.request_id for e in events} == {request_id}
+    assert types.count("start") == 1 and types[0] == "start", types
+    assert sum(e.is_terminal for e in events) == 1, types
+    assert events[-1].is_terminal and events[-1].reply == reply, types
+    if reply.status == "succeeded":
+        assert reconstruct_text(events) == reply.replies[0].content
+    # Attempt numbers never restart: each attempt's chunks come from one provider, in order.
+    chunk_attempts = [e.attempt for e in events if e.type == "chunk"]
+    assert chunk_attempts == sorted(chunk_attempts), chunk_attempts
+    return reply
+
+
+class Follower:
+    """A subscriber following one request's stream from seq 0 in a thread, as a client would."""
+
+    def __init__(self, redis_url: str, request_id: str, timeout_s: float = 60.0) -> None:
+        self.request_id = request_id
+        self.events: list[StreamEvent] = []
+        self.error: BaseException | None = None
+        self._client = CascadeClient(redis_url)
+        self._thread = threading.Thread(target=self._follow, args=(timeout_s,), daemon=True)
+        self._thread.start()
+
+    def _follow(self, timeout_s: float) -> None:
+        try:
+            for event in self._client.events(self.request_id, timeout_s=timeout_s):
+                self.events.append(event)
+        except BaseException as exc:  # reported by result()
+            self.error = exc
+
+    def result(self, timeout_s: float = 60.0) -> list[StreamEvent]:
+        self._thread.join(timeout=timeout_s)
+        self._client.close()
+        assert not self._thread.is_alive(), f"the subscriber of {self.request_id} is still waiting"
+        if self.error is not None:
+            raise self.error
+        return self.events
+
+
+# --- secrets -------------------------------------------------------------------------------------
+
+
+def everything_produced(client: redis.Redis, logs: Iterable[Path] = ()) -> str:
+    """Every worker log and everything in Redis a request can leave behind: events, replies,
+    dead letters, cooldowns, leases, in-flight records, Celery results and queued messages."""
+    produced = [path.read_text(errors="replace") for path in logs if path.exists()]
+    for pattern in ("cascade:*", "celery-task-meta-*", "chat*", "_kombu*", "unacked*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            kind = client.type(key)
+            if kind == b"string":
+                produced.append(client.get(key).decode(errors="replace"))
+            elif kind == b"stream":
+                for _id, fields in client.xrange(key):
+                    produced.extend(value.decode(errors="replace") for value in fields.values())
+            elif kind == b"list":
+                produced.extend(item.decode(errors="replace") for item in client.lrange(key, 0, -1))
+            elif kind == b"hash":
+                produced.extend(value.decode(errors="replace") for value in client.hvals(key))
+            elif kind == b"zset":
+                produced.extend(member.decode(errors="replace") for member in client.zrange(key, 0, -1))
+    return "\n".join(produced)
+
+
+def assert_no_secrets(client: redis.Redis, logs: Iterable[Path]) -> None:
+    """None of the suite's secrets appears in anything the fault case produced."""
+    everything = everything_produced(client, logs)
+    assert everything, "nothing produced: the scan would prove nothing"
+    leaked = [name for name, secret in ALL_SECRETS.items() if secret in everything]
+    assert not leaked, f"leaked: {leaked}"
+
+
+# --- counting reply writes -----------------------------------------------------------------------
+
+
+class ReplyWrites:
+    """Counts every write of every ``cascade:reply:*`` key through keyspace notifications
+    (``notify-keyspace-events K$``), so a reply overwritten by a second run would show as two.
+    After a Redis restart, ``resubscribe()`` turns notifications on again and listens anew
+    (writes in between are not seen)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        db = client.connection_pool.connection_kwargs.get("db", 0)
+        self._prefix = f"__keyspace@{db}__:"
+        self.writes: dict[str, list[str]] = {}
+        self.resubscribed = 0
+        self._pubsub = self._subscribe()
+
+    def _subscribe(self) -> Any:
+        self._client.config_set("notify-keyspace-events", "K$")
+        pubsub = self._client.pubsub()
+        pubsub.psubscribe(f"{self._prefix}{keys.reply_key('*')}")
+        give_up = time.monotonic() + 5
+        while time.monotonic() < give_up:
+            message = pubsub.get_message(timeout=0.1)
+            if message is not None and message["type"] == "psubscribe":
+                return pubsub
+        raise TimeoutError("no confirmation of the keyspace subscription")
+
+    def resubscribe(self) -> None:
+        """Listen again on a new connection (after Redis restarted)."""
+        try:
+            self.drain(settle_s=0.0)
+        except redis.ConnectionError:
+            pass
+        self._pubsub.close()
+        self._pubsub = self._subscribe()
+        self.resubscribed += 1
+
+    def drain(self, settle_s: float = 0.3, max_s: float = 20.0) -> dict[str, list[str]]:
+        """Read the notifications that arrived; keep reading until none came for ``settle_s``."""
+        quiet_until = time.monotonic() + settle_s
+        give_up = time.monotonic() + max_s
+        while True:
+            message = self._pubsub.get_message(timeout=0.05)
+            if message and message["type"] == "pmessage":
+                key = message["channel"].decode()[len(self._prefix) :]
+                self.writes.setdefault(key, []).append(message["data"].decode())
+                quiet_until = time.monotonic() + settle_s
+            elif message is None and time.monotonic() >= min(quiet_until, give_up):
+                return self.writes
+
+    def sets_of(self, request_id: str) -> list[str]:
+        self.drain()
+        return [op for op in self.writes.get(keys.reply_key(request_id), []) if op == "set"]
+
+    def close(self) -> None:
+        self._pubsub.close()

@@ -1,0 +1,133 @@
+"""Redis lost for a moment by one running request, on a real redis-server: the request's write
+fails (its connection is gone), and Redis answers again before the run has ended.
+
+The run must not end the request on its own (a ``failed`` reply for an outage of the
+infrastructure, or a stream with a hole in its ``seq``), and must not drop its in-flight record
+(then nothing would ever send the request again): it stops, its lease lapses, and a reaper sends
+it again; the rerun continues the stream (``worker_lost``) and answers. The task runs in this
+process (``apply``), with a client that loses its connection exactly where the test says.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from settings import ScriptedConfig, Settings
+from tasks.chat import chat
+from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
+from worker.local import LocalRedis
+from worker.reaper import reclaim_expired
+from worker.runtime import WorkerRuntime, build_runtime
+
+from .harness import REDIS_PASSWORD, assert_coherent, new_id, stored_events, stored_reply, wait_until
+
+pytestmark = pytest.mark.faults
+
+TEXT = "One, two, three, four, five, six."
+LEASE_TTL_S = 0.5
+
+
+class BlinkingRedis(redis.Redis):
+    """A client whose connection is lost (``ConnectionError``) where a test says: when it writes
+    the request's n-th ``chunk`` event, or the script that stores a request's reply."""
+
+    fail_at_chunk: int | None = None
+    fail_reply_of: str | None = None
+    chunks_written = 0
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        pipe = super().pipeline(transaction, shard_hint)
+        execute = pipe.execute
+
+        def execute_or_blink(*args: Any, **kwargs: Any) -> Any:
+            chunks = sum(
+                command[0] == "XADD" and any(b'"type":"chunk"' in str(part).encode() for part in command)
+                for command, _options in pipe.command_stack
+            )
+            if chunks and self.fail_at_chunk is not None and self.chunks_written + chunks >= self.fail_at_chunk:
+                self.fail_at_chunk = None
+                raise redis.ConnectionError("Connection closed by server. (injected)")
+            self.chunks_written += chunks
+            return execute(*args, **kwargs)
+
+        pipe.execute = execute_or_blink
+        return pipe
+
+    def eval(self, script: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        if self.fail_reply_of is not None and f"cascade:reply:{self.fail_reply_of}" in keys_and_args[:numkeys]:
+            self.fail_reply_of = None
+            raise redis.ConnectionError("Connection closed by server. (injected)")
+        return super().eval(script, numkeys, *keys_and_args)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    started = LocalRedis(tmp_path_factory.mktemp("blips"), password=REDIS_PASSWORD).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def blinking(server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[BlinkingRedis, WorkerRuntime]]:
+    settings = Settings(
+        providers={"steady": ScriptedConfig(text=TEXT, chunk_size=4)},
+        chains={"default": ["steady"]},
+        lease_ttl_s=LEASE_TTL_S,
+    )
+    client = BlinkingRedis.from_url(server.url)
+    runtime = build_runtime(settings, client, worker_name="blips/1")
+    monkeypatch.setattr("tasks.chat.get_runtime", lambda: runtime)
+    try:
+        yield client, runtime
+    finally:
+        client.close()
+
+
+def run_then_resend(client: BlinkingRedis, request_id: str) -> None:
+    """Run the request once (its connection blinks), then do what a surviving worker does: its
+    reaper resends the request once the lease lapsed, and the resent message runs."""
+    first = chat.apply(kwargs={"request": {"request_id": request_id, "prompt": "count"}}, task_id=request_id)
+    assert first.failed(), f"the run cut off from Redis must not end the request itself: {first.result}"
+    assert stored_reply(client, request_id) is None
+    assert client.exists(INFLIGHT_KEY.format(request_id=request_id)), "the in-flight record is kept"
+
+    resent: list[dict[str, Any]] = []
+
+    def reap() -> bool:
+        reclaim_expired(client, lambda _queue, kwargs: resent.append(kwargs))
+        return bool(resent)
+
+    wait_until(reap, timeout_s=10 * LEASE_TTL_S, what="the reaper resends the request")
+    assert resent[0]["request"]["request_id"] == request_id
+    chat.apply(kwargs=resent[0], task_id=new_id("resent")).get(disable_sync_subtasks=False)
+
+
+def assert_resumed(client: BlinkingRedis, request_id: str) -> None:
+    events = stored_events(client, request_id)
+    reply = assert_coherent(events, stored_reply(client, request_id), request_id)
+    assert reply.status == "succeeded" and reply.replies[0].content == TEXT
+    assert [(e.attempt, e.error_type) for e in events if e.type == "fallback"] == [(1, "worker_lost")]
+    assert client.exists(lease_key(request_id), INFLIGHT_KEY.format(request_id=request_id)) == 0
+    assert client.zscore(INFLIGHT_SET, request_id) is None
+
+
+def test_redis_lost_mid_stream_and_back_before_the_run_ends(blinking: tuple[BlinkingRedis, WorkerRuntime]) -> None:
+    client, _runtime = blinking
+    request_id = new_id("blip-stream")
+    client.fail_at_chunk = 2  # the first chunk is written, the second one's write is lost
+    run_then_resend(client, request_id)
+    assert_resumed(client, request_id)
+
+
+def test_redis_lost_at_the_reply_and_back_for_the_release(blinking: tuple[BlinkingRedis, WorkerRuntime]) -> None:
+    client, _runtime = blinking
+    request_id = new_id("blip-finish")
+    client.fail_reply_of = request_id
+    run_then_resend(client, request_id)
+    assert_resumed(client, request_id)

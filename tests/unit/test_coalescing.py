@@ -1,0 +1,199 @@
+"""Chunk coalescing in EventPublisher (``coalesce_s``, ``CASCADE_COALESCE_MS``), on fakeredis:
+the text arrives whole, ``seq`` strictly increases, the terminal event comes last and flushes
+the waiting text, a waiting chunk goes out within its window, cancels and lost leases still
+reach the request's thread. Also the runner's read-ahead of the first provider's cooldown in
+its first round trip."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import fakeredis
+import pytest
+
+from settings import ScriptedConfig, Settings
+from tasks import keys
+from tasks.runner import RequestRunner, TaskContext
+from tasks.schemas import ChatReply, ChatRequest, StreamEvent
+from worker.lease import LeaseLost, RequestLease
+from worker.publisher import EventPublisher
+from worker.runtime import build_runtime
+from worker.store import ReplyStore
+
+RID = "coalesce-1"
+WINDOW_S = 0.05
+
+
+def publisher(client: fakeredis.FakeRedis, coalesce_s: float = WINDOW_S, **kw: Any) -> EventPublisher:
+    store = ReplyStore(client, ttl_s=3_600)
+    return EventPublisher(client, RID, store=store, events_maxlen=1_000, events_ttl_s=600, coalesce_s=coalesce_s, **kw)
+
+
+def stored_events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
+    entries = client.xrange(keys.events_stream(RID))
+    return [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _id, fields in entries]
+
+
+def assert_contract(events: list[StreamEvent]) -> None:
+    """seq strictly increasing, exactly one terminal event, and it is the last."""
+    seqs = [event.seq for event in events]
+    assert all(a < b for a, b in itertools.pairwise(seqs))
+    assert [event.is_terminal for event in events].count(True) == 1
+    assert events[-1].is_terminal
+
+
+def chunk_text(events: list[StreamEvent]) -> str:
+    return "".join(event.delta or "" for event in events if event.type == "chunk")
+
+
+def reply() -> ChatReply:
+    return ChatReply(request_id=RID, status="succeeded")
+
+
+def test_off_publishes_every_chunk_at_once(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis, coalesce_s=0.0)
+    for delta in "abc":
+        pub.emit("chunk", delta=delta, provider="p", attempt=1)
+    assert [event.delta for event in stored_events(fake_redis)] == ["a", "b", "c"]
+
+
+def test_a_burst_goes_out_as_the_first_chunk_then_one_merged_event(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis)
+    for delta in ("He", "ll", "o ", "wo", "rld"):
+        assert pub.emit("chunk", delta=delta, provider="p", attempt=1) is False
+    assert [event.delta for event in stored_events(fake_redis)] == ["He"]  # the first is not delayed
+    time.sleep(WINDOW_S * 3)  # the flusher publishes the rest when the window ends, unprompted
+    assert [event.delta for event in stored_events(fake_redis)] == ["He", "llo world"]
+    pub.finish("done", reply())
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert chunk_text(events) == "Hello world"
+
+
+def test_the_terminal_event_flushes_the_waiting_text_first(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis, coalesce_s=10.0)  # a window that never ends by itself here
+    pub.emit("start", chain="c", worker="w")
+    for delta in "abcd":
+        pub.emit("chunk", delta=delta, provider="p", attempt=1)
+    assert pub.finish("done", reply()) is True
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert [event.type for event in events] == ["start", "chunk", "done"]
+    assert chunk_text(events) == "abcd"
+    assert pub.next_seq == 3
+
+
+def test_other_events_flush_first_and_attempts_are_never_merged(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis, coalesce_s=10.0)
+    pub.emit("start", chain="c", worker="w")
+    for delta in "ab":
+        pub.emit("chunk", delta=delta, provider="p", attempt=1)
+    pub.emit("fallback", provider="p", attempt=1, error_type="stream_interrupted")
+    for delta in "xy":
+        pub.emit("chunk", delta=delta, provider="q", attempt=2)
+    pub.emit("chunk", delta="z", provider="r", attempt=3)
+    pub.finish("done", reply())
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    summary = [(event.type, event.delta, event.attempt) for event in events]
+    assert summary == [
+        ("start", None, None),
+        ("chunk", "ab", 1),
+        ("fallback", None, 1),
+        ("chunk", "xy", 2),
+        ("chunk", "z", 3),
+        ("done", None, None),
+    ]
+
+
+def test_a_cancel_seen_by_a_background_flush_reaches_the_next_emit(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis)
+    assert pub.emit("chunk", delta="a", provider="p", attempt=1) is False
+    assert pub.emit("chunk", delta="b", provider="p", attempt=1) is False  # waits for its window
+    fake_redis.set(keys.cancel_key(RID), "1")
+    time.sleep(WINDOW_S * 3)  # the flusher publishes "b" and reads the cancel key
+    assert pub.emit("chunk", delta="c", provider="p", attempt=1) is True
+    pub.finish("cancelled", ChatReply(request_id=RID, status="cancelled"))
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert chunk_text(events) == "abc"
+
+
+def test_a_lease_lost_during_a_background_flush_stops_the_request(fake_redis: fakeredis.FakeRedis) -> None:
+    lease = RequestLease(fake_redis, RID, ttl_s=30, record_ttl_s=60, worker="w")
+    assert lease.acquire("chat", {"request": {}})
+    try:
+        pub = publisher(fake_redis, lease=lease)
+        pub.emit("chunk", delta="a", provider="p", attempt=1)
+        pub.emit("chunk", delta="b", provider="p", attempt=1)
+        fake_redis.set(lease.key, "another-worker")
+        time.sleep(WINDOW_S * 3)
+        with pytest.raises(LeaseLost):
+            pub.emit("chunk", delta="c", provider="p", attempt=1)
+        with pytest.raises(LeaseLost):
+            pub.finish("done", reply())
+        assert not [event for event in stored_events(fake_redis) if event.is_terminal]
+    finally:
+        lease.release()
+
+
+def test_flush_publishes_the_waiting_chunk_now(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis, coalesce_s=10.0)
+    pub.emit("chunk", delta="a", provider="p", attempt=1)
+    pub.emit("chunk", delta="b", provider="p", attempt=1)
+    assert pub.next_seq == 1
+    assert pub.flush() is False
+    assert pub.next_seq == 2
+    assert [event.delta for event in stored_events(fake_redis)] == ["a", "b"]
+
+
+@pytest.mark.parametrize("coalesce_ms", [0.0, 5.0])
+def test_a_request_streams_the_same_text_with_coalescing_on_or_off(
+    fake_redis: fakeredis.FakeRedis, coalesce_ms: float
+) -> None:
+    text = "Natural Language Processing, one character at a time."
+    config = ScriptedConfig(text=text, chunk_size=1)
+    settings = Settings(providers={"steady": config}, chains={"default": ["steady"]}, coalesce_ms=coalesce_ms)
+    runtime = build_runtime(settings, fake_redis, worker_name="unit-worker")
+    request = ChatRequest.model_validate({"request_id": RID, "prompt": "say it"})
+    context = TaskContext(task_id=RID, queue="chat")
+    result = RequestRunner(runtime, request, context).run()
+    assert isinstance(result, ChatReply) and result.status == "succeeded"
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert chunk_text(events) == text == result.replies[0].content
+    chunks = [event for event in events if event.type == "chunk"]
+    if coalesce_ms:
+        assert len(chunks) < len(text)  # a zero-delay stream is coalesced
+    else:
+        assert len(chunks) == len(text)
+
+
+# The runner reads the first provider's cooldown in its first round trip (worker.cooldown.ReadAhead).
+
+
+def test_a_first_provider_cooling_down_is_skipped_with_the_state_read_ahead(fake_redis: fakeredis.FakeRedis) -> None:
+    cold = ScriptedConfig(text="never", cooldown_failures=1)
+    settings = Settings(
+        providers={"cold": cold, "steady": ScriptedConfig(text="warm")}, chains={"default": ["cold", "steady"]}
+    )
+    runtime = build_runtime(settings, fake_redis, worker_name="unit-worker")
+    fake_redis.set("cascade:cooldown:cold", "1")
+    request = ChatRequest.model_validate({"request_id": RID, "prompt": "say it"})
+    result = RequestRunner(runtime, request, TaskContext(task_id=RID, queue="chat")).run()
+    assert isinstance(result, ChatReply) and result.status == "succeeded"
+    assert result.meta.provider == "steady"
+    assert [(a.provider, a.outcome) for a in result.meta.attempts] == [("cold", "skipped"), ("steady", "succeeded")]
+
+
+def test_the_read_ahead_answers_once_then_asks_redis(fake_redis: fakeredis.FakeRedis) -> None:
+    from providers.registry import build_provider
+    from worker.cooldown import ReadAhead, RedisCooldowns
+
+    cold = build_provider("cold", ScriptedConfig(text="x", cooldown_failures=1))
+    gate = ReadAhead(RedisCooldowns(fake_redis), "cold", cooling=False)
+    fake_redis.set("cascade:cooldown:cold", "1")
+    assert gate.is_cooling_down(cold) is False  # the value read ahead
+    assert gate.is_cooling_down(cold) is True  # then Redis
