@@ -61,7 +61,7 @@ def _local_model_checks(figures: dict[str, Any]) -> list[dict[str, Any]]:
         },
         {
             "target": "local model: added first-token time < 50 ms",
-            "measured": f"+{figures['ttft_delta_ms']:.1f} ms",
+            "measured": f"{figures['ttft_delta_ms']:+.1f} ms",
             "ok": figures["ttft_delta_ms"] < 50,
         },
     ]

@@ -155,7 +155,7 @@ def report(figures: dict[str, Any], command: str) -> str:
         f"| tokens/s | {figures['raw_tokens_per_s']:.1f} | {figures['cascade_tokens_per_s']:.1f} | "
         f"ratio {figures['ratio']:.3f} | >= 0.95 ({ratio_ok}) |\n"
         f"| time to first token | {figures['raw_ttft_ms']:.1f} ms | {figures['cascade_ttft_ms']:.1f} ms | "
-        f"+{figures['ttft_delta_ms']:.1f} ms | < 50 ms ({ttft_ok}) |\n\n"
+        f"{figures['ttft_delta_ms']:+.1f} ms | < 50 ms ({ttft_ok}) |\n\n"
         "Cascade's times run from `submit()` to the chunk events a subscriber reads, so they include "
         "the queue hop, the worker's prompt templating and the Redis round trip of every chunk.\n"
     )

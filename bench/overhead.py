@@ -262,7 +262,7 @@ def checks(figures: dict[str, Any]) -> list[dict[str, Any]]:
         results.append(
             {
                 "target": f"{scenario}: added first-token time over the direct call at p50 <= {TTFT_TARGET_MS:g} ms",
-                "measured": f"+{added:.2f} ms",
+                "measured": f"{added:+.2f} ms",
                 "ok": added <= TTFT_TARGET_MS,
             }
         )

@@ -70,6 +70,9 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return reject(runtime, context, failure, intake.request_id, kwargs["request"])
 
     def send_handoff(queue: str, state: HandOff) -> None:
+        # Let go of the lease first: the next queue's worker may take the message at once, and
+        # would drop it as a duplicate while this worker still held the lease.
+        lease.release()
         self.apply_async(
             kwargs={
                 "request": request.model_dump(mode="json", exclude_none=True),
