@@ -18,7 +18,8 @@ from pydantic import ValidationError
 from providers.errors import InvalidRequest, RequestError
 from tasks.intake import read_request, usable_request_id
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ErrorInfo, HandOff
+from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff
+from worker import pending
 from worker.lease import LeaseLost, RequestLease
 from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, get_runtime
@@ -70,16 +71,7 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return reject(runtime, context, failure, intake.request_id, kwargs["request"])
 
     def send_handoff(queue: str, state: HandOff) -> None:
-        # Let go of the lease first: the next queue's worker may take the message at once, and
-        # would drop it as a duplicate while this worker still held the lease.
-        lease.release()
-        self.apply_async(
-            kwargs={
-                "request": request.model_dump(mode="json", exclude_none=True),
-                "handoff": state.model_dump(mode="json"),
-            },
-            queue=queue,
-        )
+        hand_off(self, runtime, lease, request, queue, state)
 
     # A redelivery or a resend of a request answered already finds its reply in runner.run(),
     # after the lease is taken: one read on the path of every request, not two.
@@ -111,6 +103,20 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if isinstance(outcome, HandOff):
         return {"request_id": request.request_id, "status": "handed_off", "queue_hops": outcome.queue_hops}
     return outcome.model_dump(mode="json")
+
+
+def hand_off(
+    task: Task, runtime: WorkerRuntime, lease: RequestLease, request: ChatRequest, queue: str, state: HandOff
+) -> None:
+    """Send ``request`` on to ``queue`` with its hand-off ``state``, and give up its lease."""
+    kwargs = {"request": request.model_dump(mode="json", exclude_none=True), "handoff": state.model_dump(mode="json")}
+    # Recorded before the lease goes: if this process dies or the send fails from here on, a
+    # reaper finds the request pending, unleased and unqueued, and sends it (worker.pending).
+    # The lease goes before the send: the next queue's worker may take the message at once, and
+    # would drop it as a duplicate of a lease still held.
+    pending.note_sent(runtime.redis, request.request_id or "", queue, kwargs)
+    lease.release()
+    task.apply_async(kwargs=kwargs, queue=queue)
 
 
 def _consumed_queues(task: Task) -> frozenset[str] | None:

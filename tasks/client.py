@@ -21,7 +21,10 @@ from celery import Celery
 
 from tasks import keys
 from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
-from worker import tracing  # noqa: F401 - connects the publish hook that puts the trace context in each message
+from worker import (
+    pending,
+    tracing,  # noqa: F401 - connects the publish hook that puts the trace context in each message
+)
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CANCEL_TTL_S = 86_400
@@ -79,13 +82,14 @@ class CascadeClient:
         """Enqueue a request (a ChatRequest, a dict, or its fields as keywords); return its id."""
         chat_request = build_request(request, **fields)
         request_id = chat_request.request_id or ""
+        kwargs = {"request": chat_request.model_dump(mode="json", exclude_none=True)}
+        target = queue or self.queue or self.route(chat_request.chain)
         self._celery.send_task(
-            TASK_NAME,
-            kwargs={"request": chat_request.model_dump(mode="json", exclude_none=True)},
-            queue=queue or self.queue or self.route(chat_request.chain),
-            task_id=request_id,
-            headers={SUBMITTED_AT_HEADER: time.time()},
+            TASK_NAME, kwargs=kwargs, queue=target, task_id=request_id, headers={SUBMITTED_AT_HEADER: time.time()}
         )
+        # After the send, off the path to the first token: a reply stored before this record
+        # lands ends it at the next reaper pass. Submitting again with the same id is safe.
+        pending.note_sent(self.redis, request_id, target, kwargs)
         return request_id
 
     def route(self, chain: str) -> str:

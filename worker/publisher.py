@@ -6,7 +6,7 @@ a cancel or a lost lease is free; the first event sets the stream's TTL (EXPIRE)
 stream longer than a quarter of the TTL renews. The terminal event and the stored reply are
 written by one Lua script, reply first, and only if no reply is stored yet and the lease is
 still ours: a request gets exactly one reply and one terminal event, however many workers
-ran it.
+ran it. The same script ends the request's pending record (``worker.pending``).
 
 Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``; off by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
@@ -30,6 +30,7 @@ import redis
 
 from tasks import keys
 from tasks.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
+from worker import pending
 from worker.lease import LeaseLost, RequestLease
 from worker.store import ReplyStore
 
@@ -38,12 +39,14 @@ class StreamClosed(RuntimeError):
     """An event was emitted after the request's terminal event."""
 
 
-# KEYS: reply, channel, events stream, lease (or "")
-# ARGV: reply JSON, reply TTL, event JSON, maxlen, events TTL, lease token (or "")
+# KEYS: reply, channel, events stream, lease (or ""), pending set, pending record
+# ARGV: reply JSON, reply TTL, event JSON, maxlen, events TTL, lease token (or ""), request id
 _FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
+redis.call('ZREM', KEYS[5], ARGV[7])
+redis.call('DEL', KEYS[6])
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
@@ -263,17 +266,20 @@ class EventPublisher:
         payload = self._event(event_type, {**fields, "reply": reply})
         written = self._client.eval(
             _FINISH,
-            4,
+            6,
             keys.reply_key(self.request_id),
             self._channel,
             self._stream,
             self._lease.key if self._lease else "",
+            pending.PENDING_SET,
+            pending.record_key(self.request_id),
             reply.model_dump_json(),
             self._store.ttl_s,
             payload,
             self._maxlen,
             self._ttl_s,
             self._lease.token if self._lease else "",
+            self.request_id,
         )
         if written == -1:
             raise LeaseLost(f"request {self.request_id} is now run by another worker")

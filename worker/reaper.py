@@ -9,11 +9,13 @@ timeout (longer than the longest request). An unacked ``cascade.chat`` message t
 ``orphan_after_s`` and whose request never started — no lease, no in-flight record, no reply,
 no event since the message was sent — goes back to its queue. A copy delivered twice runs once:
 the lease and the stored reply drop the other.
+
+Last, it resends requests whose message was lost before kombu recorded it anywhere
+(``worker.pending``).
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import threading
@@ -25,8 +27,9 @@ import redis
 
 from tasks import keys
 from tasks.intake import usable_request_id
-from tasks.schemas import TASK_NAME, StreamEvent
+from tasks.schemas import StreamEvent
 from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
+from worker.pending import UNACKED, message_request_id, resend_lost, task_kwargs, touch
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +49,6 @@ Resend = Callable[[str, dict[str, Any]], None]
 # kombu's Redis transport keeps each delivered, unacknowledged message in the hash ``unacked``
 # (tag -> [message, exchange, routing key]) indexed by delivery time in ``unacked_index``
 # (kombu's default names; the Celery app does not change them).
-UNACKED = "unacked"
 UNACKED_INDEX = "unacked_index"
 # Put one orphan back on its queue, unless its request started meanwhile (a lease, an in-flight
 # record or a reply exists) or another reaper already did.
@@ -77,6 +79,7 @@ def reclaim_expired(client: redis.Redis, resend: Resend, *, batch: int = 100) ->
         message = json.loads(record)
         logger.warning("request %s lost its worker; sending it to %s again", request_id, message["queue"])
         resend(message["queue"], message["kwargs"])
+        touch(client, request_id)
         reclaimed.append(request_id)
     return reclaimed
 
@@ -134,15 +137,10 @@ def _parse(raw: Any) -> tuple[str, str, str, dict[str, Any] | None] | None:
     try:
         message, _exchange, queue = json.loads(raw)
         headers = message.get("headers") or {}
-        if headers.get("task") != TASK_NAME or headers.get("eta"):
+        kwargs = task_kwargs(message)
+        if kwargs is None or headers.get("eta"):
             return None
-        body = message["body"]
-        if message.get("properties", {}).get("body_encoding") == "base64":
-            body = base64.b64decode(body)
-        _args, kwargs, _embed = json.loads(body)
-        request = kwargs.get("request")
-        request = json.loads(request) if isinstance(request, str) else request
-        candidates = (request.get("request_id") if isinstance(request, dict) else None, headers.get("id"))
+        candidates = (message_request_id(message), headers.get("id"))
         request_id = next(filter(None, (usable_request_id(c) if isinstance(c, str) else None for c in candidates)))
         handoff = kwargs.get("handoff")
     except (ValueError, TypeError, KeyError, AttributeError, StopIteration, RecursionError):
@@ -155,9 +153,10 @@ def _parse(raw: Any) -> tuple[str, str, str, dict[str, Any] | None] | None:
 
 
 class Reaper:
-    """A daemon thread running ``reclaim_expired`` and ``restore_orphans`` every
-    ``interval_s``; orphans are messages unstarted for ``orphan_after_s`` (by default 20
-    intervals, at least 10 s: far longer than a live worker takes to start a message)."""
+    """A daemon thread running ``reclaim_expired``, ``restore_orphans`` and
+    ``worker.pending.resend_lost`` every ``interval_s``. Orphans and lost messages are those
+    unstarted for ``orphan_after_s`` (by default 20 intervals, at least 10 s: far longer than a
+    live worker takes to start a message)."""
 
     def __init__(
         self, client: redis.Redis, resend: Resend, interval_s: float, orphan_after_s: float | None = None
@@ -166,6 +165,7 @@ class Reaper:
         self._resend = resend
         self._interval_s = interval_s
         self._orphan_after_s = orphan_after_s if orphan_after_s is not None else max(10.0, 20 * interval_s)
+        self._suspects: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cascade-reaper", daemon=True)
 
@@ -183,6 +183,7 @@ class Reaper:
             try:
                 reclaim_expired(self._client, self._resend)
                 restore_orphans(self._client, orphan_after_s=self._orphan_after_s)
+                resend_lost(self._client, self._resend, older_than_s=self._orphan_after_s, suspects=self._suspects)
             except redis.RedisError as exc:  # Redis restarting: try again next pass
                 logger.info("reaper pass skipped: %s", type(exc).__name__)
             except Exception:

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from providers.registry import ProviderPool
 from settings import Settings, load_settings
@@ -53,13 +55,22 @@ def get_settings() -> Settings:
     return load_settings()
 
 
+# A command that finds Redis gone is tried again for about 3.5 s (0.1 s doubling to 1 s), so a
+# restart with AOF rides through without aborting running requests; longer outages still end
+# the run, and its lease (TTL well above this) lapses for a reaper to resend it. Explicit
+# because redis-py's default differs between versions (one retry in 5.x, ten in 8.x).
+# https://redis.readthedocs.io/en/stable/retry.html
+REDIS_RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6)
+
+
 def redis_client(settings: Settings) -> redis.Redis:
     """A Redis client for ``settings.redis_url`` that survives Redis restarts."""
     return redis.Redis.from_url(
         settings.redis_dsn,
         health_check_interval=30,
         socket_keepalive=True,
-        retry_on_timeout=True,
+        retry=REDIS_RETRY,
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
 
 

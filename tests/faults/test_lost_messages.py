@@ -1,0 +1,228 @@
+"""Messages lost between kombu's BRPOP and its unacked record (``worker.pending``), on a real
+redis-server with real kombu messages sent by the producer client.
+
+A worker killed in that instant leaves its message nowhere in Redis; the producer's pending
+record is what brings it back. A request whose message is still queued, taken (unacked),
+leased or answered is never resent; a lost one is resent at the second pass that finds it lost,
+by exactly one of several reapers. A worker that hands a request to another queue records it
+too, before it lets go of the lease, so a hand-off whose send fails is not lost either. The
+worker-level proof: a request whose message vanished
+before any worker took it is answered by a worker within the recovery bound.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+from kombu import Connection
+from kombu.exceptions import OperationalError
+
+from settings import ScriptedConfig, Settings
+from tasks import keys
+from tasks.chat import hand_off
+from tasks.client import CascadeClient
+from tasks.schemas import ChatRequest, HandOff
+from worker import pending
+from worker.lease import RequestLease, lease_key
+from worker.local import LocalRedis
+from worker.runtime import build_runtime
+
+from .harness import (
+    FAST_RECOVERY_ENV,
+    RECOVERY_BOUND_S,
+    REDIS_PASSWORD,
+    FaultWorker,
+    assert_coherent,
+    new_id,
+    stored_events,
+    stored_reply,
+    write_config,
+)
+from .report import record
+
+pytestmark = pytest.mark.faults
+
+QUEUE = "chat"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    started = LocalRedis(tmp_path_factory.mktemp("lost"), password=REDIS_PASSWORD).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def rdb(server: LocalRedis) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+@pytest.fixture
+def producer(server: LocalRedis) -> Iterator[CascadeClient]:
+    with CascadeClient(server.url, queue=QUEUE) as client:
+        yield client
+
+
+class Resends:
+    """A reaper's ``resend`` that only records what it was asked to send."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, queue: str, kwargs: dict[str, Any]) -> None:
+        self.sent.append((queue, kwargs))
+
+
+def sweep(rdb: redis.Redis, resend: Resends, suspects: dict[str, float]) -> list[str]:
+    return pending.resend_lost(rdb, resend, older_than_s=0, suspects=suspects)
+
+
+def test_the_producer_records_each_request_it_sends(rdb: redis.Redis, producer: CascadeClient) -> None:
+    request_id = producer.submit(prompt="hi")
+    assert rdb.zscore(pending.PENDING_SET, request_id) is not None
+    record = json.loads(rdb.get(pending.record_key(request_id)) or b"{}")
+    assert record["queue"] == QUEUE and set(record["kwargs"]) == {"request"}
+    assert record["kwargs"]["request"]["request_id"] == request_id
+    assert record["kwargs"]["request"]["messages"] == [{"role": "user", "content": "hi"}]
+    assert 0 < (rdb.ttl(pending.record_key(request_id)) or 0) <= pending.PENDING_TTL_S
+
+
+def test_a_message_popped_and_lost_is_resent_at_the_second_pass(rdb: redis.Redis, producer: CascadeClient) -> None:
+    request_id = producer.submit(prompt="hi")
+    assert rdb.brpop([QUEUE], timeout=1) is not None  # a worker took it and died before kombu recorded it
+    resend, suspects = Resends(), {}
+    assert sweep(rdb, resend, suspects) == [] and request_id in suspects  # once could be an instant
+    assert sweep(rdb, resend, suspects) == [request_id]
+    [(queue, kwargs)] = resend.sent
+    assert queue == QUEUE and kwargs["request"]["request_id"] == request_id
+    assert suspects == {}
+
+
+def test_a_message_on_its_queue_or_taken_by_a_worker_is_left_alone(
+    server: LocalRedis, rdb: redis.Redis, producer: CascadeClient
+) -> None:
+    taken = producer.submit(prompt="taken")
+    connection = Connection(server.url)
+    message = connection.default_channel.basic_get(QUEUE, no_ack=False)  # now in kombu's unacked
+    assert message is not None and message.payload[1]["request"]["request_id"] == taken
+    queued = producer.submit(prompt="still queued")
+    resend, suspects = Resends(), {}
+    for _ in range(3):
+        assert sweep(rdb, resend, suspects) == []
+    assert resend.sent == [] and suspects == {}
+    assert {queued, taken} <= {m.decode() for m in rdb.zrange(pending.PENDING_SET, 0, -1)}
+    connection.release()
+
+
+def test_a_leased_or_answered_request_is_not_resent(rdb: redis.Redis, producer: CascadeClient) -> None:
+    leased = producer.submit(prompt="running")
+    answered = producer.submit(prompt="done")
+    rdb.delete(QUEUE)  # both taken off the queue
+    rdb.set(lease_key(leased), "some-worker:token", px=60_000)
+    rdb.set(keys.reply_key(answered), "{}")
+    resend, suspects = Resends(), {}
+    for _ in range(3):
+        assert sweep(rdb, resend, suspects) == []
+    assert rdb.zscore(pending.PENDING_SET, answered) is None, "an answered request stops being pending"
+    assert rdb.zscore(pending.PENDING_SET, leased) is not None
+
+
+def test_a_request_sent_again_since_the_first_pass_is_not_resent(rdb: redis.Redis, producer: CascadeClient) -> None:
+    request_id = producer.submit(prompt="hi")
+    rdb.delete(QUEUE)
+    resend, suspects = Resends(), {}
+    assert sweep(rdb, resend, suspects) == []
+    time.sleep(0.01)
+    pending.touch(rdb, request_id)  # another reaper sent it meanwhile (and its copy was taken)
+    assert sweep(rdb, resend, suspects) == []
+    assert resend.sent == []
+
+
+def test_of_several_reapers_exactly_one_resends(rdb: redis.Redis, producer: CascadeClient) -> None:
+    request_id = producer.submit(prompt="hi")
+    rdb.delete(QUEUE)
+    reapers = [(Resends(), {}) for _ in range(3)]
+    for resend, suspects in reapers:
+        assert sweep(rdb, resend, suspects) == []
+    resent = [sweep(rdb, resend, suspects) for resend, suspects in reapers]
+    assert sorted(resent, key=len) == [[], [], [request_id]]
+
+
+def test_a_long_queue_is_read_only_at_its_head(rdb: redis.Redis, producer: CascadeClient) -> None:
+    lost = producer.submit(prompt="lost")
+    rdb.delete(QUEUE)
+    for _ in range(5):
+        producer.submit(prompt="queued behind")
+    resend, suspects = Resends(), {}
+    for _ in range(3):  # the queue is longer than the scan: nothing can be called lost
+        assert pending.resend_lost(rdb, resend, older_than_s=0, suspects=suspects, scan_limit=3) == []
+    assert pending.resend_lost(rdb, resend, older_than_s=0, suspects=suspects, scan_limit=10) == []
+    assert pending.resend_lost(rdb, resend, older_than_s=0, suspects=suspects, scan_limit=10) == [lost]
+
+
+def test_a_worker_answers_a_request_whose_message_vanished(
+    tmp_path_factory: pytest.TempPathFactory, server: LocalRedis, rdb: redis.Redis, producer: CascadeClient
+) -> None:
+    workdir = tmp_path_factory.mktemp("lost-worker")
+    config = write_config(
+        workdir / "cascade.toml",
+        {"quick": {"type": "scripted", "text": "back from the void", "chunk_size": 5}},
+        {"default": ["quick"]},
+    )
+    request_id = new_id("vanished")
+    producer.submit(request_id=request_id, prompt="hi")
+    lost_at = time.monotonic()
+    assert rdb.brpop([QUEUE], timeout=1) is not None  # gone before any worker recorded it
+    worker = FaultWorker("lost", server.url, config, workdir / "worker.log", env=dict(FAST_RECOVERY_ENV)).start()
+    try:
+        deadline = lost_at + RECOVERY_BOUND_S
+        while stored_reply(rdb, request_id) is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        recovered_s = time.monotonic() - lost_at
+        reply = assert_coherent(stored_events(rdb, request_id), stored_reply(rdb, request_id), request_id)
+        assert reply.replies[0].content == "back from the void"
+        assert "its message was lost before any worker recorded it" in worker.log_text()
+        assert rdb.zscore(pending.PENDING_SET, request_id) is None
+        record("message lost between BRPOP and unacked: answered after", f"{recovered_s:.1f} s")
+    finally:
+        worker.stop()
+
+
+class BrokerDown:
+    """A task whose ``apply_async`` fails, as a send does while the broker is unreachable."""
+
+    def apply_async(self, **_: Any) -> None:
+        raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused. (injected)")
+
+
+def test_a_hand_off_whose_send_fails_is_sent_by_a_reaper(rdb: redis.Redis) -> None:
+    settings = Settings(providers={"quick": ScriptedConfig(text="hi")}, chains={"default": ["quick"]})
+    runtime = build_runtime(settings, rdb, worker_name="handoff/1")
+    request = ChatRequest(request_id=new_id("handoff"), prompt="hi")
+    lease = RequestLease(rdb, request.request_id or "", ttl_s=5, record_ttl_s=60, worker="handoff/1")
+    assert lease.acquire(QUEUE, {"request": request.model_dump(mode="json", exclude_none=True)})
+    state = HandOff(start_index=1, next_seq=3, queue_hops=1, deadline_at=time.time() + 60, started_at=time.time())
+
+    with pytest.raises(OperationalError):
+        hand_off(BrokerDown(), runtime, lease, request, "chat.gpu", state)  # type: ignore[arg-type]
+
+    assert not rdb.exists(lease.key), "the lease went before the send"
+    resend, suspects = Resends(), {}
+    assert sweep(rdb, resend, suspects) == []
+    assert sweep(rdb, resend, suspects) == [request.request_id]
+    [(queue, kwargs)] = resend.sent
+    assert queue == "chat.gpu"
+    assert HandOff.model_validate(kwargs["handoff"]) == state
+    assert kwargs["request"]["request_id"] == request.request_id

@@ -1,0 +1,204 @@
+"""Requests sent and not answered yet: the record that closes the gap in kombu's Redis transport.
+
+kombu's Redis transport takes a message off its queue (BRPOP) before it records the message as
+unacknowledged (the ``unacked`` hash). A worker killed between the two, or with the BRPOP reply
+still unread in its socket, leaves the message nowhere in Redis: no queue entry, no unacked
+entry, no lease — and the broker's visibility timeout cannot restore what it never recorded.
+
+So whoever sends a ``cascade.chat`` message records it: the producer client after each submit,
+a worker before it hands a request to another queue. ``cascade:pending`` (sorted set: request
+id -> when its message was last sent, in ms) indexes ``cascade:pending:{id}`` (the queue and the
+task's keyword arguments). The Lua script that stores the reply (``worker.publisher``) removes
+both, so a request is pending exactly until it is answered.
+
+Each reaper pass (``resend_lost``) looks at requests pending for longer than ``older_than_s``.
+One with no lease and no reply whose message is neither on its queue nor in ``unacked`` (one
+atomic read of both) is a suspect; still a suspect at the next pass with nothing sent for it
+meanwhile, it was lost and is sent again (the reaper that wins a compare-and-set on its score).
+A second pass is asked for because a message in flight between BRPOP and ``unacked`` looks lost
+for an instant. A copy delivered twice runs once: the lease and the stored reply drop the other.
+
+Requests enqueued by producers that do not write this record (other languages, plain Celery)
+keep the other guards (leases, the unacked sweep) and the broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+from tasks import keys
+from tasks.schemas import TASK_NAME
+from worker.lease import lease_key
+
+logger = logging.getLogger(__name__)
+
+PENDING_SET = "cascade:pending"
+PENDING_KEY = "cascade:pending:{request_id}"
+# How long a record outlives a request that never ends (a queue nobody consumes).
+PENDING_TTL_S = 7 * 86_400
+# kombu's default names for delivered, unacknowledged messages (tag -> [message, exchange, key]).
+UNACKED = "unacked"
+
+Resend = Callable[[str, dict[str, Any]], None]
+
+# Claim a lost request for resending: its score is still what this reaper saw (nobody sent it
+# since), no lease and no reply exist. The new score marks the resend. Returns the record.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return false end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+return redis.call('GET', KEYS[4])
+"""
+
+
+def record_key(request_id: str) -> str:
+    """The key holding the queue and keyword arguments of ``request_id``'s last message."""
+    return PENDING_KEY.format(request_id=request_id)
+
+
+def note_sent(client: redis.Redis, request_id: str, queue: str, kwargs: dict[str, Any]) -> None:
+    """Record that a ``cascade.chat`` message for ``request_id`` was sent to ``queue`` (one
+    round trip)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.set(record_key(request_id), json.dumps({"queue": queue, "kwargs": kwargs}), ex=PENDING_TTL_S)
+    pipe.zadd(PENDING_SET, {request_id: _now_ms()})
+    pipe.execute()
+
+
+def touch(client: redis.Redis, request_id: str) -> None:
+    """Mark ``request_id``'s message as sent again just now (if it is pending)."""
+    client.zadd(PENDING_SET, {request_id: _now_ms()}, xx=True)
+
+
+def task_kwargs(message: Any) -> dict[str, Any] | None:
+    """The keyword arguments of a kombu message (as stored in Redis, decoded from JSON) if it
+    is a ``cascade.chat`` message with a readable body; else None."""
+    try:
+        headers = message.get("headers") or {}
+        if headers.get("task") != TASK_NAME:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    return kwargs if isinstance(kwargs, dict) else None
+
+
+def message_request_id(message: Any) -> str | None:
+    """The request id a ``cascade.chat`` message carries in its request, or None."""
+    request = (task_kwargs(message) or {}).get("request")
+    try:
+        request = json.loads(request) if isinstance(request, str) else request
+    except (ValueError, RecursionError):
+        return None
+    found = request.get("request_id") if isinstance(request, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _ids_in(raw_messages: Iterable[Any], *, unacked: bool) -> set[str]:
+    """The request ids of the messages of a queue (``LRANGE``) or of ``unacked`` (``HVALS``)."""
+    found = set()
+    for raw in raw_messages:
+        try:
+            decoded = json.loads(raw)
+            message = decoded[0] if unacked else decoded
+        except (ValueError, TypeError, KeyError, IndexError):
+            continue
+        request_id = message_request_id(message)
+        if request_id is not None:
+            found.add(request_id)
+    return found
+
+
+def resend_lost(
+    client: redis.Redis,
+    resend: Resend,
+    *,
+    older_than_s: float,
+    suspects: dict[str, float],
+    batch: int = 200,
+    scan_limit: int = 5_000,
+) -> list[str]:
+    """One pass (see the module docstring): resend requests found lost at this pass and the
+    last one, update ``suspects`` (request id -> pending score) for the next, and return the
+    ids resent. A queue longer than ``scan_limit`` is read only at its head (the end BRPOP takes
+    from, where old messages are); a request not seen there is left alone."""
+    now_ms = _now_ms()
+    entries: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
+        PENDING_SET, "-inf", now_ms - older_than_s * 1000, start=0, num=batch, withscores=True
+    )
+    pipe = client.pipeline(transaction=False)
+    for raw_id, _score in entries:
+        request_id = raw_id.decode()
+        pipe.exists(lease_key(request_id))
+        pipe.exists(keys.reply_key(request_id))
+        pipe.get(record_key(request_id))
+    checks = pipe.execute() if entries else []
+    candidates: dict[str, tuple[float, dict[str, Any]]] = {}
+    finished = []
+    for number, (raw_id, score) in enumerate(entries):
+        leased, replied, record = checks[3 * number : 3 * number + 3]
+        if replied or record is None:
+            finished.append(raw_id)  # answered (the record came after the reply), or expired
+        elif not leased:
+            candidates[raw_id.decode()] = (score, json.loads(record))
+    if finished:
+        client.zrem(PENDING_SET, *finished)
+    lost = _not_queued(client, candidates, scan_limit) if candidates else {}
+    resent = []
+    for request_id, (score, record) in lost.items():
+        if suspects.get(request_id) != score:
+            continue  # first sighting: a message can be between BRPOP and unacked for an instant
+        keys_ = (PENDING_SET, lease_key(request_id), keys.reply_key(request_id), record_key(request_id))
+        if client.eval(_CLAIM, len(keys_), *keys_, request_id, score, _now_ms()) is None:
+            continue  # it started, ended, or another reaper sent it
+        logger.warning(
+            "request %s: its message was lost before any worker recorded it; sending it to %s again",
+            request_id,
+            record["queue"],
+        )
+        resend(record["queue"], record["kwargs"])
+        resent.append(request_id)
+    suspects.clear()
+    suspects.update({request_id: score for request_id, (score, _r) in lost.items() if request_id not in resent})
+    return resent
+
+
+def _not_queued(
+    client: redis.Redis, candidates: dict[str, tuple[float, dict[str, Any]]], scan_limit: int
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """The candidates whose message is neither in ``unacked`` nor on its queue, read in one
+    MULTI so a message moving from one to the other is seen in exactly one of them."""
+    by_queue: dict[str, list[str]] = defaultdict(list)
+    for request_id, (_score, record) in candidates.items():
+        by_queue[str(record["queue"])].append(request_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.hvals(UNACKED)
+    for queue in by_queue:
+        pipe.lrange(queue, -scan_limit, -1)
+        pipe.llen(queue)
+    results = pipe.execute()
+    present = _ids_in(results[0], unacked=True)
+    lost = {}
+    for number, (_queue, request_ids) in enumerate(by_queue.items()):
+        queued, length = results[1 + 2 * number], results[2 + 2 * number]
+        if length > scan_limit:
+            continue  # part of the queue unread: nothing can be called lost
+        present |= _ids_in(queued, unacked=False)
+        lost.update({r: candidates[r] for r in request_ids if r not in present})
+    return lost
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
