@@ -73,8 +73,8 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     def send_handoff(queue: str, state: HandOff) -> None:
         hand_off(self, runtime, lease, request, queue, state)
 
-    # A redelivery or a resend of a request answered already finds its reply in runner.run(),
-    # after the lease is taken: one read on the path of every request, not two.
+    # A redelivery or a resend of a request answered already finds its reply in the same round
+    # trip that takes the lease (runner.open): one read on the path of every request, not two.
     lease = RequestLease(
         runtime.redis,
         request.request_id or "",
@@ -84,11 +84,11 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     )
     if handoff is not None:
         message["handoff"] = handoff.model_dump(mode="json")
-    if not lease.acquire(context.queue or DEFAULT_QUEUE, message):
+    runner = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff, lease=lease)
+    if not runner.open((context.queue or DEFAULT_QUEUE, message)):
         logger.info("request %s is running on another worker; dropping this copy", request.request_id)
         return {"request_id": request.request_id, "status": "duplicate"}
     try:
-        runner = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff, lease=lease)
         outcome = runner.run()
     except LeaseLost:
         logger.warning("request %s was taken over by another worker", request.request_id)

@@ -25,7 +25,8 @@ from tasks.recovery import WORKER_LOST, read_lost_run
 from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
 from worker.cooldown import ReadAhead, RedisCooldowns
 from worker.lease import LeaseLost, RequestLease
-from worker.publisher import EventPublisher
+from worker.opening import Opening, open_run
+from worker.publisher import EventPublisher, start_event
 from worker.runtime import RequestObserver, WorkerRuntime
 
 logger = logging.getLogger(__name__)
@@ -79,37 +80,68 @@ class RequestRunner:
             self.started_at_wall = context.started_at_wall
             self.first_chunk_at = None
         self.deadline = context.started_at + (self.deadline_at - context.started_at_wall)
-        # One round trip for what a run reads first: where the request's events stopped (a rerun
-        # or a hand-off continues their seq) and the reply, if one is stored already ...
-        pipe = runtime.redis.pipeline(transaction=False)
-        pipe.xrevrange(keys.events_stream(self.request_id), count=1)
-        pipe.get(keys.reply_key(self.request_id))
-        # ... and whether the first provider to try cools down, so the chain asks Redis no more.
+        self._lease = lease
         first_id = settings.chains[request.chain][handoff.start_index if handoff else 0]
-        cooldown_key = RedisCooldowns.key_of(first_id, settings.providers[first_id].cooldown_failures)
-        if cooldown_key is not None:
-            pipe.exists(cooldown_key)
-        last_event, self._stored_reply, *cooling = pipe.execute()
-        self._cooldowns: CooldownGate = runtime.cooldowns
-        if cooling:
-            self._cooldowns = ReadAhead(runtime.cooldowns, first_id, bool(cooling[0]))
-        next_seq = EventPublisher.seq_after(last_event)
+        self._first_id = first_id
+        self._cooldown_key = RedisCooldowns.key_of(first_id, settings.providers[first_id].cooldown_failures)
+        self._opening: Opening | None = None
+        self._last_cancel_check = 0.0
+
+    def open(self, record: tuple[str, dict[str, Any]] | None = None) -> bool:
+        """The run's first round trip (``worker.opening``): take the lease, recording ``record``
+        (the queue and kwargs to resend the request with), read where the request stands and
+        publish its ``start`` event if it is new. False if another worker holds the lease.
+        Without a lease (tests, tools) only the read happens; ``run`` opens by itself then."""
+        settings = self.runtime.settings
+        client = self.runtime.redis
+        if self._lease is not None and record is not None:
+            start = None if self.handoff else start_event(self.request_id, self.request.chain, self.runtime.worker_name)
+            opening = open_run(
+                client,
+                self._lease,
+                record,
+                cooldown_key=self._cooldown_key,
+                start_event=start,
+                events_maxlen=settings.events_maxlen,
+                events_ttl_s=settings.events_ttl_s,
+            )
+            if opening is None:
+                return False
+        else:
+            pipe = client.pipeline(transaction=False)
+            pipe.xrevrange(keys.events_stream(self.request_id), count=1)
+            pipe.get(keys.reply_key(self.request_id))
+            pipe.exists(keys.cancel_key(self.request_id))
+            if self._cooldown_key is not None:
+                pipe.exists(self._cooldown_key)
+            last, reply, cancelled, *cooling = pipe.execute()
+            opening = Opening(last, reply, bool(cancelled), bool(cooling[0]) if cooling else None, started=False)
+        self._opening = opening
+        self._cooldowns: CooldownGate = self.runtime.cooldowns
+        if opening.cooling is not None:
+            self._cooldowns = ReadAhead(self.runtime.cooldowns, self._first_id, opening.cooling)
+        next_seq = 1 if opening.started else EventPublisher.seq_after(opening.last_event)
         self.publisher = EventPublisher(
-            runtime.redis,
+            client,
             self.request_id,
-            store=runtime.replies,
+            store=self.runtime.replies,
             events_maxlen=settings.events_maxlen,
             events_ttl_s=settings.events_ttl_s,
-            next_seq=max(next_seq, handoff.next_seq if handoff else 0),
-            lease=lease,
+            next_seq=max(next_seq, self.handoff.next_seq if self.handoff else 0),
+            lease=self._lease,
             coalesce_s=settings.coalesce_ms / 1000,
+            stream_ttl_set=opening.started,
         )
-        self._last_cancel_check = 0.0
+        return True
 
     def run(self) -> ChatReply | HandOff:
         """Run the request to its terminal event and return the stored reply, or return the
         hand-off state if the chain continues on another queue."""
-        stored = ChatReply.model_validate_json(self._stored_reply) if self._stored_reply else None
+        if self._opening is None:
+            self.open()
+        assert self._opening is not None
+        opening = self._opening
+        stored = ChatReply.model_validate_json(opening.stored_reply) if opening.stored_reply else None
         if stored is not None:
             logger.info("request %s already answered (%s); not running it again", self.request_id, stored.status)
             return stored
@@ -143,10 +175,12 @@ class RequestRunner:
             local_queues=self.context.local_queues if self._send_handoff else None,
         )
         try:
-            if self.handoff is None and not (lost and lost.started):
+            if opening.started:
+                cancelled = opening.cancelled
+            elif self.handoff is None and not (lost and lost.started):
                 cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
             else:
-                cancelled = self.publisher.cancel_requested()
+                cancelled = opening.cancelled
             if lost and lost.lost:
                 cancelled = (
                     self.publisher.emit(

@@ -33,13 +33,14 @@ LEASE_KEY = "cascade:lease:{request_id}"
 INFLIGHT_KEY = "cascade:inflight:{request_id}"
 INFLIGHT_SET = "cascade:inflight"
 
-# Take the lease if it is free and record the message to resend, in one round trip.
-_ACQUIRE = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 0 end
+# Take the lease if it is free and record the message to resend, in one round trip. The body
+# (KEYS 1-3, ARGV 1-6) also opens ``worker.opening``'s script, which goes on from there.
+ACQUIRE_LUA = """
+if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-return 1
 """
+_ACQUIRE = ACQUIRE_LUA + "return 1\n"
 # Renew only if the lease is still ours (compare-and-expire).
 _RENEW = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -134,27 +135,47 @@ class RequestLease:
         self.token = f"{worker}:{secrets.token_hex(8)}"
         self.lost = False
         self.abandoned = False
+        self.released = False
 
     def acquire(self, queue: str, kwargs: dict[str, Any]) -> bool:
         """Take the lease and record the message to resend if this worker dies; False if a
         live worker already holds it."""
-        record = json.dumps({"queue": queue, "kwargs": kwargs})
-        keys = (self.key, self._inflight, INFLIGHT_SET)
-        args = (self.token, self._ttl_ms, record, self._record_ttl_s, self._expiry_ms(), self.request_id)
+        keys, args = self.acquire_call(queue, kwargs)
         if not self._client.eval(_ACQUIRE, len(keys), *keys, *args):
             return False
-        _HEARTBEAT.add(self)
+        self.taken()
         return True
+
+    def acquire_call(self, queue: str, kwargs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
+        """KEYS and ARGV of ``ACQUIRE_LUA`` for this lease and the message to record."""
+        record = json.dumps({"queue": queue, "kwargs": kwargs})
+        keys = (self.key, self._inflight, INFLIGHT_SET)
+        return keys, (self.token, self._ttl_ms, record, self._record_ttl_s, self._expiry_ms(), self.request_id)
+
+    def taken(self) -> None:
+        """Start renewing the lease: a script running ``ACQUIRE_LUA`` took it."""
+        _HEARTBEAT.add(self)
+
+    def release_keys(self) -> tuple[str, str, str]:
+        """The keys a script releasing this lease deletes or edits: lease, in-flight record and
+        the in-flight set (``worker.publisher`` releases it with the reply)."""
+        return self.key, self._inflight, INFLIGHT_SET
+
+    def stop_renewing(self) -> None:
+        """Stop the heartbeat (before a script that may release the lease runs)."""
+        _HEARTBEAT.remove(self)
 
     def holds(self, current: bytes | None) -> bool:
         """True if ``current`` (the lease key's value read elsewhere) is this lease's token."""
         return current is not None and current.decode() == self.token
 
     def release(self) -> None:
-        """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned)."""
+        """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned, or
+        released already, by this call or with the reply)."""
         _HEARTBEAT.remove(self)
-        if self.abandoned:
+        if self.abandoned or self.released:
             return
+        self.released = True
         try:
             self._client.eval(_RELEASE, 3, self.key, INFLIGHT_SET, self._inflight, self.token, self.request_id)
         except redis.RedisError:

@@ -6,7 +6,8 @@ a cancel or a lost lease is free; the first event sets the stream's TTL (EXPIRE)
 stream longer than a quarter of the TTL renews. The terminal event and the stored reply are
 written by one Lua script, reply first, and only if no reply is stored yet and the lease is
 still ours: a request gets exactly one reply and one terminal event, however many workers
-ran it. The same script ends the request's pending record (``worker.pending``).
+ran it. The same script publishes a coalesced chunk still waiting, releases the lease and
+ends the request's pending record (``worker.pending``): one round trip ends a request.
 
 Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``; off by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
@@ -30,7 +31,7 @@ import redis
 
 from tasks import keys
 from tasks.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
-from worker import pending
+from worker import pending as pending_set
 from worker.lease import LeaseLost, RequestLease
 from worker.store import ReplyStore
 
@@ -39,17 +40,27 @@ class StreamClosed(RuntimeError):
     """An event was emitted after the request's terminal event."""
 
 
-# KEYS: reply, channel, events stream, lease (or ""), pending set, pending record
-# ARGV: reply JSON, reply TTL, event JSON, maxlen, events TTL, lease token (or ""), request id
+# KEYS: reply, channel, events stream, lease (or ""), pending set, pending record, in-flight
+#       record, in-flight set
+# ARGV: reply JSON, reply TTL, terminal event JSON, maxlen, events TTL, lease token (or ""),
+#       request id, a coalesced chunk event to publish first (or "")
 _FINISH = """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then return -1 end
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZREM', KEYS[5], ARGV[7])
 redis.call('DEL', KEYS[6])
+if ARGV[8] ~= '' then
+    redis.call('PUBLISH', KEYS[2], ARGV[8])
+    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[8])
+end
 redis.call('PUBLISH', KEYS[2], ARGV[3])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[5])
+if ARGV[6] ~= '' then
+    redis.call('DEL', KEYS[4], KEYS[7])
+    redis.call('ZREM', KEYS[8], ARGV[7])
+end
 return 1
 """
 
@@ -123,6 +134,7 @@ class EventPublisher:
         next_seq: int = 0,
         lease: RequestLease | None = None,
         coalesce_s: float = 0.0,
+        stream_ttl_set: bool = False,
     ) -> None:
         self._client = client
         self.request_id = request_id
@@ -141,7 +153,9 @@ class EventPublisher:
         self._last_sent = -float("inf")
         self._cancelled = False
         self._failure: BaseException | None = None
-        self._refresh_ttl_at = -float("inf")
+        # The first event sets the stream's TTL, unless it was published already with its TTL
+        # (the ``start`` event of ``worker.opening``).
+        self._refresh_ttl_at = time.monotonic() + events_ttl_s / 4 if stream_ttl_set else -float("inf")
 
     @staticmethod
     def resume_seq(client: redis.Redis, request_id: str) -> int:
@@ -258,34 +272,52 @@ class EventPublisher:
                 raise failure
             if self.closed:
                 raise StreamClosed(f"request {self.request_id} already ended")
-            if self._pending is not None:
-                self._send(None)  # the text goes out before the terminal event
             return self._finish(event_type, reply, fields)
 
     def _finish(self, event_type: str, reply: ChatReply, fields: dict[str, Any]) -> bool:
+        pending, self._pending = self._pending, None
+        first_seq = self.next_seq
+        chunk = self._event("chunk", pending.merged()) if pending is not None else ""
+        if pending is not None:
+            self.next_seq += 1  # the waiting text goes out just before the terminal event
         payload = self._event(event_type, {**fields, "reply": reply})
-        written = self._client.eval(
-            _FINISH,
-            6,
-            keys.reply_key(self.request_id),
-            self._channel,
-            self._stream,
-            self._lease.key if self._lease else "",
-            pending.PENDING_SET,
-            pending.record_key(self.request_id),
-            reply.model_dump_json(),
-            self._store.ttl_s,
-            payload,
-            self._maxlen,
-            self._ttl_s,
-            self._lease.token if self._lease else "",
-            self.request_id,
-        )
+        lease = self._lease
+        release = lease.release_keys() if lease else ("", "", "")
+        if lease is not None:
+            lease.stop_renewing()  # the script releases the lease with the reply
+        try:
+            written = self._client.eval(
+                _FINISH,
+                8,
+                keys.reply_key(self.request_id),
+                self._channel,
+                self._stream,
+                release[0],
+                pending_set.PENDING_SET,
+                pending_set.record_key(self.request_id),
+                release[1],
+                release[2],
+                reply.model_dump_json(),
+                self._store.ttl_s,
+                payload,
+                self._maxlen,
+                self._ttl_s,
+                lease.token if lease else "",
+                self.request_id,
+                chunk,
+            )
+        except BaseException:
+            self._pending, self.next_seq = pending, first_seq
+            raise
         if written == -1:
             raise LeaseLost(f"request {self.request_id} is now run by another worker")
         self.closed = True
         if written == 1:
             self.next_seq += 1
+            if lease is not None:
+                lease.released = True
+        else:
+            self.next_seq = first_seq
         return bool(written == 1)
 
     def _event(self, event_type: str, fields: dict[str, Any]) -> str:
@@ -312,3 +344,11 @@ class EventPublisher:
 
 
 _FLUSHER = _Flusher()
+
+
+def start_event(request_id: str, chain: str, worker: str) -> str:
+    """The JSON of a request's ``start`` event as its first event (``seq`` 0)."""
+    event = StreamEvent(
+        type="start", request_id=request_id, seq=0, ts=round(time.time(), 6), chain=chain, worker=worker
+    )
+    return event.model_dump_json(exclude_none=True)

@@ -58,7 +58,8 @@ class BlinkingRedis(redis.Redis):
         return pipe
 
     def eval(self, script: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
-        if self.fail_reply_of is not None and f"cascade:reply:{self.fail_reply_of}" in keys_and_args[:numkeys]:
+        # The script storing the reply is the one whose first key is the reply.
+        if self.fail_reply_of is not None and keys_and_args[0] == f"cascade:reply:{self.fail_reply_of}":
             self.fail_reply_of = None
             raise redis.ConnectionError("Connection closed by server. (injected)")
         return super().eval(script, numkeys, *keys_and_args)
