@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import IO, Any
 
 from bench.report import replace_section
+from settings import Settings
 from worker.local import LocalRedis, start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,6 +129,12 @@ def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_
         if time.monotonic() > give_up:
             raise TimeoutError(f"timed out waiting for {what}")
         time.sleep(poll_s)
+
+
+def coalesced_label(window_ms: float) -> str:
+    """``2 ms (the default)``, or the coalescing window a run was given."""
+    default = Settings.model_fields["coalesce_ms"].default
+    return f"{window_ms:g} ms" + (" (the default)" if window_ms == default else "")
 
 
 def celery_worker_args(app: str, queues: str, concurrency: int) -> list[str]:

@@ -4,7 +4,7 @@ against ``redis-benchmark`` PUBLISH without pipelining (one connection), in the 
 One Cascade worker process streams a ``scripted`` text of many chunks with no delay; its rate
 is the provider's chunks over the time from the first chunk event to the terminal event, read
 back from the events stream (``ts``), so no subscriber takes CPU from the worker. The same
-worker runs twice: with chunk coalescing off (the default) and with ``CASCADE_COALESCE_MS``
+worker runs twice: with chunk coalescing off (``CASCADE_COALESCE_MS=0``) and with ``CASCADE_COALESCE_MS``
 set (two workers, each consuming its own queue). The baseline publishes a payload of the size
 of one chunk event, one command per round trip: ``redis-benchmark -c 1 -P 1 PUBLISH``. The
 three alternate, round by round; the medians are compared.
@@ -25,6 +25,7 @@ from bench.common import (
     PROMPT,
     Stack,
     add_common_arguments,
+    coalesced_label,
     cpu_busy,
     measured_by,
     verdict,
@@ -87,7 +88,7 @@ def run(chunks: int, rounds: int, coalesce_ms: float) -> dict[str, Any]:
             f'[providers.long]\n{table}[providers.long_c]\n{table}queue = "{COALESCED_QUEUE}"\n'
             '[chains]\nlong = ["long"]\nlong_c = ["long_c"]\n'
         )
-        stack.cascade_worker(config, queues="chat")
+        stack.cascade_worker(config, queues="chat", env={"CASCADE_COALESCE_MS": "0"})
         stack.cascade_worker(config, queues=COALESCED_QUEUE, env={"CASCADE_COALESCE_MS": str(coalesce_ms)})
         paths = {
             "off": ("long", "chat"),
@@ -122,7 +123,7 @@ def checks(figures: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's target, for coalescing off and on."""
     baseline = figures["medians"]["redis_benchmark"]
     results = []
-    labels = {"off": "coalescing off (default)", "coalesced": f"coalescing {figures['coalesce_ms']:g} ms"}
+    labels = {"off": "coalescing off", "coalesced": f"coalescing {coalesced_label(figures['coalesce_ms'])}"}
     for name, label in labels.items():
         rate = figures["medians"][name]
         ratio = rate / baseline if baseline else None
@@ -156,8 +157,9 @@ def report(figures: dict[str, Any], command: str, busy: tuple[float, float]) -> 
         "| --- | --- | --- | --- |",
         f"| redis-benchmark PUBLISH, 1 connection, no pipelining | {baseline or 0:.0f} | "
         f"{per_round('redis_benchmark')} | - |",
-        f"| Cascade, coalescing off (default) | {medians['off']:.0f} | {per_round('off')} | {events['off']:.0f} |",
-        f"| Cascade, `CASCADE_COALESCE_MS={figures['coalesce_ms']:g}` | {medians['coalesced']:.0f} | "
+        f"| Cascade, `CASCADE_COALESCE_MS=0` (coalescing off) | {medians['off']:.0f} | {per_round('off')} | "
+        f"{events['off']:.0f} |",
+        f"| Cascade, coalescing {coalesced_label(figures['coalesce_ms'])} | {medians['coalesced']:.0f} | "
         f"{per_round('coalesced')} | {events['coalesced']:.0f} |",
         "",
         "| target | measured | result |",

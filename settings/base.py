@@ -62,7 +62,9 @@ class Settings(BaseSettings):
 
     # Streaming: publish chunks that arrive within this many ms of the last publish as one
     # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.
-    coalesce_ms: float = Field(default=0.0, ge=0, le=1_000)
+    # A provider streaming slower than this (an API, a GPU model) is never delayed; a faster
+    # one costs a round trip per window (BENCHMARKS.md: throughput and streaming rate).
+    coalesce_ms: float = Field(default=2.0, ge=0, le=1_000)
 
     # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
     lease_ttl_s: float = Field(default=10.0, ge=0.5)

@@ -152,7 +152,7 @@ class RequestRunner:
         attempts = list(self.handoff.attempts) if self.handoff else []
         expected_seq = self.handoff.next_seq if self.handoff else 0
         lost = None
-        if self.publisher.next_seq > expected_seq:
+        if not opening.started and self.publisher.next_seq > expected_seq:
             # An earlier run of this very message died mid-way: continue where it stopped.
             lost = read_lost_run(self.runtime.redis, self.request_id, expected_seq, provider_ids)
             known = {record.attempt for record in attempts}

@@ -9,7 +9,7 @@ still ours: a request gets exactly one reply and one terminal event, however man
 ran it. The same script publishes a coalesced chunk still waiting, releases the lease and
 ends the request's pending record (``worker.pending``): one round trip ends a request.
 
-Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``; off by default): a chunk that comes
+Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``, 2 ms by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
 window join its ``delta``; a background flusher publishes them at the window's end, and any
 other event (``fallback``, the terminal event) publishes them first. A chunk after a quiet

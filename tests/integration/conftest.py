@@ -53,7 +53,13 @@ def worker(redis_url: str, cascade_config: Path, integration_dir: Path) -> Itera
         config_path=cascade_config,
         log_path=integration_dir / "worker-main.log",
         name="cascade-main",
-        env={"CASCADE_MAX_MESSAGES": str(MAX_MESSAGES), "CASCADE_MAX_INPUT_CHARS": str(MAX_INPUT_CHARS)},
+        env={
+            "CASCADE_MAX_MESSAGES": str(MAX_MESSAGES),
+            "CASCADE_MAX_INPUT_CHARS": str(MAX_INPUT_CHARS),
+            # These tests count one event per provider chunk; coalescing (2 ms by default) has
+            # its own tests (tests/unit/test_coalescing.py) and the system suites run with it.
+            "CASCADE_COALESCE_MS": "0",
+        },
     ).start()
     try:
         yield started

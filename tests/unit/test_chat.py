@@ -52,6 +52,28 @@ def test_a_valid_request_runs(runtime: WorkerRuntime, fake_redis: fakeredis.Fake
     assert dead(fake_redis) == []
 
 
+def test_a_new_request_is_opened_and_closed_by_one_script_each(
+    runtime: WorkerRuntime, fake_redis: fakeredis.FakeRedis, caplog: pytest.LogCaptureFixture
+) -> None:
+    commands: list[str] = []
+    real_execute = fake_redis.execute_command
+
+    def counting(*args: Any, **options: Any) -> Any:
+        commands.append(str(args[0]))
+        return real_execute(*args, **options)
+
+    fake_redis.execute_command = counting  # type: ignore[method-assign]
+    with caplog.at_level("INFO"):
+        run_task("task-rt", request={"request_id": "req-rt", "prompt": "hi"})
+    assert "resuming" not in caplog.text
+    # The opening script (lease, read-ahead, start event) and the closing one (reply, terminal
+    # event, lease release); between them only chunk events, and no read of a lost run.
+    assert commands.count("EVALSHA") + commands.count("EVAL") == 2
+    assert "XRANGE" not in commands and "XREVRANGE" not in commands
+    types = [e.type for e in events(fake_redis, "req-rt")]
+    assert types[0] == "start" and types[-1] == "done" and set(types[1:-1]) == {"chunk"}
+
+
 def test_the_task_id_stands_in_for_a_missing_request_id(runtime: WorkerRuntime) -> None:
     result = run_task("task-2", request=json.dumps({"prompt": "hi"}))
     assert result["request_id"] == "task-2" and result["status"] == "succeeded"

@@ -26,7 +26,8 @@ def runtime_for(client: fakeredis.FakeRedis, providers: dict[str, dict[str, Any]
         pid: ScriptedConfig(**{"text": TEXT, "chunk_size": 5, "backoff_initial_s": 0.01, **entry})
         for pid, entry in providers.items()
     }
-    settings = Settings(providers=configs, chains={"default": chain})
+    # One event per provider chunk (coalescing, on by default, has tests of its own).
+    settings = Settings(providers=configs, chains={"default": chain}, coalesce_ms=0)
     return build_runtime(settings, client, worker_name="unit-worker")
 
 
