@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     reaper_interval_s: float = Field(default=2.0, gt=0)
     # On SIGTERM, running requests get this long to finish before they are handed back.
     soft_shutdown_s: float = Field(default=30.0, ge=0)
+    # A pool process warms up its providers (loads its local models) before it takes work;
+    # Celery kills one that takes longer than this to start (its default, 4 s, is shorter
+    # than loading most models).
+    warm_up_timeout_s: float = Field(default=600.0, gt=0)
 
     # Celery's limits sit above the longest request so that the request's own deadline
     # always fires first and the soft limit is a last resort.

@@ -66,6 +66,10 @@ def create_app(settings: Settings) -> Celery:
         # https://docs.celeryq.dev/en/stable/userguide/workers.html#soft-shutdown
         worker_soft_shutdown_timeout=settings.soft_shutdown_s,
         worker_enable_soft_shutdown_on_idle=True,
+        # A pool process loads its models (worker.signals) before it reports up; Celery's 4 s
+        # default would kill it mid-load, again and again.
+        # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-proc-alive-timeout
+        worker_proc_alive_timeout=settings.warm_up_timeout_s,
         # Dead-letter undecodable and unknown messages instead of only logging them.
         worker_consumer="worker.consumer:DeadLetteringConsumer",
         task_track_started=False,

@@ -1,8 +1,11 @@
-"""Worker start-up hooks: warm the local models of the queues this worker consumes, and
+"""Worker start-up hooks: warm up the providers of the queues this worker consumes, and
 publish each chain's entry queue so producers can route requests straight to it.
 
-Models are loaded in ``worker_process_init``, i.e. in each pool process after the fork: the
-parent never imports torch or initialises CUDA, which forked children could not use.
+Providers are built in ``worker_process_init``, i.e. in each pool process after the fork: the
+parent never imports torch or initialises CUDA, which forked children could not use. A local
+model is loaded there; an API provider imports its SDK and builds its client there (``import
+openai`` alone takes most of a second), while the parent is still connecting to the broker,
+instead of on the first request.
 """
 
 from __future__ import annotations
@@ -28,16 +31,22 @@ def consumed_queues(app: Celery) -> frozenset[str]:
     return frozenset(app.amqp.queues.consume_from or app.amqp.queues)
 
 
-def warm_up_local_models(**_: Any) -> None:
-    """Load every ``hf_local`` model served on a queue this worker consumes."""
+def warm_up_providers(**_: Any) -> None:
+    """Build every provider served on a queue this worker consumes. A provider that cannot be
+    built is logged and left to fail its requests with a clear error: a pool process that died
+    here would only be started again, and die again."""
     from worker.celery_app import app
 
     runtime = get_runtime()
     queues = consumed_queues(app)
     for provider_id, config in runtime.settings.providers.items():
-        if config.type == "hf_local" and config.queue in queues:
-            logger.info("warming up %s on queue %s", provider_id, config.queue)
+        if config.queue not in queues:
+            continue
+        logger.info("warming up %s on queue %s", provider_id, config.queue)
+        try:
             runtime.providers.get(provider_id)
+        except Exception:
+            logger.exception("could not warm up %s; its requests will report why", provider_id)
 
 
 def start_reaper(**_: Any) -> None:
@@ -65,6 +74,6 @@ def publish_chain_routes(**_: Any) -> None:
     pipe.execute()
 
 
-worker_process_init.connect(warm_up_local_models, weak=False)
+worker_process_init.connect(warm_up_providers, weak=False)
 worker_ready.connect(publish_chain_routes, weak=False)
 worker_ready.connect(start_reaper, weak=False)

@@ -1,0 +1,74 @@
+"""Worker start-up (``worker.signals``, ``worker.celery_app``): each pool process warms up the
+providers of the queues its worker consumes — and only those — and a provider that cannot be
+built does not kill the process; Celery waits for a slow warm-up instead of killing it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fakeredis
+import pytest
+
+from providers import registry
+from providers.base import ChatProvider
+from settings import ScriptedConfig, Settings
+from settings.providers import HfLocalConfig
+from worker import signals
+from worker.celery_app import create_app
+from worker.runtime import build_runtime
+
+
+@pytest.fixture
+def built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the providers built, in order (a build of ``broken`` raises)."""
+    ids: list[str] = []
+    real_build = registry.build_provider
+
+    def recording(provider_id: str, config: Any) -> ChatProvider:
+        ids.append(provider_id)
+        if provider_id == "broken":
+            raise RuntimeError("missing API key (injected)")
+        return real_build(provider_id, config)
+
+    monkeypatch.setattr(registry, "build_provider", recording)
+    return ids
+
+
+def use_runtime(monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    runtime = build_runtime(settings, fakeredis.FakeRedis(), worker_name="signals/1")
+    monkeypatch.setattr(signals, "get_runtime", lambda: runtime)
+    monkeypatch.setattr(signals, "consumed_queues", lambda _app: frozenset({"chat"}))
+
+
+def test_a_pool_process_builds_the_providers_of_its_queues_only(
+    monkeypatch: pytest.MonkeyPatch, built: list[str]
+) -> None:
+    settings = Settings(
+        providers={
+            "api": ScriptedConfig(text="hi"),
+            "gpu": HfLocalConfig(model="/nowhere", queue="chat.gpu"),  # another worker's model
+        },
+        chains={"default": ["api", "gpu"]},
+    )
+    use_runtime(monkeypatch, settings)
+    signals.warm_up_providers()
+    assert built == ["api"]
+
+
+def test_a_provider_that_cannot_be_built_is_logged_not_fatal(
+    monkeypatch: pytest.MonkeyPatch, built: list[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = Settings(
+        providers={"broken": ScriptedConfig(text="x"), "fine": ScriptedConfig(text="y")},
+        chains={"default": ["broken", "fine"]},
+    )
+    use_runtime(monkeypatch, settings)
+    with caplog.at_level("ERROR"):
+        signals.warm_up_providers()
+    assert built == ["broken", "fine"]
+    assert "could not warm up broken" in caplog.text
+
+
+def test_celery_waits_for_a_slow_warm_up() -> None:
+    assert create_app(Settings()).conf.worker_proc_alive_timeout == Settings().warm_up_timeout_s == 600
+    assert create_app(Settings(warm_up_timeout_s=30)).conf.worker_proc_alive_timeout == 30
