@@ -18,7 +18,16 @@ from pydantic import ValidationError
 from providers.errors import InvalidRequest, RequestError
 from tasks.intake import read_request, usable_request_id
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff
+from tasks.schemas import (
+    REQUEST_ID_HEADER,
+    SUBMITTED_AT_HEADER,
+    TASK_NAME,
+    ChainMeta,
+    ChatReply,
+    ChatRequest,
+    ErrorInfo,
+    HandOff,
+)
 from worker import pending
 from worker.lease import LeaseLost, RequestLease
 from worker.publisher import EventPublisher
@@ -85,10 +94,11 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
     if handoff is not None:
         message["handoff"] = handoff.model_dump(mode="json")
     runner = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff, lease=lease)
-    if not runner.open((context.queue or DEFAULT_QUEUE, message)):
-        logger.info("request %s is running on another worker; dropping this copy", request.request_id)
-        return {"request_id": request.request_id, "status": "duplicate"}
     try:
+        # Inside the try: whatever fails once the lease is taken must still let it go.
+        if not runner.open((context.queue or DEFAULT_QUEUE, message)):
+            logger.info("request %s is running on another worker; dropping this copy", request.request_id)
+            return {"request_id": request.request_id, "status": "duplicate"}
         outcome = runner.run()
     except LeaseLost:
         logger.warning("request %s was taken over by another worker", request.request_id)
@@ -116,7 +126,7 @@ def hand_off(
     # would drop it as a duplicate of a lease still held.
     pending.note_sent(runtime.redis, request.request_id or "", queue, kwargs)
     lease.release()
-    task.apply_async(kwargs=kwargs, queue=queue)
+    task.apply_async(kwargs=kwargs, queue=queue, headers={REQUEST_ID_HEADER: request.request_id})
 
 
 def _consumed_queues(task: Task) -> frozenset[str] | None:

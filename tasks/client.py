@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 
 from tasks import keys
-from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
+from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
 from worker import (
     pending,
     tracing,  # noqa: F401 - connects the publish hook that puts the trace context in each message
@@ -84,12 +84,12 @@ class CascadeClient:
         request_id = chat_request.request_id or ""
         kwargs = {"request": chat_request.model_dump(mode="json", exclude_none=True)}
         target = queue or self.queue or self.route(chat_request.chain)
-        self._celery.send_task(
-            TASK_NAME, kwargs=kwargs, queue=target, task_id=request_id, headers={SUBMITTED_AT_HEADER: time.time()}
-        )
+        headers = {SUBMITTED_AT_HEADER: time.time(), REQUEST_ID_HEADER: request_id}
+        self._celery.send_task(TASK_NAME, kwargs=kwargs, queue=target, task_id=request_id, headers=headers)
         # After the send, off the path to the first token: a reply stored before this record
-        # lands ends it at the next reaper pass. Submitting again with the same id is safe.
-        pending.note_sent(self.redis, request_id, target, kwargs)
+        # lands ends it at the next reaper pass, and a record a worker wrote meanwhile (handing
+        # the request on) is kept. Submitting again with the same id is safe.
+        pending.note_sent(self.redis, request_id, target, kwargs, keep_existing=True)
         return request_id
 
     def route(self, chain: str) -> str:
@@ -106,17 +106,22 @@ class CascadeClient:
         return queue
 
     def events(self, request_id: str, *, timeout_s: float | None = None) -> Iterator[StreamEvent]:
-        """Every event of the request from ``seq`` 0, then live ones, up to the terminal event.
+        """Every event of the request from ``seq`` 0, then live ones, up to the terminal event;
+        each ``seq`` once, even if a retried write stored it twice.
 
         Raises ``TimeoutError`` if ``timeout_s`` passes first.
         """
         stream = keys.events_stream(request_id)
         last_id: bytes | str = "0-0"
+        next_seq = 0
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             response = self.redis.xread({stream: last_id}, count=_READ_COUNT, block=_block_ms(give_up))
             for entry_id, event in _read_events(response):
                 last_id = entry_id
+                if event.seq < next_seq:
+                    continue  # written twice (a write retried after its reply was lost)
+                next_seq = event.seq + 1
                 yield event
                 if event.is_terminal:
                     return
@@ -179,11 +184,15 @@ class AsyncCascadeClient:
         """Every event from ``seq`` 0, then live ones, up to the terminal event."""
         stream = keys.events_stream(request_id)
         last_id: bytes | str = "0-0"
+        next_seq = 0
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             response = await self.redis.xread({stream: last_id}, count=_READ_COUNT, block=_block_ms(give_up))
             for entry_id, event in _read_events(response):
                 last_id = entry_id
+                if event.seq < next_seq:
+                    continue  # see CascadeClient.events
+                next_seq = event.seq + 1
                 yield event
                 if event.is_terminal:
                     return

@@ -18,6 +18,9 @@ SCHEMA_VERSION = 1
 TASK_NAME = "cascade.chat"
 # Optional message header (unix time) a producer may set so replies report time spent queued.
 SUBMITTED_AT_HEADER = "cascade_submitted_at"
+# Message header Cascade's own senders set to the request id, so a reaper scanning a queue for
+# a request reads it without decoding each message's body (worker.pending).
+REQUEST_ID_HEADER = "cascade_request_id"
 
 # The alphabet of request ids: they become part of Redis keys, so no spaces, colons, braces
 # or glob characters, and a bounded length.

@@ -35,8 +35,12 @@ INFLIGHT_SET = "cascade:inflight"
 
 # Take the lease if it is free and record the message to resend, in one round trip. The body
 # (KEYS 1-3, ARGV 1-6) also opens ``worker.opening``'s script, which goes on from there.
+# A lease already holding this run's token is taken too: a retried call (the reply to the first
+# was lost with the connection) must not find its own lease and drop the request as a duplicate.
 ACQUIRE_LUA = """
-if not redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return false end
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return false end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
 redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
 """
@@ -136,6 +140,7 @@ class RequestLease:
         self.lost = False
         self.abandoned = False
         self.released = False
+        self.held = False
 
     def acquire(self, queue: str, kwargs: dict[str, Any]) -> bool:
         """Take the lease and record the message to resend if this worker dies; False if a
@@ -154,6 +159,7 @@ class RequestLease:
 
     def taken(self) -> None:
         """Start renewing the lease: a script running ``ACQUIRE_LUA`` took it."""
+        self.held = True
         _HEARTBEAT.add(self)
 
     def release_keys(self) -> tuple[str, str, str]:
@@ -170,10 +176,10 @@ class RequestLease:
         return current is not None and current.decode() == self.token
 
     def release(self) -> None:
-        """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned, or
-        released already, by this call or with the reply)."""
+        """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned, never
+        taken, or released already, by this call or with the reply)."""
         _HEARTBEAT.remove(self)
-        if self.abandoned or self.released:
+        if self.abandoned or self.released or not self.held:
             return
         self.released = True
         try:

@@ -35,8 +35,8 @@ from typing import Any
 import redis
 
 from tasks import keys
-from tasks.schemas import TASK_NAME
-from worker.lease import lease_key
+from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
+from worker.lease import INFLIGHT_KEY, lease_key
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +49,25 @@ UNACKED = "unacked"
 
 Resend = Callable[[str, dict[str, Any]], None]
 
+# A request resent this many times and lost again is not sent again: it is dead-lettered.
+MAX_RESENDS = 5
+
 # Claim a lost request for resending: its score is still what this reaper saw (nobody sent it
-# since), no lease and no reply exist. The new score marks the resend. Returns the record.
+# since), and no lease, reply or in-flight record exists. The new score marks the resend, and
+# the record counts it. Returns the record.
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) ~= tonumber(ARGV[2]) then return false end
-if redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return false end
+if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[5]) > 0 then return false end
 redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-return redis.call('GET', KEYS[4])
+redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[6], ARGV[4])
+return {redis.call('GET', KEYS[4]), redis.call('HGET', KEYS[6], ARGV[1])}
 """
+# Resend counts per request id (a hash, so the record itself stays what its sender wrote).
+RESENDS = "cascade:pending:resends"
+
+GiveUp = Callable[[str, dict[str, Any]], None]
 
 
 def record_key(request_id: str) -> str:
@@ -65,18 +75,17 @@ def record_key(request_id: str) -> str:
     return PENDING_KEY.format(request_id=request_id)
 
 
-def note_sent(client: redis.Redis, request_id: str, queue: str, kwargs: dict[str, Any]) -> None:
+def note_sent(
+    client: redis.Redis, request_id: str, queue: str, kwargs: dict[str, Any], *, keep_existing: bool = False
+) -> None:
     """Record that a ``cascade.chat`` message for ``request_id`` was sent to ``queue`` (one
-    round trip)."""
+    round trip). ``keep_existing``: leave a record that is there already alone (the producer
+    writes after its send, and a worker may already have handed the request on)."""
     pipe = client.pipeline(transaction=True)
-    pipe.set(record_key(request_id), json.dumps({"queue": queue, "kwargs": kwargs}), ex=PENDING_TTL_S)
-    pipe.zadd(PENDING_SET, {request_id: _now_ms()})
+    record = json.dumps({"queue": queue, "kwargs": kwargs})
+    pipe.set(record_key(request_id), record, ex=PENDING_TTL_S, nx=keep_existing)
+    pipe.zadd(PENDING_SET, {request_id: _now_ms()}, nx=keep_existing)
     pipe.execute()
-
-
-def touch(client: redis.Redis, request_id: str) -> None:
-    """Mark ``request_id``'s message as sent again just now (if it is pending)."""
-    client.zadd(PENDING_SET, {request_id: _now_ms()}, xx=True)
 
 
 def task_kwargs(message: Any) -> dict[str, Any] | None:
@@ -107,7 +116,8 @@ def message_request_id(message: Any) -> str | None:
 
 
 def _ids_in(raw_messages: Iterable[Any], *, unacked: bool) -> set[str]:
-    """The request ids of the messages of a queue (``LRANGE``) or of ``unacked`` (``HVALS``)."""
+    """The request ids of the messages of a queue (``LRANGE``) or of ``unacked`` (``HVALS``):
+    from the header Cascade's senders set, else from the decoded body."""
     found = set()
     for raw in raw_messages:
         try:
@@ -115,7 +125,8 @@ def _ids_in(raw_messages: Iterable[Any], *, unacked: bool) -> set[str]:
             message = decoded[0] if unacked else decoded
         except (ValueError, TypeError, KeyError, IndexError):
             continue
-        request_id = message_request_id(message)
+        header = (message.get("headers") or {}).get(REQUEST_ID_HEADER) if isinstance(message, dict) else None
+        request_id = header if isinstance(header, str) else message_request_id(message)
         if request_id is not None:
             found.add(request_id)
     return found
@@ -127,42 +138,40 @@ def resend_lost(
     *,
     older_than_s: float,
     suspects: dict[str, float],
+    give_up: GiveUp | None = None,
     batch: int = 200,
-    scan_limit: int = 5_000,
+    max_batches: int = 10,
+    scan_limit: int = 1_000,
 ) -> list[str]:
     """One pass (see the module docstring): resend requests found lost at this pass and the
     last one, update ``suspects`` (request id -> pending score) for the next, and return the
-    ids resent. A queue longer than ``scan_limit`` is read only at its head (the end BRPOP takes
-    from, where old messages are); a request not seen there is left alone."""
-    now_ms = _now_ms()
-    entries: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
-        PENDING_SET, "-inf", now_ms - older_than_s * 1000, start=0, num=batch, withscores=True
-    )
-    pipe = client.pipeline(transaction=False)
-    for raw_id, _score in entries:
-        request_id = raw_id.decode()
-        pipe.exists(lease_key(request_id))
-        pipe.exists(keys.reply_key(request_id))
-        pipe.get(record_key(request_id))
-    checks = pipe.execute() if entries else []
-    candidates: dict[str, tuple[float, dict[str, Any]]] = {}
-    finished = []
-    for number, (raw_id, score) in enumerate(entries):
-        leased, replied, record = checks[3 * number : 3 * number + 3]
-        if replied or record is None:
-            finished.append(raw_id)  # answered (the record came after the reply), or expired
-        elif not leased:
-            candidates[raw_id.decode()] = (score, json.loads(record))
-    if finished:
-        client.zrem(PENDING_SET, *finished)
+    ids resent. Records are read oldest first, up to ``max_batches`` of ``batch``. A queue
+    longer than ``scan_limit`` is read only at its head (the end BRPOP takes from, where old
+    messages are); a request not seen there is left alone. A request lost again after
+    ``MAX_RESENDS`` resends goes to ``give_up`` (a dead letter) instead, and stops being pending."""
+    candidates = _unleased(client, _now_ms() - older_than_s * 1000, batch, max_batches)
     lost = _not_queued(client, candidates, scan_limit) if candidates else {}
     resent = []
     for request_id, (score, record) in lost.items():
         if suspects.get(request_id) != score:
             continue  # first sighting: a message can be between BRPOP and unacked for an instant
-        keys_ = (PENDING_SET, lease_key(request_id), keys.reply_key(request_id), record_key(request_id))
-        if client.eval(_CLAIM, len(keys_), *keys_, request_id, score, _now_ms()) is None:
+        keys_ = (
+            PENDING_SET,
+            lease_key(request_id),
+            keys.reply_key(request_id),
+            record_key(request_id),
+            INFLIGHT_KEY.format(request_id=request_id),
+            RESENDS,
+        )
+        claimed = client.eval(_CLAIM, len(keys_), *keys_, request_id, score, _now_ms(), PENDING_TTL_S)
+        if claimed is None:
             continue  # it started, ended, or another reaper sent it
+        if int(claimed[1]) > MAX_RESENDS:
+            logger.error("request %s: lost %d times; giving up on it", request_id, MAX_RESENDS + 1)
+            forget(client, request_id)
+            if give_up is not None:
+                give_up(request_id, record)
+            continue
         logger.warning(
             "request %s: its message was lost before any worker recorded it; sending it to %s again",
             request_id,
@@ -173,6 +182,55 @@ def resend_lost(
     suspects.clear()
     suspects.update({request_id: score for request_id, (score, _r) in lost.items() if request_id not in resent})
     return resent
+
+
+def forget(client: redis.Redis, request_id: str) -> None:
+    """Stop tracking ``request_id`` (it ended, or was given up on)."""
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(PENDING_SET, request_id)
+    pipe.delete(record_key(request_id))
+    pipe.hdel(RESENDS, request_id)
+    pipe.execute()
+
+
+def _unleased(
+    client: redis.Redis, ceil_ms: float, batch: int, max_batches: int
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Pending requests sent before ``ceil_ms`` with no lease and no reply, with their score and
+    record; records of answered (or expired) requests are dropped on the way."""
+    candidates: dict[str, tuple[float, dict[str, Any]]] = {}
+    for first in range(0, batch * max_batches, batch):
+        entries: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
+            PENDING_SET, "-inf", ceil_ms, start=first, num=batch, withscores=True
+        )
+        pipe = client.pipeline(transaction=False)
+        for raw_id, _score in entries:
+            request_id = raw_id.decode()
+            pipe.exists(lease_key(request_id))
+            pipe.exists(keys.reply_key(request_id))
+            pipe.get(record_key(request_id))
+        checks = pipe.execute() if entries else []
+        for number, (raw_id, score) in enumerate(entries):
+            leased, replied, raw = checks[3 * number : 3 * number + 3]
+            record = _read_record(raw)
+            if replied or record is None:
+                forget(client, raw_id.decode())  # answered (the record came after the reply), expired, unreadable
+            elif not leased:
+                candidates[raw_id.decode()] = (score, record)
+        if len(entries) < batch:
+            break
+    return candidates
+
+
+def _read_record(raw: Any) -> dict[str, Any] | None:
+    """A pending record, or None if it is missing or unreadable."""
+    try:
+        record = json.loads(raw) if raw else None
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("queue"), str):
+        return None
+    return record if isinstance(record.get("kwargs"), dict) else None
 
 
 def _not_queued(

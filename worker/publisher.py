@@ -233,6 +233,7 @@ class EventPublisher:
         Returns True if the request has been cancelled (lock held)."""
         pipe = self._client.pipeline(transaction=False)
         pending, self._pending = self._pending, None
+        first_seq = self.next_seq
         if pending is not None:
             self._stage(pipe, "chunk", pending.merged())
         if event is not None:
@@ -245,7 +246,9 @@ class EventPublisher:
         try:
             results = pipe.execute()
         except BaseException:
-            self._pending = pending  # the text is sent with the next event (a new seq)
+            # Nothing was published (as far as this run knows): the text waits for the next
+            # event, and the seq numbers it was given are given again.
+            self._pending, self.next_seq = pending, first_seq
             raise
         if self._lease is not None:
             cancelled, holder = results[-1]
@@ -267,9 +270,9 @@ class EventPublisher:
         if event_type not in TERMINAL_EVENT_TYPES:
             raise ValueError(f"{event_type!r} is not a terminal event")
         with self._lock:
-            failure, self._failure = self._failure, None
-            if isinstance(failure, LeaseLost):
-                raise failure
+            # A background flush that failed (a lost lease, Redis gone) ends the run as a failed
+            # chunk write would have; its text still waits, for the rerun to read nothing of.
+            self._raise_failure()
             if self.closed:
                 raise StreamClosed(f"request {self.request_id} already ended")
             return self._finish(event_type, reply, fields)

@@ -29,7 +29,7 @@ from tasks import keys
 from tasks.intake import usable_request_id
 from tasks.schemas import StreamEvent
 from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
-from worker.pending import UNACKED, message_request_id, resend_lost, task_kwargs, touch
+from worker.pending import UNACKED, GiveUp, message_request_id, note_sent, resend_lost, task_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def reclaim_expired(client: redis.Redis, resend: Resend, *, batch: int = 100) ->
         message = json.loads(record)
         logger.warning("request %s lost its worker; sending it to %s again", request_id, message["queue"])
         resend(message["queue"], message["kwargs"])
-        touch(client, request_id)
+        note_sent(client, request_id, message["queue"], message["kwargs"])  # what is in flight now
         reclaimed.append(request_id)
     return reclaimed
 
@@ -159,10 +159,16 @@ class Reaper:
     live worker takes to start a message)."""
 
     def __init__(
-        self, client: redis.Redis, resend: Resend, interval_s: float, orphan_after_s: float | None = None
+        self,
+        client: redis.Redis,
+        resend: Resend,
+        interval_s: float,
+        orphan_after_s: float | None = None,
+        give_up: GiveUp | None = None,
     ) -> None:
         self._client = client
         self._resend = resend
+        self._give_up = give_up
         self._interval_s = interval_s
         self._orphan_after_s = orphan_after_s if orphan_after_s is not None else max(10.0, 20 * interval_s)
         self._suspects: dict[str, float] = {}
@@ -183,7 +189,13 @@ class Reaper:
             try:
                 reclaim_expired(self._client, self._resend)
                 restore_orphans(self._client, orphan_after_s=self._orphan_after_s)
-                resend_lost(self._client, self._resend, older_than_s=self._orphan_after_s, suspects=self._suspects)
+                resend_lost(
+                    self._client,
+                    self._resend,
+                    older_than_s=self._orphan_after_s,
+                    suspects=self._suspects,
+                    give_up=self._give_up,
+                )
             except redis.RedisError as exc:  # Redis restarting: try again next pass
                 logger.info("reaper pass skipped: %s", type(exc).__name__)
             except Exception:

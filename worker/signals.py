@@ -17,7 +17,7 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
 from tasks.keys import ROUTES
-from tasks.schemas import TASK_NAME
+from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
 from worker.reaper import Reaper
 from worker.runtime import get_runtime
 
@@ -56,9 +56,21 @@ def start_reaper(**_: Any) -> None:
     runtime = get_runtime()
 
     def resend(queue: str, kwargs: dict[str, Any]) -> None:
-        app.send_task(TASK_NAME, kwargs=kwargs, queue=queue)
+        request = kwargs.get("request")
+        request_id = request.get("request_id") if isinstance(request, dict) else None
+        headers = {REQUEST_ID_HEADER: request_id} if isinstance(request_id, str) else {}
+        app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers=headers)
 
-    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s).start()
+    def give_up(request_id: str, record: dict[str, Any]) -> None:
+        runtime.dead_letters.push(
+            "lost_too_often",
+            "the request's message was lost after every resend; it is not sent again",
+            body=record.get("kwargs"),
+            request_id=request_id,
+            queue=record.get("queue"),
+        )
+
+    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s, give_up=give_up).start()
 
 
 def publish_chain_routes(**_: Any) -> None:

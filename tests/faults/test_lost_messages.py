@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
@@ -26,7 +27,7 @@ from settings import ScriptedConfig, Settings
 from tasks import keys
 from tasks.chat import hand_off
 from tasks.client import CascadeClient
-from tasks.schemas import ChatRequest, HandOff
+from tasks.schemas import TASK_NAME, ChatRequest, HandOff
 from worker import pending
 from worker.lease import RequestLease, lease_key
 from worker.local import LocalRedis
@@ -38,6 +39,7 @@ from .harness import (
     REDIS_PASSWORD,
     FaultWorker,
     assert_coherent,
+    assert_no_secrets,
     new_id,
     stored_events,
     stored_reply,
@@ -126,6 +128,22 @@ def test_a_message_on_its_queue_or_taken_by_a_worker_is_left_alone(
     connection.release()
 
 
+def test_a_message_without_the_request_id_header_is_found_by_its_body(server: LocalRedis, rdb: redis.Redis) -> None:
+    request_id = new_id("plain")
+    kwargs = {"request": {"request_id": request_id, "prompt": "hi"}}
+    plain = Celery("plain-producer", broker=server.url, set_as_current=False)  # no Cascade headers
+    plain.conf.update(task_serializer="json")
+    plain.send_task(TASK_NAME, kwargs=kwargs, task_id=new_id("task"), queue=QUEUE)
+    plain.close()
+    pending.note_sent(rdb, request_id, QUEUE, kwargs)
+    resend, suspects = Resends(), {}
+    for _ in range(3):
+        assert sweep(rdb, resend, suspects) == []
+    rdb.delete(QUEUE)
+    assert sweep(rdb, resend, suspects) == []
+    assert sweep(rdb, resend, suspects) == [request_id]
+
+
 def test_a_leased_or_answered_request_is_not_resent(rdb: redis.Redis, producer: CascadeClient) -> None:
     leased = producer.submit(prompt="running")
     answered = producer.submit(prompt="done")
@@ -145,7 +163,8 @@ def test_a_request_sent_again_since_the_first_pass_is_not_resent(rdb: redis.Redi
     resend, suspects = Resends(), {}
     assert sweep(rdb, resend, suspects) == []
     time.sleep(0.01)
-    pending.touch(rdb, request_id)  # another reaper sent it meanwhile (and its copy was taken)
+    # another reaper sent it meanwhile (and its copy was taken)
+    pending.note_sent(rdb, request_id, QUEUE, {"request": {"request_id": request_id, "prompt": "hi"}})
     assert sweep(rdb, resend, suspects) == []
     assert resend.sent == []
 
@@ -195,6 +214,7 @@ def test_a_worker_answers_a_request_whose_message_vanished(
         assert reply.replies[0].content == "back from the void"
         assert "its message was lost before any worker recorded it" in worker.log_text()
         assert rdb.zscore(pending.PENDING_SET, request_id) is None
+        assert_no_secrets(rdb, [worker.log_path])
         record("message lost between BRPOP and unacked: answered after", f"{recovered_s:.1f} s")
     finally:
         worker.stop()
@@ -226,3 +246,57 @@ def test_a_hand_off_whose_send_fails_is_sent_by_a_reaper(rdb: redis.Redis) -> No
     assert queue == "chat.gpu"
     assert HandOff.model_validate(kwargs["handoff"]) == state
     assert kwargs["request"]["request_id"] == request.request_id
+
+
+def test_a_request_lost_after_every_resend_is_dead_lettered(rdb: redis.Redis, producer: CascadeClient) -> None:
+    request_id = producer.submit(prompt="cursed")
+    given_up: list[tuple[str, dict[str, Any]]] = []
+    resend, suspects = Resends(), {}
+
+    def sweep_giving_up() -> list[str]:
+        time.sleep(0.002)  # each claim stamps a new score
+        return pending.resend_lost(
+            rdb, resend, older_than_s=0, suspects=suspects, give_up=lambda r, rec: given_up.append((r, rec))
+        )
+
+    rdb.delete(QUEUE)
+    for _ in range(pending.MAX_RESENDS):  # each resend is lost again (the fake resend sends nothing)
+        assert sweep_giving_up() == []
+        assert sweep_giving_up() == [request_id]
+    assert sweep_giving_up() == [] and sweep_giving_up() == []
+    assert [r for r, _record in given_up] == [request_id]
+    assert given_up[0][1]["kwargs"]["request"]["request_id"] == request_id
+    assert rdb.zscore(pending.PENDING_SET, request_id) is None and not rdb.exists(pending.record_key(request_id))
+    assert len(resend.sent) == pending.MAX_RESENDS
+
+
+def test_a_request_with_an_in_flight_record_is_left_to_the_lease_sweep(
+    rdb: redis.Redis, producer: CascadeClient
+) -> None:
+    request_id = producer.submit(prompt="hi")
+    rdb.delete(QUEUE)
+    rdb.set(f"cascade:inflight:{request_id}", "{}")  # its lease lapsed: worker.reaper.reclaim_expired resends it
+    resend, suspects = Resends(), {}
+    for _ in range(3):
+        assert sweep(rdb, resend, suspects) == []
+
+
+def test_the_producer_keeps_a_record_a_worker_wrote_first(rdb: redis.Redis, producer: CascadeClient) -> None:
+    request_id = new_id("raced")
+    handed_on = {"request": {"request_id": request_id, "prompt": "hi"}, "handoff": {"next_seq": 3}}
+    pending.note_sent(rdb, request_id, "chat.gpu", handed_on)  # a fast worker handed it on already
+    producer.submit(request_id=request_id, prompt="hi")
+    record = json.loads(rdb.get(pending.record_key(request_id)) or b"{}")
+    assert record == {"queue": "chat.gpu", "kwargs": handed_on}
+
+
+def test_pending_records_are_read_past_a_page_of_running_requests(rdb: redis.Redis, producer: CascadeClient) -> None:
+    running = [producer.submit(prompt=f"long {n}") for n in range(5)]
+    lost = producer.submit(prompt="lost")
+    rdb.delete(QUEUE)
+    for request_id in running:
+        rdb.set(lease_key(request_id), "w:token", px=60_000)
+    resend, suspects = Resends(), {}
+    options: dict[str, Any] = {"older_than_s": 0, "suspects": suspects, "batch": 2, "max_batches": 4}
+    assert pending.resend_lost(rdb, resend, **options) == []
+    assert pending.resend_lost(rdb, resend, **options) == [lost]

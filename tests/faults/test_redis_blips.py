@@ -80,6 +80,7 @@ def blinking(server: LocalRedis, monkeypatch: pytest.MonkeyPatch) -> Iterator[tu
         providers={"steady": ScriptedConfig(text=TEXT, chunk_size=4)},
         chains={"default": ["steady"]},
         lease_ttl_s=LEASE_TTL_S,
+        coalesce_ms=0,  # every chunk its own write, so the n-th one can be the one that fails
     )
     client = BlinkingRedis.from_url(server.url)
     runtime = build_runtime(settings, client, worker_name="blips/1")

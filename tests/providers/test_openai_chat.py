@@ -281,8 +281,15 @@ def test_stream_cut_after_chunks_is_interrupted(
 
     error, collect = run_failing(make_provider())
 
-    assert isinstance(error, errors.StreamInterrupted)
-    assert [chunk.content for chunk in collect.chunks] == ["The", " capital"]
+    received = [chunk.content for chunk in collect.chunks]
+    if framing.get("reset") and received != ["The", " capital"]:
+        # A reset discards what the client had not read yet (on a busy machine, some chunks):
+        # what arrived is a prefix, and the failure is still a failure, never a success.
+        assert received in ([], ["The"])
+        assert isinstance(error, errors.StreamInterrupted if received else errors.ProviderConnectionError)
+    else:
+        assert isinstance(error, errors.StreamInterrupted)
+        assert received == ["The", " capital"]
     assert len(server.received) == 1
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from tasks import keys
 from tasks.client import CANCEL_TTL_S, AsyncCascadeClient, CascadeClient, build_request
-from tasks.schemas import SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
+from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
 from worker.publisher import EventPublisher
 from worker.store import ReplyStore
 
@@ -150,6 +150,21 @@ def test_submit_sends_one_json_keyword_with_the_request_id_as_task_id(client: Ca
     sent = ChatRequest.model_validate(options["kwargs"]["request"])
     assert sent.request_id == request_id and sent.chain == "rehearsal"
     assert isinstance(options["headers"][SUBMITTED_AT_HEADER], float)
+    assert options["headers"][REQUEST_ID_HEADER] == request_id
+    record = client.redis.get(f"cascade:pending:{request_id}")
+    assert record is not None and b'"queue": "chat.gpu"' in record, "recorded for the reapers (worker.pending)"
+
+
+def test_an_event_stored_twice_is_yielded_once(client: CascadeClient, fake_redis: fakeredis.FakeRedis) -> None:
+    publisher = EventPublisher(
+        fake_redis, RID, store=ReplyStore(fake_redis, ttl_s=600), events_maxlen=1_000, events_ttl_s=600
+    )
+    publisher.emit("start", chain="default")
+    publisher.emit("chunk", delta="once ", provider="p", attempt=1)
+    [(_id, fields)] = fake_redis.xrevrange(keys.events_stream(RID), count=1)
+    fake_redis.xadd(keys.events_stream(RID), fields)  # a retried write whose first reply was lost
+    publisher.finish("done", ChatReply(request_id=RID, status="succeeded"))
+    assert [(e.seq, e.type) for e in client.events(RID, timeout_s=5)] == [(0, "start"), (1, "chunk"), (2, "done")]
 
 
 def test_async_client_replays_and_waits() -> None:

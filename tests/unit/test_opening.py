@@ -133,3 +133,16 @@ def test_the_finish_publishes_the_waiting_chunk_then_releases_the_lease(fake_red
     assert not fake_redis.exists(lease.key, INFLIGHT_KEY.format(request_id=RID))
     assert fake_redis.zscore(INFLIGHT_SET, RID) is None
     assert fake_redis.exists(keys.reply_key(RID))
+
+
+def test_a_retried_opening_finds_its_own_lease_and_goes_on(fake_redis: fakeredis.FakeRedis) -> None:
+    lease = lease_for(fake_redis)
+    first = open_with(fake_redis, lease)  # its reply was lost with the connection: the call is retried
+    again = open_with(fake_redis, lease)
+    try:
+        assert first is not None and first.started
+        assert again is not None and not again.started  # the start event is not published twice
+        assert EventPublisher.seq_after(again.last_event) == 1
+        assert [e.type for e in events(fake_redis)] == ["start"]
+    finally:
+        lease.release()
