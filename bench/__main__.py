@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import footprint, overhead, streaming, throughput
-from bench.common import cpu_busy, machine, settle, verdict, write_section
+from bench.common import cpu_busy, flags, machine, settle, verdict, write_section
 
 SUMMARY_HEADING = "## Summary:"
 
@@ -111,14 +111,6 @@ BENCHMARKS: dict[str, Benchmark] = {
 }
 
 
-def _flags(options: dict[str, Any]) -> str:
-    """``{"coalesce_ms": 2.0}`` as ``--coalesce-ms 2``."""
-    return " ".join(
-        f"--{key.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}"
-        for key, value in options.items()
-    )
-
-
 def summary(
     results: list[tuple[str, list[dict[str, Any]]]], command: str, wall_s: float, busy: dict[str, tuple[float, float]]
 ) -> str:
@@ -160,11 +152,11 @@ def main() -> None:
         if name in skipped:
             continue
         options = benchmark.quick if args.quick else benchmark.options
-        print(f"== {name} ({_flags(options)})", flush=True)
+        print(f"== {name} ({flags(options)})", flush=True)
         busy, begun = settle(), time.monotonic()
         figures = benchmark.run(**options)
         busy_around[name] = (busy, cpu_busy())
-        section = benchmark.report(figures, f"{command}  # python -m bench.{name} {_flags(options)}", busy_around[name])
+        section = benchmark.report(figures, f"{command}  # python -m bench.{name} {flags(options)}", busy_around[name])
         write_section(args.write, benchmark.heading, section)
         results.append((name, benchmark.checks(figures)))
         print(f"== {name} took {time.monotonic() - begun:.0f} s", flush=True)

@@ -5,6 +5,7 @@ down on exit, and the BENCHMARKS.md section writer.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import platform
@@ -122,6 +123,13 @@ def verdict(ok: bool) -> str:
     return "met" if ok else "MISSED"
 
 
+def checks_table(checks: Sequence[dict[str, Any]]) -> list[str]:
+    """The lines of a section's table of targets: a blank line, the header, a row per check."""
+    lines = ["", "| target | measured | result |", "| --- | --- | --- |"]
+    lines += [f"| {c['target']} | {c['measured']} | {verdict(c['ok'])} |" for c in checks]
+    return lines
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str, poll_s: float = 0.01) -> None:
     """Poll ``predicate`` until it is true; raise ``TimeoutError`` naming ``what``."""
     give_up = time.monotonic() + timeout_s
@@ -236,3 +244,35 @@ def scripted_toml(provider_id: str, *, text: str, chunk_size: int, first_ms: flo
 def add_common_arguments(parser: Any) -> None:
     """``--write FILE``: replace this benchmark's section of that file."""
     parser.add_argument("--write", type=Path, help="replace this benchmark's section of the file (BENCHMARKS.md)")
+
+
+def flags(options: dict[str, Any]) -> str:
+    """``{"coalesce_ms": 2.0}`` as ``--coalesce-ms 2``."""
+    return " ".join(
+        f"--{key.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}"
+        for key, value in options.items()
+    )
+
+
+def bench_main(
+    name: str,
+    doc: str | None,
+    heading_prefix: str,
+    run: Callable[..., dict[str, Any]],
+    report: Callable[[dict[str, Any], str, tuple[float, float]], str],
+    **defaults: float,
+) -> None:
+    """A benchmark's entry point (``python -m bench.<name>``): an option for each of ``defaults``
+    (``coalesce_ms=2.0`` is ``--coalesce-ms``, of the default's type) and ``--write``; then
+    ``run(**options)`` between two samples of ``cpu_busy()``, and the section ``report`` makes of
+    the figures printed (and written, see ``write_section``)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for key, default in defaults.items():
+        parser.add_argument("--" + key.replace("_", "-"), type=type(default), default=default)
+    add_common_arguments(parser)
+    args = parser.parse_args()
+    options = {key: getattr(args, key) for key in defaults}
+    busy_before = cpu_busy()
+    figures = run(**options)
+    command = f"python -m bench.{name} {flags(options)}"
+    write_section(args.write, heading_prefix, report(figures, command, (busy_before, cpu_busy())))

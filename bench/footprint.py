@@ -16,7 +16,6 @@ whose memory maps hold ``libtorch`` fails the run. Starts alternate between the 
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import subprocess
 import time
@@ -32,13 +31,11 @@ from bench.common import (
     PROMPT,
     TEXT,
     Stack,
-    add_common_arguments,
-    cpu_busy,
+    bench_main,
+    checks_table,
     measured_by,
     scripted_toml,
-    verdict,
     wait_until,
-    write_section,
 )
 from bench.haystack_baseline import NOOP_QUEUE, NOOP_TASK
 from bench.throughput import task_message
@@ -200,21 +197,13 @@ def report(figures: dict[str, Any], command: str, busy: tuple[float, float]) -> 
             f"{f['child_rss']:.0f} MB | "
             f"{f['pss']:.0f} MB |"
         )
-    lines += ["", "| target | measured | result |", "| --- | --- | --- |"]
-    lines += [f"| {c['target']} | {c['measured']} | {verdict(c['ok'])} |" for c in checks(figures)]
+    lines += checks_table(checks(figures))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--starts", type=int, default=5)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    busy_before = cpu_busy()
-    figures = run(args.starts)
-    command = f"python -m bench.footprint --starts {args.starts}"
-    write_section(args.write, HEADING, report(figures, command, (busy_before, cpu_busy())))
+    bench_main("footprint", __doc__, HEADING, run, report, starts=5)
 
 
 if __name__ == "__main__":

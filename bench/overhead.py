@@ -19,7 +19,6 @@ first chunk and the terminal message from just before the request is sent.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import random
@@ -38,12 +37,10 @@ from bench.common import (
     TEXT,
     Stack,
     Stats,
-    add_common_arguments,
-    cpu_busy,
+    bench_main,
+    checks_table,
     measured_by,
     scripted_toml,
-    verdict,
-    write_section,
 )
 from bench.haystack_baseline import CHANNEL, HAYSTACK_QUEUE, HAYSTACK_TASK
 from providers.base import ChatProvider, ProviderCall, StreamingChunk
@@ -248,9 +245,7 @@ def report(figures: dict[str, Any], command: str, busy: tuple[float, float]) -> 
                 f"| {scenario} | {labels[name]} | {ttft.count} | {ttft.p50:.2f} | {ttft.p99:.2f} | "
                 f"{total.p50:.2f} | {total.p99:.2f} |"
             )
-    lines += ["", "| target | measured | result |", "| --- | --- | --- |"]
-    for check in checks(figures):
-        lines.append(f"| {check['target']} | {check['measured']} | {verdict(check['ok'])} |")
+    lines += checks_table(checks(figures))
     return "\n".join(lines) + "\n"
 
 
@@ -282,15 +277,7 @@ def checks(figures: dict[str, Any]) -> list[dict[str, Any]]:
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=200)
-    parser.add_argument("--warmup", type=int, default=10)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    busy_before = cpu_busy()
-    figures = run(args.requests, args.warmup)
-    command = f"python -m bench.overhead --requests {args.requests} --warmup {args.warmup}"
-    write_section(args.write, HEADING, report(figures, command, (busy_before, cpu_busy())))
+    bench_main("overhead", __doc__, HEADING, run, report, requests=200, warmup=10)
 
 
 if __name__ == "__main__":

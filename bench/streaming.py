@@ -14,7 +14,6 @@ three alternate, round by round; the medians are compared.
 
 from __future__ import annotations
 
-import argparse
 import shutil
 import statistics
 import subprocess
@@ -24,13 +23,11 @@ from typing import Any, cast
 from bench.common import (
     PROMPT,
     Stack,
-    add_common_arguments,
+    bench_main,
+    checks_table,
     coalesced_label,
-    cpu_busy,
     measured_by,
-    verdict,
     wait_until,
-    write_section,
 )
 from tasks import keys
 from tasks.client import CascadeClient
@@ -161,28 +158,14 @@ def report(figures: dict[str, Any], command: str, busy: tuple[float, float]) -> 
         f"{events['off']:.0f} |",
         f"| Cascade, coalescing {coalesced_label(figures['coalesce_ms'])} | {medians['coalesced']:.0f} | "
         f"{per_round('coalesced')} | {events['coalesced']:.0f} |",
-        "",
-        "| target | measured | result |",
-        "| --- | --- | --- |",
     ]
-    lines += [f"| {c['target']} | {c['measured']} | {verdict(c['ok'])} |" for c in checks(figures)]
+    lines += checks_table(checks(figures))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--chunks", type=int, default=10_000)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--coalesce-ms", type=float, default=2.0)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    busy_before = cpu_busy()
-    figures = run(args.chunks, args.rounds, args.coalesce_ms)
-    command = (
-        f"python -m bench.streaming --chunks {args.chunks} --rounds {args.rounds} --coalesce-ms {args.coalesce_ms:g}"
-    )
-    write_section(args.write, HEADING, report(figures, command, (busy_before, cpu_busy())))
+    bench_main("streaming", __doc__, HEADING, run, report, chunks=10_000, rounds=3, coalesce_ms=2.0)
 
 
 if __name__ == "__main__":

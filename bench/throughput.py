@@ -16,7 +16,6 @@ alternate between the two; the warm-up round is dropped.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import statistics
@@ -32,14 +31,12 @@ from bench.common import (
     PROMPT,
     TEXT,
     Stack,
-    add_common_arguments,
+    bench_main,
+    checks_table,
     coalesced_label,
-    cpu_busy,
     measured_by,
     scripted_toml,
-    verdict,
     wait_until,
-    write_section,
 )
 from bench.haystack_baseline import NOOP_QUEUE, NOOP_TASK
 from tasks.schemas import TASK_NAME
@@ -182,29 +179,14 @@ def report(figures: dict[str, Any], command: str, busy: tuple[float, float]) -> 
         row("noop", "no-op Celery task"),
         row("cascade", f"Cascade, {figures['chunks']} chunk events per request (`CASCADE_COALESCE_MS=0`)"),
         row("coalesced", f"Cascade, coalescing {coalesced_label(figures['coalesce_ms'])}"),
-        "",
-        "| target | measured | result |",
-        "| --- | --- | --- |",
     ]
-    lines += [f"| {c['target']} | {c['measured']} | {verdict(c['ok'])} |" for c in checks(figures)]
+    lines += checks_table(checks(figures))
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     """Entry point."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--requests", type=int, default=400)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--coalesce-ms", type=float, default=2.0)
-    add_common_arguments(parser)
-    args = parser.parse_args()
-    busy_before = cpu_busy()
-    figures = run(args.requests, args.rounds, args.coalesce_ms)
-    command = (
-        f"python -m bench.throughput --requests {args.requests} --rounds {args.rounds} "
-        f"--coalesce-ms {args.coalesce_ms:g}"
-    )
-    write_section(args.write, HEADING, report(figures, command, (busy_before, cpu_busy())))
+    bench_main("throughput", __doc__, HEADING, run, report, requests=400, rounds=3, coalesce_ms=2.0)
 
 
 if __name__ == "__main__":

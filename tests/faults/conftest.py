@@ -1,5 +1,7 @@
 """The fault suite's hooks: worker logs on failure, leftover processes killed by pid, and the
-figures of the run (recovery times, the load run) printed as the suite's last lines."""
+figures of the run (recovery times, the load run) printed as the suite's last lines; and the
+fixtures its modules share: one password-protected ``LocalRedis`` per module (``server``) and a
+client of it, flushed for each test (``rdb``)."""
 
 from __future__ import annotations
 
@@ -7,8 +9,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import redis
 
-from .harness import STARTED
+from worker.local import LocalRedis
+
+from .harness import REDIS_PASSWORD, STARTED
 from .report import FIGURES, LOAD_FIGURES, LOAD_REPORT
 
 
@@ -23,6 +28,28 @@ def _stop_leftover_workers() -> Iterator[None]:
 def _first_worker_of_module(request: pytest.FixtureRequest) -> None:
     """Remember which workers this module starts, so a failure shows only their logs."""
     request.module._faults_first_worker = len(STARTED)
+
+
+@pytest.fixture(scope="module")
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
+    """A ``LocalRedis`` with the suite's password, one for each test module that asks for it."""
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    started = LocalRedis(tmp_path_factory.mktemp(f"{name}-redis"), password=REDIS_PASSWORD).start()
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def rdb(server: LocalRedis) -> Iterator[redis.Redis]:
+    """A client of the module's ``server``, which is flushed before the test."""
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    try:
+        yield client
+    finally:
+        client.close()
 
 
 @pytest.hookimpl(wrapper=True, tryfirst=True)

@@ -9,7 +9,6 @@ server arguments). Every wait is bounded; every process is stopped by its pid.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -17,16 +16,21 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import redis
 
 from tasks import keys
 from tasks.client import CascadeClient
 from tasks.schemas import ChatReply, StreamEvent
+from tests.support.config import write_config as write_config
+from tests.support.stored import dead_letters as dead_letters
+from tests.support.stored import stored_events as stored_events
+from tests.support.stored import stored_reply as stored_reply
+from tests.support.waiting import wait_until as wait_until
 from worker.local import LOOPBACK, find_redis_server, free_port, start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -48,8 +52,6 @@ RECOVERY_BOUND_S = 30.0
 WORKER_START_TIMEOUT_S = 45.0
 REQUEST_TIMEOUT_S = 30.0
 
-T = TypeVar("T")
-
 # Every worker started in this session: a failing test shows their logs, teardown kills leftovers.
 STARTED: list[FaultWorker] = []
 
@@ -57,47 +59,6 @@ STARTED: list[FaultWorker] = []
 def new_id(prefix: str = "f") -> str:
     """A fresh request id."""
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: float = 0.05, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; ``TimeoutError`` after ``timeout_s``."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= give_up:
-            raise TimeoutError(f"{what}: not reached within {timeout_s} s")
-        time.sleep(interval_s)
-
-
-# --- configuration -------------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(path: Path, providers: Mapping[str, Mapping[str, Any]], chains: Mapping[str, Iterable[str]]) -> Path:
-    """A worker TOML file: ``[providers.<id>]`` tables and a ``[chains]`` table."""
-    lines: list[str] = []
-    for provider_id, entry in providers.items():
-        lines.append(f"[providers.{provider_id}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in entry.items())
-        lines.append("")
-    lines.append("[chains]")
-    lines.extend(f"{name} = {_toml_value(list(ids))}" for name, ids in chains.items())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # --- processes -----------------------------------------------------------------------------------
@@ -416,22 +377,6 @@ class RedisProcess:
 
 
 # --- what a request left in Redis ---------------------------------------------------------------
-
-
-def stored_events(client: redis.Redis, request_id: str) -> list[StreamEvent]:
-    """The events now in ``cascade:events:{id}``, in order."""
-    entries = client.xrange(keys.events_stream(request_id))
-    return [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _id, fields in entries]
-
-
-def stored_reply(client: redis.Redis, request_id: str) -> ChatReply | None:
-    raw = client.get(keys.reply_key(request_id))
-    return ChatReply.model_validate_json(raw) if raw else None
-
-
-def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:
-    """Every entry of ``cascade:dead``, newest first."""
-    return [json.loads(raw) for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)]
 
 
 def reconstruct_text(events: list[StreamEvent]) -> str:

@@ -26,7 +26,6 @@ from tasks.schemas import TASK_NAME
 from worker.local import LocalRedis
 
 from .harness import (
-    REDIS_PASSWORD,
     REQUEST_TIMEOUT_S,
     FaultWorker,
     ReplyWrites,
@@ -58,11 +57,10 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+def target(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Target]:
     workdir = tmp_path_factory.mktemp("hostile-input")
     providers = {"steady": {"type": "scripted", "text": TEXT, "chunk_size": 4}}
     config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})
-    server = LocalRedis(workdir / "redis", password=REDIS_PASSWORD).start()
     worker = FaultWorker("hostile", server.url, config, workdir / "worker.log")
     rdb = redis.Redis.from_url(server.url)
     producer = Celery("hostile-producer", broker=server.url, set_as_current=False)
@@ -78,7 +76,6 @@ def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
         client.close()
         producer.close()
         rdb.close()
-        server.stop()
 
 
 def publish_raw(url: str, body: bytes, task_id: str) -> None:

@@ -36,7 +36,6 @@ from worker.runtime import build_runtime
 from .harness import (
     FAST_RECOVERY_ENV,
     RECOVERY_BOUND_S,
-    REDIS_PASSWORD,
     FaultWorker,
     assert_coherent,
     assert_no_secrets,
@@ -50,25 +49,6 @@ from .report import record
 pytestmark = pytest.mark.faults
 
 QUEUE = "chat"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    started = LocalRedis(tmp_path_factory.mktemp("lost"), password=REDIS_PASSWORD).start()
-    try:
-        yield started
-    finally:
-        started.stop()
-
-
-@pytest.fixture
-def rdb(server: LocalRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
-    client.flushall()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 @pytest.fixture

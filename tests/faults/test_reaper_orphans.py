@@ -5,7 +5,6 @@ stays where it is. (The worker-level proof is in test_worker_loss.py.)"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,30 +18,11 @@ from worker.lease import lease_key
 from worker.local import LocalRedis
 from worker.reaper import UNACKED, restore_orphans
 
-from .harness import REDIS_PASSWORD, new_id
+from .harness import new_id
 
 pytestmark = pytest.mark.faults
 
 QUEUE = "chat"
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    started = LocalRedis(tmp_path_factory.mktemp("orphans"), password=REDIS_PASSWORD).start()
-    try:
-        yield started
-    finally:
-        started.stop()
-
-
-@pytest.fixture
-def rdb(server: LocalRedis) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(server.url)
-    client.flushall()
-    try:
-        yield client
-    finally:
-        client.close()
 
 
 def take(url: str, kwargs: dict[str, Any], task: str = TASK_NAME) -> Any:

@@ -23,7 +23,7 @@ from worker.local import LocalRedis
 from worker.reaper import reclaim_expired
 from worker.runtime import WorkerRuntime, build_runtime
 
-from .harness import REDIS_PASSWORD, assert_coherent, new_id, stored_events, stored_reply, wait_until
+from .harness import assert_coherent, new_id, stored_events, stored_reply, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -63,15 +63,6 @@ class BlinkingRedis(redis.Redis):
             self.fail_reply_of = None
             raise redis.ConnectionError("Connection closed by server. (injected)")
         return super().eval(script, numkeys, *keys_and_args)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    started = LocalRedis(tmp_path_factory.mktemp("blips"), password=REDIS_PASSWORD).start()
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 @pytest.fixture

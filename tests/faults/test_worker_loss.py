@@ -35,7 +35,6 @@ from worker.local import LocalRedis
 from .harness import (
     FAST_RECOVERY_ENV,
     RECOVERY_BOUND_S,
-    REDIS_PASSWORD,
     REQUEST_TIMEOUT_S,
     FaultWorker,
     Follower,
@@ -102,10 +101,9 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("worker-loss")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
-    server = LocalRedis(workdir / "redis", password=REDIS_PASSWORD).start()
     rdb = redis.Redis.from_url(server.url)
     writes = ReplyWrites(rdb)
     workers = [
@@ -122,7 +120,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
             started.stop()
         writes.close()
         rdb.close()
-        server.stop()
 
 
 def start_streaming(cluster: Cluster, request_id: str, min_chunks: int = 3) -> tuple[Follower, StreamEvent]:

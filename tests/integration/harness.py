@@ -9,22 +9,25 @@ on top: keyspace notifications, log tails, named workers, readiness by a warm-up
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
 import redis
 
-from tasks import keys
 from tasks.client import CascadeClient
 from tasks.schemas import ChatReply, StreamEvent
+from tests.support.config import write_config as write_config
 from tests.support.stack import REPO
+from tests.support.stored import dead_letters as dead_letters
+from tests.support.stored import stored_events as stored_events
+from tests.support.stored import stored_reply as stored_reply
+from tests.support.waiting import wait_until as poll_until
 from worker.local import LocalRedis, start_worker, stop_process
 
 REDIS_START_TIMEOUT_S = 10.0
@@ -45,15 +48,8 @@ def new_id() -> str:
 
 
 def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: float = 0.02, what: str = "condition") -> T:
-    """Poll ``predicate`` until it returns something truthy; raise ``TimeoutError`` after ``timeout_s``."""
-    give_up = time.monotonic() + timeout_s
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= give_up:
-            raise TimeoutError(f"{what}: not reached within {timeout_s} s")
-        time.sleep(interval_s)
+    """``tests.support.waiting.wait_until``, polling every 20 ms unless told otherwise."""
+    return poll_until(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
 def tail_of(path: Path | None, lines: int) -> str:
@@ -83,34 +79,6 @@ class RedisServer(LocalRedis):
 
     def log_tail(self, lines: int = 40) -> str:
         return tail_of(self.log_path, lines)
-
-
-# --- worker config -----------------------------------------------------------------------------
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # a JSON string is a valid TOML basic string
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    raise TypeError(f"cannot write {value!r} as TOML")
-
-
-def write_config(path: Path, providers: Mapping[str, Mapping[str, Any]], chains: Mapping[str, Iterable[str]]) -> Path:
-    """Write a worker TOML file: ``[providers.<id>]`` tables and a ``[chains]`` table."""
-    lines: list[str] = []
-    for provider_id, entry in providers.items():
-        lines.append(f"[providers.{provider_id}]")
-        lines.extend(f"{key} = {_toml_value(value)}" for key, value in entry.items())
-        lines.append("")
-    lines.append("[chains]")
-    lines.extend(f"{name} = {_toml_value(list(ids))}" for name, ids in chains.items())
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 # --- Celery worker -----------------------------------------------------------------------------
@@ -201,22 +169,6 @@ class Worker:
 def collect_events(client: CascadeClient, request_id: str, timeout_s: float = REQUEST_TIMEOUT_S) -> list[StreamEvent]:
     """Every event of ``request_id`` up to its terminal event (bounded by ``timeout_s``)."""
     return list(client.events(request_id, timeout_s=timeout_s))
-
-
-def stored_events(client: redis.Redis, request_id: str) -> list[StreamEvent]:
-    """The events now in ``cascade:events:{id}`` (XRANGE), in order."""
-    entries = client.xrange(keys.events_stream(request_id))
-    return [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _id, fields in entries]
-
-
-def stored_reply(client: redis.Redis, request_id: str) -> ChatReply | None:
-    raw = client.get(keys.reply_key(request_id))
-    return ChatReply.model_validate_json(raw) if raw else None
-
-
-def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:
-    """Every entry of ``cascade:dead``, newest first."""
-    return [json.loads(raw) for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)]
 
 
 def dead_letters_for(client: redis.Redis, ident: str) -> list[dict[str, Any]]:
