@@ -26,12 +26,10 @@ from tasks.schemas import TASK_NAME
 WATCHED = [
     ("chat", "chat.py"),
     ("read_request", "intake.py"),
-    ("RequestLease.acquire", "lease.py"),
-    ("RequestRunner.__init__", "runner.py"),
+    ("open_run", "opening.py"),
     ("ChainRun.execute", "chain.py"),
     ("EventPublisher._send", "publisher.py"),
     ("EventPublisher._finish", "publisher.py"),
-    ("RequestLease.release", "lease.py"),
     ("Backend.store_result", "base.py"),
     ("Pipeline.execute", "client.py"),
     ("Redis.execute_command", "client.py"),
