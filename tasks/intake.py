@@ -62,6 +62,10 @@ def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
             raise UnknownChain(f"unknown chain {request.chain!r}")
     except RequestError as exc:
         return Intake(request_id=request_id, error=exc)
+    except RecursionError:
+        # Only a Python object (an eager call, a producer in-process) nests this deep: the JSON
+        # decoder refuses such a message before it gets here.
+        return Intake(request_id=request_id, error=InvalidRequest("request is nested too deeply"))
     return Intake(request_id=request.request_id, request=request)
 
 

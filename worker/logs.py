@@ -27,6 +27,8 @@ LOG_FORMAT_ENV = "CASCADE_LOG_FORMAT"
 
 # Celery's loggers whose records carry a task's arguments or return value.
 CELERY_TASK_LOGGERS = ("celery.app.trace", "celery.worker.strategy", "celery.worker.request")
+# Celery's consumer logger: its records about unprocessable messages carry the message body.
+CELERY_CONSUMER_LOGGER = "celery.worker.consumer.consumer"
 
 _request_id: ContextVar[str | None] = ContextVar("cascade_request_id", default=None)
 _STATUS = re.compile(r"""['"]status['"]: ['"](\w+)['"]""")
@@ -128,12 +130,50 @@ class TaskDataFilter(logging.Filter):
         return True
 
 
+class MessageBodyFilter(logging.Filter):
+    """Takes the message body out of the records Celery's consumer writes for a message it
+    cannot process (undecodable, unknown, invalid): the body may hold a prompt, and it is kept,
+    for whoever may read it, in ``cascade:dead`` (``worker.consumer``)."""
+
+    # Celery's templates (celery.worker.consumer.consumer) -> the index of the body in args.
+    _BODY_AT = {
+        "Can't decode message body": 4,
+        "Received and deleted unknown message": 0,
+        "Received unregistered task": 1,
+        "Received invalid task message": 1,
+    }
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's body argument in place; never drops it."""
+        at = next((i for start, i in self._BODY_AT.items() if str(record.msg).startswith(start)), None)
+        if at is not None and isinstance(record.args, tuple) and len(record.args) > at:
+            args = list(record.args)
+            args[at] = "(not logged; see cascade:dead)"
+            # A decode error carries the undecodable bytes (the body again) in its repr.
+            args = [f"{type(a).__name__} (details in cascade:dead)" if _carries_bytes(a) else a for a in args]
+            record.args = tuple(args)
+        return True
+
+
+def _carries_bytes(value: Any, depth: int = 3) -> bool:
+    """True if an exception holds bytes among its arguments (or its arguments' arguments)."""
+    if isinstance(value, (bytes, bytearray)):
+        return True
+    if depth == 0 or not isinstance(value, BaseException):
+        return False
+    return any(_carries_bytes(arg, depth - 1) for arg in value.args)
+
+
 def install_task_data_filter() -> None:
-    """Put ``TaskDataFilter`` on Celery's task loggers (idempotent)."""
+    """Put ``TaskDataFilter`` on Celery's task loggers and ``MessageBodyFilter`` on its
+    consumer's (idempotent)."""
     for name in CELERY_TASK_LOGGERS:
         logger = logging.getLogger(name)
         if not any(isinstance(f, TaskDataFilter) for f in logger.filters):
             logger.addFilter(TaskDataFilter())
+    consumer = logging.getLogger(CELERY_CONSUMER_LOGGER)
+    if not any(isinstance(f, MessageBodyFilter) for f in consumer.filters):
+        consumer.addFilter(MessageBodyFilter())
 
 
 def configure_json_logging(level: int | str = logging.INFO) -> logging.Handler:

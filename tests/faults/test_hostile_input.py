@@ -134,11 +134,13 @@ def test_task_body_nested_100k_deep(target: Target) -> None:
 
 def test_task_body_that_is_not_utf8(target: Target) -> None:
     task_id = new_id("not-utf8")
-    body = b'[[], {"request": {"prompt": "caf\xe9 \xff\xfe"}}, {}]'
+    body = b'[[], {"request": {"prompt": "PROMPT-IN-BAD-BODY caf\xe9 \xff\xfe"}}, {}]'
     letter = expect_dead_letter(
         target, lambda: publish_raw(target.url, body, task_id), task_id, {"undecodable", "invalid_task"}
     )
     assert letter["task_id"] == task_id
+    # The body (a prompt, perhaps) is kept in the dead letter, not written to the log.
+    assert "PROMPT-IN-BAD-BODY" not in target.worker.log_text()
 
 
 def test_request_that_is_json_text_nested_100k_deep(target: Target) -> None:

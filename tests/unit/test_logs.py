@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from celery.app import trace as celery_trace
+from celery.worker.consumer import consumer as consumer_module
 from opentelemetry.sdk.trace import TracerProvider
 
 from worker import logs
@@ -93,6 +94,41 @@ def test_celerys_success_line_carries_neither_the_reply_nor_the_arguments(captur
     (record,) = records
     assert "MARKER" not in json.dumps(record.args) and "MARKER" not in json.dumps(record.data)  # type: ignore[attr-defined]
     assert "PROMPT-MARKER" in context["kwargs"]  # the filter works on a copy: Celery's dict is left alone
+
+
+@pytest.mark.parametrize(
+    ("template", "args"),
+    [
+        (
+            consumer_module.MESSAGE_DECODE_ERROR,
+            (
+                ValueError(UnicodeDecodeError("utf-8", b"PROMPT-MARKER \xff", 14, 15, "invalid start byte")),
+                "application/json",
+                "utf-8",
+                "{}",
+                "PROMPT-MARKER",
+            ),
+        ),
+        (consumer_module.UNKNOWN_FORMAT, ("body: 'PROMPT-MARKER'",)),
+        (consumer_module.UNKNOWN_TASK_ERROR, (KeyError("t"), "PROMPT-MARKER", "{}", "{}")),
+        (consumer_module.INVALID_TASK_ERROR, (ValueError("x"), "PROMPT-MARKER")),
+    ],
+    ids=["undecodable", "unknown-message", "unknown-task", "invalid-task"],
+)
+def test_celerys_lines_about_bad_messages_leave_the_body_out(template: str, args: tuple[Any, ...]) -> None:
+    logs.install_task_data_filter()
+    records: list[logging.LogRecord] = []
+    spy = logging.Handler()
+    spy.emit = records.append  # type: ignore[method-assign]
+    consumer_logger = logging.getLogger(logs.CELERY_CONSUMER_LOGGER)
+    consumer_logger.addHandler(spy)
+    try:
+        consumer_logger.error(template, *args)  # as Celery's consumer logs it
+    finally:
+        consumer_logger.removeHandler(spy)
+    (record,) = records
+    message = record.getMessage()
+    assert "PROMPT-MARKER" not in message and "see cascade:dead" in message
 
 
 def test_configure_json_logging_replaces_the_root_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
