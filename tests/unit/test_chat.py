@@ -8,6 +8,7 @@ from typing import Any
 
 import fakeredis
 import pytest
+from celery.utils.saferepr import saferepr
 
 from settings import Settings
 from tasks import keys
@@ -139,3 +140,9 @@ def test_a_redelivered_invalid_request_keeps_its_first_reply(
     assert again == first
     assert [e.type for e in events(fake_redis, "req-7")] == ["error"]
     assert len(dead(fake_redis)) == 1  # a redelivered copy of an answered request is not recorded twice
+
+
+def test_celerys_shortened_repr_of_the_reply_still_names_its_status() -> None:
+    longest_id = "r" * 128
+    reply = ChatReply(request_id=longest_id, status="cancelled").model_dump(mode="json")
+    assert "'status': 'cancelled'" in saferepr(reply, chat.resultrepr_maxsize)
