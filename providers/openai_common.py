@@ -174,6 +174,7 @@ class OpenAIFamilyProvider(ChatProvider):
         client = openai.OpenAI(
             api_key=api_key or "unused",
             organization=cfg.organization,
+            project=cfg.project,
             base_url=cfg.api_base_url,
             max_retries=0,
             timeout=cfg.timeout_s,

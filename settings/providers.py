@@ -84,6 +84,7 @@ class OpenAIConfig(ApiProviderConfig):
     api_key_env: str | None = "OPENAI_API_KEY"
     api_base_url: str | None = None
     organization: str | None = None
+    project: str | None = None  # the OpenAI project the usage is billed to (``OpenAI-Project``)
 
 
 class OpenAIResponsesConfig(OpenAIConfig):

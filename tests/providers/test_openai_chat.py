@@ -121,6 +121,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
         generation_kwargs={"temperature": 0.1, "top_p": 0.5, "seed": 1},
         stop_words=["</s>"],
         organization="org-test",
+        project="proj-test",
     )
     call = make_call(
         stream=False,
@@ -152,6 +153,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
         "response_format": {"type": "json_object"},
     }
     assert header(server.received[0].headers, "openai-organization") == "org-test"
+    assert header(server.received[0].headers, "openai-project") == "proj-test"
 
 
 def test_custom_server_gets_max_tokens(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
