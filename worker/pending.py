@@ -11,7 +11,8 @@ id -> when its message was last sent, in ms) indexes ``cascade:pending:{id}`` (t
 task's keyword arguments). The Lua script that stores the reply (``worker.publisher``) removes
 both, so a request is pending exactly until it is answered.
 
-Each reaper pass (``resend_lost``) looks at requests pending for longer than ``older_than_s``.
+One reaper at a time sweeps (``lead_sweep``); each of its passes (``resend_lost``) looks at
+requests pending for longer than ``older_than_s``.
 One with no lease and no reply whose message is neither on its queue nor in ``unacked`` (one
 atomic read of both) is a suspect; still a suspect at the next pass with nothing sent for it
 meanwhile, it was lost and is sent again (the reaper that wins a compare-and-set on its score).
@@ -66,6 +67,16 @@ return {redis.call('GET', KEYS[4]), redis.call('HGET', KEYS[6], ARGV[1])}
 """
 # Resend counts per request id (a hash, so the record itself stays what its sender wrote).
 RESENDS = "cascade:pending:resends"
+# The token of the reaper that sweeps pending records: one at a time, so a backlog is scanned
+# once per pass, not once per worker, and a suspect is seen twice by the same reaper.
+SWEEPER = "cascade:pending:sweeper"
+# Take or keep the sweeper's role: free, or already ours, it is ours for ARGV[2] ms more.
+_LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
 
 GiveUp = Callable[[str, dict[str, Any]], None]
 
@@ -182,6 +193,12 @@ def resend_lost(
     suspects.clear()
     suspects.update({request_id: score for request_id, (score, _r) in lost.items() if request_id not in resent})
     return resent
+
+
+def lead_sweep(client: redis.Redis, token: str, hold_s: float) -> bool:
+    """True if the reaper with ``token`` is (or now becomes) the one sweeping pending records,
+    for ``hold_s`` from now; a sweeper that stops renewing is replaced once that passes."""
+    return bool(client.eval(_LEAD, 1, SWEEPER, token, int(hold_s * 1000)))
 
 
 def forget(client: redis.Redis, request_id: str) -> None:

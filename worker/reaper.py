@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -29,7 +30,7 @@ from tasks import keys
 from tasks.intake import usable_request_id
 from tasks.schemas import StreamEvent
 from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
-from worker.pending import UNACKED, GiveUp, message_request_id, note_sent, resend_lost, task_kwargs
+from worker.pending import UNACKED, GiveUp, lead_sweep, message_request_id, note_sent, resend_lost, task_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +173,7 @@ class Reaper:
         self._interval_s = interval_s
         self._orphan_after_s = orphan_after_s if orphan_after_s is not None else max(10.0, 20 * interval_s)
         self._suspects: dict[str, float] = {}
+        self._token = secrets.token_hex(8)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cascade-reaper", daemon=True)
 
@@ -189,13 +191,16 @@ class Reaper:
             try:
                 reclaim_expired(self._client, self._resend)
                 restore_orphans(self._client, orphan_after_s=self._orphan_after_s)
-                resend_lost(
-                    self._client,
-                    self._resend,
-                    older_than_s=self._orphan_after_s,
-                    suspects=self._suspects,
-                    give_up=self._give_up,
-                )
+                if lead_sweep(self._client, self._token, hold_s=3 * self._interval_s):
+                    resend_lost(
+                        self._client,
+                        self._resend,
+                        older_than_s=self._orphan_after_s,
+                        suspects=self._suspects,
+                        give_up=self._give_up,
+                    )
+                else:
+                    self._suspects.clear()  # another reaper sweeps; its suspects are its own
             except redis.RedisError as exc:  # Redis restarting: try again next pass
                 logger.info("reaper pass skipped: %s", type(exc).__name__)
             except Exception:

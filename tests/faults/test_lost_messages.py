@@ -280,3 +280,12 @@ def test_pending_records_are_read_past_a_page_of_running_requests(rdb: redis.Red
     options: dict[str, Any] = {"older_than_s": 0, "suspects": suspects, "batch": 2, "max_batches": 4}
     assert pending.resend_lost(rdb, resend, **options) == []
     assert pending.resend_lost(rdb, resend, **options) == [lost]
+
+
+def test_one_reaper_sweeps_at_a_time(rdb: redis.Redis) -> None:
+    assert pending.lead_sweep(rdb, "reaper-a", hold_s=0.3)
+    assert pending.lead_sweep(rdb, "reaper-a", hold_s=0.3)  # the sweeper keeps its role
+    assert not pending.lead_sweep(rdb, "reaper-b", hold_s=0.3)
+    time.sleep(0.4)  # reaper-a died: its role lapses
+    assert pending.lead_sweep(rdb, "reaper-b", hold_s=0.3)
+    assert not pending.lead_sweep(rdb, "reaper-a", hold_s=0.3)
