@@ -58,6 +58,19 @@ def _read_events(response: Any) -> list[tuple[bytes, StreamEvent]]:
     return pairs
 
 
+def _unseen_events(response: Any, last_id: bytes | str, next_seq: int) -> tuple[bytes | str, int, list[StreamEvent]]:
+    """The events of an XREAD response from ``seq`` ``next_seq`` on, each ``seq`` once (a write
+    retried after its reply was lost can store an event twice), with the entry id to read after
+    and the next ``seq`` expected."""
+    fresh = []
+    for entry_id, event in _read_events(response):
+        last_id = entry_id
+        if event.seq >= next_seq:
+            fresh.append(event)
+            next_seq = event.seq + 1
+    return last_id, next_seq, fresh
+
+
 def _block_ms(give_up: float | None) -> int:
     """How long the next XREAD may block, given the caller's deadline."""
     if give_up is None:
@@ -117,11 +130,8 @@ class CascadeClient:
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             response = self.redis.xread({stream: last_id}, count=_READ_COUNT, block=_block_ms(give_up))
-            for entry_id, event in _read_events(response):
-                last_id = entry_id
-                if event.seq < next_seq:
-                    continue  # written twice (a write retried after its reply was lost)
-                next_seq = event.seq + 1
+            last_id, next_seq, fresh = _unseen_events(response, last_id, next_seq)
+            for event in fresh:
                 yield event
                 if event.is_terminal:
                     return
@@ -188,11 +198,8 @@ class AsyncCascadeClient:
         give_up = None if timeout_s is None else time.monotonic() + timeout_s
         while True:
             response = await self.redis.xread({stream: last_id}, count=_READ_COUNT, block=_block_ms(give_up))
-            for entry_id, event in _read_events(response):
-                last_id = entry_id
-                if event.seq < next_seq:
-                    continue  # see CascadeClient.events
-                next_seq = event.seq + 1
+            last_id, next_seq, fresh = _unseen_events(response, last_id, next_seq)
+            for event in fresh:
                 yield event
                 if event.is_terminal:
                     return

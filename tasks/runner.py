@@ -175,9 +175,7 @@ class RequestRunner:
             local_queues=self.context.local_queues if self._send_handoff else None,
         )
         try:
-            if opening.started:
-                cancelled = opening.cancelled
-            elif self.handoff is None and not (lost and lost.started):
+            if not opening.started and self.handoff is None and not (lost and lost.started):
                 cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
             else:
                 cancelled = opening.cancelled

@@ -115,9 +115,10 @@ def task_kwargs(message: Any) -> dict[str, Any] | None:
     return kwargs if isinstance(kwargs, dict) else None
 
 
-def message_request_id(message: Any) -> str | None:
-    """The request id a ``cascade.chat`` message carries in its request, or None."""
-    request = (task_kwargs(message) or {}).get("request")
+def request_id_in(kwargs: dict[str, Any] | None) -> str | None:
+    """The request id in a ``cascade.chat`` message's keyword arguments (its ``request`` an
+    object or JSON text), or None."""
+    request = (kwargs or {}).get("request")
     try:
         request = json.loads(request) if isinstance(request, str) else request
     except (ValueError, RecursionError):
@@ -137,7 +138,7 @@ def _ids_in(raw_messages: Iterable[Any], *, unacked: bool) -> set[str]:
         except (ValueError, TypeError, KeyError, IndexError):
             continue
         header = (message.get("headers") or {}).get(REQUEST_ID_HEADER) if isinstance(message, dict) else None
-        request_id = header if isinstance(header, str) else message_request_id(message)
+        request_id = header if isinstance(header, str) else request_id_in(task_kwargs(message))
         if request_id is not None:
             found.add(request_id)
     return found
@@ -201,12 +202,14 @@ def lead_sweep(client: redis.Redis, token: str, hold_s: float) -> bool:
     return bool(client.eval(_LEAD, 1, SWEEPER, token, int(hold_s * 1000)))
 
 
-def forget(client: redis.Redis, request_id: str) -> None:
-    """Stop tracking ``request_id`` (it ended, or was given up on)."""
+def forget(client: redis.Redis, *request_ids: str) -> None:
+    """Stop tracking ``request_ids`` (they ended, or were given up on); one round trip."""
+    if not request_ids:
+        return
     pipe = client.pipeline(transaction=True)
-    pipe.zrem(PENDING_SET, request_id)
-    pipe.delete(record_key(request_id))
-    pipe.hdel(RESENDS, request_id)
+    pipe.zrem(PENDING_SET, *request_ids)
+    pipe.delete(*(record_key(request_id) for request_id in request_ids))
+    pipe.hdel(RESENDS, *request_ids)
     pipe.execute()
 
 
@@ -227,13 +230,15 @@ def _unleased(
             pipe.exists(keys.reply_key(request_id))
             pipe.get(record_key(request_id))
         checks = pipe.execute() if entries else []
+        ended = []
         for number, (raw_id, score) in enumerate(entries):
             leased, replied, raw = checks[3 * number : 3 * number + 3]
             record = _read_record(raw)
             if replied or record is None:
-                forget(client, raw_id.decode())  # answered (the record came after the reply), expired, unreadable
+                ended.append(raw_id.decode())  # answered (the record came after the reply), expired, unreadable
             elif not leased:
                 candidates[raw_id.decode()] = (score, record)
+        forget(client, *ended)
         if len(entries) < batch:
             break
     return candidates

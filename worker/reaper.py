@@ -30,7 +30,7 @@ from tasks import keys
 from tasks.intake import usable_request_id
 from tasks.schemas import StreamEvent
 from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
-from worker.pending import UNACKED, GiveUp, lead_sweep, message_request_id, note_sent, resend_lost, task_kwargs
+from worker.pending import UNACKED, GiveUp, lead_sweep, note_sent, request_id_in, resend_lost, task_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def _parse(raw: Any) -> tuple[str, str, str, dict[str, Any] | None] | None:
         kwargs = task_kwargs(message)
         if kwargs is None or headers.get("eta"):
             return None
-        candidates = (message_request_id(message), headers.get("id"))
+        candidates = (request_id_in(kwargs), headers.get("id"))
         request_id = next(filter(None, (usable_request_id(c) if isinstance(c, str) else None for c in candidates)))
         handoff = kwargs.get("handoff")
     except (ValueError, TypeError, KeyError, AttributeError, StopIteration, RecursionError):

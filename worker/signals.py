@@ -18,6 +18,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from tasks.keys import ROUTES
 from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
+from worker.pending import request_id_in
 from worker.reaper import Reaper
 from worker.runtime import get_runtime
 
@@ -56,9 +57,8 @@ def start_reaper(**_: Any) -> None:
     runtime = get_runtime()
 
     def resend(queue: str, kwargs: dict[str, Any]) -> None:
-        request = kwargs.get("request")
-        request_id = request.get("request_id") if isinstance(request, dict) else None
-        headers = {REQUEST_ID_HEADER: request_id} if isinstance(request_id, str) else {}
+        request_id = request_id_in(kwargs)
+        headers = {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
         app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers=headers)
 
     def give_up(request_id: str, record: dict[str, Any]) -> None:
