@@ -21,12 +21,10 @@ import pytest
 from opentelemetry import trace
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
 from tasks.client import CascadeClient
+from tests.support.spans import global_spans
 from worker.local import LocalRedis, free_port, start_worker, stop_process
 
 pytestmark = pytest.mark.integration
@@ -147,21 +145,6 @@ class OtlpReceiver:
         self._server.server_close()
 
 
-def producer_spans() -> InMemorySpanExporter:
-    """The in-memory exporter of this test process's global tracer provider (the producer's)."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter: InMemorySpanExporter | None = getattr(provider, "cascade_test_exporter", None)
-    if exporter is None:
-        exporter = InMemorySpanExporter()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        provider.cascade_test_exporter = exporter  # type: ignore[attr-defined]
-    exporter.clear()
-    return exporter
-
-
 def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 20.0) -> Any:
     give_up = time.monotonic() + timeout_s
     while True:
@@ -221,7 +204,7 @@ def by_name(spans: list[Span], name: str) -> list[Span]:
 
 
 def test_one_trace_from_the_producer_through_a_fallback_and_a_hand_off(stack: Stack) -> None:
-    exporter = producer_spans()
+    exporter = global_spans()
     with trace.get_tracer("test-producer").start_as_current_span("checkout") as root:
         with CascadeClient(stack.url) as client:
             request_id = client.submit(prompt=PROMPT, chain="hop", generation_kwargs={"max_tokens": 64})
@@ -269,7 +252,7 @@ def test_one_trace_from_the_producer_through_a_fallback_and_a_hand_off(stack: St
 
 
 def test_worker_logs_are_json_lines_with_request_and_trace_ids_and_no_text(stack: Stack) -> None:
-    exporter = producer_spans()
+    exporter = global_spans()
     with trace.get_tracer("test-producer").start_as_current_span("checkout") as root:
         with CascadeClient(stack.url) as client:
             request_id = client.submit(prompt=PROMPT, chain="fallback")

@@ -19,8 +19,7 @@ from celery import Celery
 from opentelemetry import trace
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry, generate_latest
@@ -29,6 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from settings import ScriptedConfig, Settings
 from tasks.runner import RequestRunner, TaskContext
 from tasks.schemas import TASK_NAME, AttemptRecord, ChatReply, ChatRequest, HandOff
+from tests.support.spans import global_spans
 from worker import observability, otel_sdk
 from worker.metrics import CascadeMetrics, fallbacks, observe_redis
 from worker.prometheus import MergedCollector, SnapshotWriter
@@ -37,22 +37,6 @@ from worker.telemetry import TelemetryConfig, TelemetryObserver, telemetry_obser
 
 PROMPT = "PROMPT-MARKER tell me"
 TEXT = "REPLY-MARKER from the steady one"
-
-
-def global_spans() -> InMemorySpanExporter:
-    """The in-memory exporter of this test process's global tracer provider (installed once),
-    emptied: the publish hook and the hop spans use the global tracer, as in a worker."""
-    provider = trace.get_tracer_provider()
-    if not isinstance(provider, TracerProvider):
-        provider = TracerProvider()
-        trace.set_tracer_provider(provider)
-    exporter: InMemorySpanExporter | None = getattr(provider, "cascade_test_exporter", None)
-    if exporter is None:
-        exporter = InMemorySpanExporter()
-        provider.add_span_processor(SimpleSpanProcessor(exporter))
-        provider.cascade_test_exporter = exporter  # type: ignore[attr-defined]
-    exporter.clear()
-    return exporter
 
 
 @pytest.fixture
