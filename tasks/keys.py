@@ -1,4 +1,10 @@
-"""Redis key names of the public contract (DESIGN.md, "Redis keys")."""
+"""Redis key names of the public contract (DESIGN.md, "Redis keys").
+
+Per-request keys are templates with ``{request_id}``; Cascade's own keys (sets, roles,
+counters) never sit under a per-request prefix, so no request id names one of them.
+tests/unit/test_keys.py tries every module-level ``cascade:`` constant of the product against
+every per-request template.
+"""
 
 from __future__ import annotations
 

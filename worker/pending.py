@@ -66,10 +66,11 @@ redis.call('EXPIRE', KEYS[6], ARGV[4])
 return {redis.call('GET', KEYS[4]), redis.call('HGET', KEYS[6], ARGV[1])}
 """
 # Resend counts per request id (a hash, so the record itself stays what its sender wrote).
-RESENDS = "cascade:pending:resends"
+# Outside ``cascade:pending:{request_id}``: no request id may name a key of Cascade's own.
+RESENDS = "cascade:resends"
 # The token of the reaper that sweeps pending records: one at a time, so a backlog is scanned
 # once per pass, not once per worker, and a suspect is seen twice by the same reaper.
-SWEEPER = "cascade:pending:sweeper"
+SWEEPER = "cascade:sweeper"
 # Take or keep the sweeper's role: free, or already ours, it is ours for ARGV[2] ms more.
 _LEAD = """
 local holder = redis.call('GET', KEYS[1])
