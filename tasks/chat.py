@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError
 from tasks.intake import read_request, usable_request_id
-from tasks.runner import RequestRunner, TaskContext
+from tasks.runner import RequestRunner, TaskContext, checked_handoff
 from tasks.schemas import (
     REQUEST_ID_HEADER,
     SUBMITTED_AT_HEADER,
@@ -66,11 +66,14 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
 
     intake = read_request(kwargs["request"], context.task_id, runtime.settings)
     handoff = None
-    if intake.error is None and "handoff" in kwargs:
+    if intake.error is None and intake.request is not None and "handoff" in kwargs:
         try:
             handoff = HandOff.model_validate(kwargs["handoff"])
+            handoff = checked_handoff(handoff, runtime.settings.chains.get(intake.request.chain, []))
         except ValidationError:
             intake.error = InvalidRequest("invalid hand-off state")
+        except ValueError as exc:
+            intake.error = InvalidRequest(f"invalid hand-off state: {exc}")
     if intake.error is not None or intake.request is None:
         failure = intake.error or InvalidRequest("invalid request")
         return reject(runtime, context, failure, intake.request_id, kwargs["request"])
@@ -170,5 +173,7 @@ def reject(
         events_ttl_s=runtime.settings.events_ttl_s,
         next_seq=EventPublisher.resume_seq(runtime.redis, reply_to),
     )
-    publisher.finish("error", reply, error=info)
+    if not publisher.finish("error", reply, error=info) and publisher.leased_elsewhere:
+        # A worker runs a request of this id: this copy is only dead-lettered, its answer stands.
+        return {"request_id": reply_to, "status": "duplicate", "error": info.model_dump(mode="json")}
     return reply.model_dump(mode="json")

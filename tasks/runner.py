@@ -9,6 +9,7 @@ when the chain continues on another queue, hands the request off with its histor
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -50,6 +51,18 @@ class TaskContext:
     local_queues: frozenset[str] | None = None
 
 
+def checked_handoff(handoff: HandOff, chain: list[str]) -> HandOff:
+    """``handoff`` if it can continue ``chain``; else ValueError saying why. A hand-off comes in
+    a message anyone who can write to the queue can forge, or from a worker of an earlier
+    deploy whose chain was longer."""
+    if handoff.start_index >= len(chain):
+        raise ValueError(f"start_index {handoff.start_index} is past the chain ({len(chain)} providers)")
+    moments = (handoff.deadline_at, handoff.started_at, handoff.first_chunk_at, handoff.submitted_at)
+    if not all(math.isfinite(moment) for moment in moments if moment is not None):
+        raise ValueError("its times must be finite numbers")
+    return handoff
+
+
 class RequestRunner:
     """Runs one request (or its continuation after a hand-off) on this worker."""
 
@@ -71,7 +84,8 @@ class RequestRunner:
         self.request_id: str = request.request_id or ""
         settings = runtime.settings
         if handoff is not None:
-            self.deadline_at = handoff.deadline_at
+            # A hand-off's deadline is the first run's, never past what the configuration allows.
+            self.deadline_at = min(handoff.deadline_at, context.started_at_wall + settings.max_timeout_s)
             self.started_at_wall = handoff.started_at
             self.first_chunk_at = handoff.first_chunk_at
         else:

@@ -1,13 +1,16 @@
 """Publishing a request's events: pub/sub for live subscribers, a Redis Stream for replay.
 
-Each event costs one round trip: PUBLISH, XADD (bounded with MAXLEN) and a read of the cancel
-key and, for a leased request, of the lease (one MGET) travel in one pipeline, so checking for
-a cancel or a lost lease is free; the first event sets the stream's TTL (EXPIRE), which a
-stream longer than a quarter of the TTL renews. The terminal event and the stored reply are
-written by one Lua script, reply first, and only if no reply is stored yet and the lease is
-still ours: a request gets exactly one reply and one terminal event, however many workers
-ran it. The same script publishes a coalesced chunk still waiting, releases the lease and
-ends the request's pending record (``worker.pending``): one round trip ends a request.
+Each write is one Lua script, one round trip: it checks the lease, then PUBLISHes and XADDs
+the events (and sets the stream's TTL on the first event, renewed by a stream longer than a
+quarter of the TTL) and reads the cancel key. The lease check and the write are one atomic
+step, so a worker whose lease was taken over writes nothing more: its script refuses, and the
+run stops with ``LeaseLost``. A publisher with no lease (a rejected message's report) writes
+only while no worker holds the request's lease: an invalid copy of a running request must not
+answer for it. The terminal event and the stored reply are written by one script too, reply
+first, and only if no reply is stored yet and the lease check passes: a request gets exactly
+one reply and one terminal event, however many workers ran it. That script also publishes a
+coalesced chunk still waiting, releases the lease and ends the request's pending record and
+resend count (``worker.pending``): one round trip ends a request.
 
 Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``, 2 ms by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
@@ -17,14 +20,23 @@ window (the first one, say) still goes out at once, so the first token is not de
 fast stream costs one round trip per window instead of one per chunk. ``seq`` stays strictly
 increasing, a cancel seen by a background flush is reported by the next ``emit``, and a
 failure there (a lost lease, Redis gone) is raised by the next call.
+
+The event budget: the stream is XADDed with ``MAXLEN ~ events_maxlen``, which would drop a long
+request's first entries and make "replay from the start" silently false. So a request's events
+stay below ``events_maxlen``: past half of its chunk budget (``events_maxlen`` less a reserve of
+a tenth) the coalescing window grows as the budget shrinks, and once the budget is spent chunks
+merge into one waiting chunk that goes out with the next ``fallback``, hand-off or the terminal
+event, while the lease and cancel key are still read every ``MAX_WINDOW_S``. The reserve keeps
+room for the ``fallback`` events, the last chunk of each attempt and the terminal event, which
+are never held; MAXLEN stays as the memory bound for a request that still outgrows it.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -32,7 +44,8 @@ import redis
 from tasks import keys
 from tasks.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
 from worker import pending as pending_set
-from worker.lease import LeaseLost, RequestLease
+from worker.coalescing import FLUSHER, PendingChunk
+from worker.lease import LeaseLost, RequestLease, lease_key
 from worker.store import ReplyStore
 
 
@@ -40,16 +53,45 @@ class StreamClosed(RuntimeError):
     """An event was emitted after the request's terminal event."""
 
 
-# KEYS: reply, channel, events stream, lease (or ""), pending set, pending record, in-flight
-#       record, in-flight set
+# The lease check both scripts open with: a leased writer (ARGV[i] its token) writes only while
+# the lease holds that token; a writer with no lease (ARGV[i] == '') only while nobody holds it.
+_LEASE_CHECK = """
+local holder = redis.call('GET', KEYS[{key}])
+if ARGV[{token}] == '' then
+    if holder then return -2 end
+elseif holder ~= ARGV[{token}] then
+    return -1
+end
+"""
+
+# KEYS: channel, events stream, cancel key, lease
+# ARGV: events maxlen, events TTL (0: leave the TTL alone), lease token (or ""), then the events
+# Returns whether the cancel key is set, or -1 / -2 (nothing written) from the lease check.
+_EMIT = (
+    _LEASE_CHECK.format(key=4, token=3)
+    + """
+for i = 4, #ARGV do
+    redis.call('PUBLISH', KEYS[1], ARGV[i])
+    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
+end
+if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
+return redis.call('EXISTS', KEYS[3])
+"""
+)
+
+# KEYS: reply, channel, events stream, lease, pending set, pending record, in-flight record (or
+#       ""), in-flight set (or ""), resend counts
 # ARGV: reply JSON, reply TTL, terminal event JSON, maxlen, events TTL, lease token (or ""),
 #       request id, a coalesced chunk event to publish first (or "")
-_FINISH = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-if ARGV[6] ~= '' and redis.call('GET', KEYS[4]) ~= ARGV[6] then return -1 end
+# Returns 1 (written), 0 (a reply was stored already), -1 / -2 (the lease check refused).
+_FINISH = (
+    "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
+    + _LEASE_CHECK.format(key=4, token=6)
+    + """
 redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
 redis.call('ZREM', KEYS[5], ARGV[7])
 redis.call('DEL', KEYS[6])
+redis.call('HDEL', KEYS[9], ARGV[7])
 if ARGV[8] ~= '' then
     redis.call('PUBLISH', KEYS[2], ARGV[8])
     redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[8])
@@ -63,61 +105,20 @@ if ARGV[6] ~= '' then
 end
 return 1
 """
+)
+_EMIT_SHA = hashlib.sha1(_EMIT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+
+# The longest a chunk waits once a request nears its event budget, and how often a request that
+# spent its budget still reads its lease and cancel key.
+MAX_WINDOW_S = 1.0
+# The shortest window past half the budget, even with coalescing off.
+_SLOW_WINDOW_S = 0.05
 
 
-@dataclass
-class _PendingChunk:
-    """Chunk deltas of one attempt waiting for their window to end."""
-
-    fields: dict[str, Any]
-    due: float
-    deltas: list[str] = field(default_factory=list)
-
-    def merged(self) -> dict[str, Any]:
-        return {**self.fields, "delta": "".join(self.deltas)}
-
-    def same_attempt(self, fields: dict[str, Any]) -> bool:
-        return all(self.fields.get(name) == fields.get(name) for name in ("provider", "attempt"))
-
-
-class _Flusher:
-    """One daemon thread per process publishes the waiting chunks of every request whose
-    window ended, so coalescing starts no thread per request."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
-        self._cond = threading.Condition()
-        self._due: dict[EventPublisher, float] = {}
-        self._thread: threading.Thread | None = None
-
-    def schedule(self, publisher: EventPublisher, due: float) -> None:
-        """Have ``publisher`` flushed at ``due`` (``time.monotonic()``)."""
-        with self._cond:
-            wake = not self._due or due < min(self._due.values())  # else the thread wakes in time
-            self._due[publisher] = min(due, self._due.get(publisher, due))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="cascade-coalesce", daemon=True)
-                self._thread.start()
-            elif wake:
-                self._cond.notify()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                ready = [publisher for publisher, due in self._due.items() if due <= now]
-                for publisher in ready:
-                    del self._due[publisher]
-                if not ready:
-                    next_due = min(self._due.values(), default=None)
-                    self._cond.wait(None if next_due is None else next_due - now)
-                    continue
-            for publisher in ready:  # outside our lock: each takes its publisher's lock
-                publisher._flush_due()
+def chunk_budget(events_maxlen: int) -> int:
+    """How many events a request may write before its chunks are held (see the module
+    docstring): ``events_maxlen`` less a reserve of a tenth (3 at least)."""
+    return events_maxlen - max(3, events_maxlen // 10)
 
 
 class EventPublisher:
@@ -140,16 +141,21 @@ class EventPublisher:
         self.request_id = request_id
         self._store = store
         self._maxlen = events_maxlen
+        self._budget = chunk_budget(events_maxlen)
         self._ttl_s = events_ttl_s
         self.next_seq = next_seq
         self.closed = False
         self._lease = lease
+        self._lease_key = lease.key if lease is not None else lease_key(request_id)
+        self._token = lease.token if lease is not None else ""
+        self.leased_elsewhere = False
+        """Set when a publisher with no lease wrote nothing because a worker holds the request."""
         self._channel = keys.stream_channel(request_id)
         self._stream = keys.events_stream(request_id)
         self._cancel = keys.cancel_key(request_id)
         self._coalesce_s = coalesce_s
         self._lock = threading.RLock()
-        self._pending: _PendingChunk | None = None
+        self._pending: PendingChunk | None = None
         self._last_sent = -float("inf")
         self._cancelled = False
         self._failure: BaseException | None = None
@@ -176,8 +182,8 @@ class EventPublisher:
     def emit(self, event_type: str, **fields: Any) -> bool:
         """Publish a non-terminal event; return True if the request has been cancelled.
 
-        With coalescing on, a ``chunk`` may wait up to ``coalesce_s`` to be published with the
-        chunks that follow it; any other event publishes a waiting chunk first.
+        With coalescing on, or near the event budget, a ``chunk`` may wait to be published with
+        the chunks that follow it; any other event publishes a waiting chunk first.
         """
         if event_type in TERMINAL_EVENT_TYPES:
             raise ValueError(f"use finish() for the terminal event {event_type!r}")
@@ -185,8 +191,10 @@ class EventPublisher:
             self._raise_failure()
             if self.closed:
                 raise StreamClosed(f"request {self.request_id} already ended")
-            if event_type == "chunk" and self._coalesce_s > 0:
-                return self._gather(fields)
+            if event_type == "chunk":
+                window = self._window()
+                if window is None or window > 0:
+                    return self._gather(fields, window)
             return self._send((event_type, fields))
 
     def flush(self) -> bool:
@@ -196,26 +204,43 @@ class EventPublisher:
             self._raise_failure()
             return self._send(None) if self._pending is not None else self._cancelled
 
-    def _gather(self, fields: dict[str, Any]) -> bool:
+    def _window(self) -> float | None:
+        """How long the next chunk may wait: ``coalesce_s``, longer past half the event budget;
+        None once the budget is spent (the chunk waits for the next other event)."""
+        left = self._budget - self.next_seq
+        if left <= 0:
+            return None
+        half = self._budget / 2
+        if left >= half:
+            return self._coalesce_s
+        return min(MAX_WINDOW_S, max(self._coalesce_s, _SLOW_WINDOW_S) * half / left)
+
+    def _gather(self, fields: dict[str, Any], window: float | None) -> bool:
         """Coalescing: publish the chunk now after a quiet window, else let it wait (lock held)."""
         pending = self._pending
         if pending is not None and not pending.same_attempt(fields):
             self._send(None)  # never merge text of two attempts
             pending = None
+            window = self._window()
         now = time.monotonic()
-        if pending is None and now - self._last_sent >= self._coalesce_s:
+        quiet = now - self._last_sent
+        if pending is None and window is not None and quiet >= window:
             return self._send(("chunk", fields))
         if pending is None:
-            pending = self._pending = _PendingChunk(fields, due=self._last_sent + self._coalesce_s)
-            _FLUSHER.schedule(self, pending.due)
+            due = self._last_sent + window if window is not None else math.inf
+            pending = self._pending = PendingChunk(fields, due=due)
+            if window is not None:
+                FLUSHER.schedule(self, due)
         pending.deltas.append(str(fields.get("delta") or ""))
+        if window is None and quiet >= MAX_WINDOW_S:
+            self._check()  # the text waits, the lease and the cancel key are still read
         return self._cancelled
 
-    def _flush_due(self) -> None:
+    def flush_due(self) -> None:
         """Called by the flusher when a window ended: publish what waits (an error is kept for
         the request's thread)."""
         with self._lock:
-            if self._pending is None or self.closed or self._failure is not None:
+            if self._pending is None or self.closed or self._failure is not None or self._window() is None:
                 return
             try:
                 self._send(None)
@@ -229,35 +254,54 @@ class EventPublisher:
             raise failure
 
     def _send(self, event: tuple[str, dict[str, Any]] | None) -> bool:
-        """One round trip: the waiting chunk, then ``event``, then the cancel (and lease) check.
-        Returns True if the request has been cancelled (lock held)."""
-        pipe = self._client.pipeline(transaction=False)
+        """One round trip: the waiting chunk, then ``event``, written only if the lease check
+        passes, then the cancel check. Returns True if the request has been cancelled (lock held)."""
+        if self.closed:
+            raise StreamClosed(f"request {self.request_id} already ended")
         pending, self._pending = self._pending, None
         first_seq = self.next_seq
+        payloads = []
         if pending is not None:
-            self._stage(pipe, "chunk", pending.merged())
+            payloads.append(self._next_event("chunk", pending.merged()))
         if event is not None:
-            self._stage(pipe, *event)
-        if self._lease is not None:
-            pipe.mget(self._cancel, self._lease.key)
-        else:
-            pipe.exists(self._cancel)
-        self._last_sent = time.monotonic()
+            payloads.append(self._next_event(*event))
         try:
-            results = pipe.execute()
+            self._write(payloads)
         except BaseException:
             # Nothing was published (as far as this run knows): the text waits for the next
             # event, and the seq numbers it was given are given again.
             self._pending, self.next_seq = pending, first_seq
             raise
-        if self._lease is not None:
-            cancelled, holder = results[-1]
-            if not self._lease.holds(holder):
-                raise LeaseLost(f"request {self.request_id} is now run by another worker")
-        else:
-            cancelled = results[-1]
-        self._cancelled = self._cancelled or bool(cancelled)
         return self._cancelled
+
+    def _check(self) -> None:
+        """Read the lease and the cancel key, writing nothing (lock held)."""
+        self._write([])
+
+    def _write(self, payloads: list[str]) -> None:
+        """Run ``_EMIT`` for ``payloads``: raise ``LeaseLost`` if the lease check refused."""
+        now = time.monotonic()
+        ttl = 0
+        if payloads and now >= self._refresh_ttl_at:  # the first event sets the TTL; a long stream renews it
+            ttl = self._ttl_s
+        script_keys = (self._channel, self._stream, self._cancel, self._lease_key)
+        script_args: tuple[int | str, ...] = (self._maxlen, ttl, self._token, *payloads)
+        try:
+            result = self._client.evalsha(_EMIT_SHA, len(script_keys), *script_keys, *script_args)
+        except redis.exceptions.NoScriptError:
+            result = self._client.eval(_EMIT, len(script_keys), *script_keys, *script_args)
+        self._last_sent = now
+        if result in (-1, -2):
+            self._refused(int(result))
+        if ttl:
+            self._refresh_ttl_at = now + self._ttl_s / 4
+        self._cancelled = self._cancelled or bool(result)
+
+    def _refused(self, code: int) -> None:
+        """The lease check refused a write: raise ``LeaseLost``."""
+        self.leased_elsewhere = code == -2
+        holder = "a worker holds its lease" if code == -2 else "it is now run by another worker"
+        raise LeaseLost(f"request {self.request_id}: not written, {holder}")
 
     def cancel_requested(self) -> bool:
         """True if a producer set the cancel key (one round trip)."""
@@ -265,8 +309,9 @@ class EventPublisher:
 
     def finish(self, event_type: str, reply: ChatReply, **fields: Any) -> bool:
         """Store ``reply`` and publish the terminal event, atomically; False (and nothing
-        written) if the request already has a reply. Raises ``LeaseLost`` if another worker
-        took the request over."""
+        written) if the request already has a reply, or if this publisher has no lease and a
+        worker holds the request's (``leased_elsewhere`` then). Raises ``LeaseLost`` if another
+        worker took this publisher's lease over."""
         if event_type not in TERMINAL_EVENT_TYPES:
             raise ValueError(f"{event_type!r} is not a terminal event")
         with self._lock:
@@ -280,18 +325,16 @@ class EventPublisher:
     def _finish(self, event_type: str, reply: ChatReply, fields: dict[str, Any]) -> bool:
         pending, self._pending = self._pending, None
         first_seq = self.next_seq
-        chunk = self._event("chunk", pending.merged()) if pending is not None else ""
-        if pending is not None:
-            self.next_seq += 1  # the waiting text goes out just before the terminal event
-        payload = self._event(event_type, {**fields, "reply": reply})
+        chunk = self._next_event("chunk", pending.merged()) if pending is not None else ""
+        payload = self._next_event(event_type, {**fields, "reply": reply})
         lease = self._lease
-        release = lease.release_keys() if lease else ("", "", "")
+        release = lease.release_keys() if lease else (self._lease_key, "", "")
         if lease is not None:
             lease.stop_renewing()  # the script releases the lease with the reply
         try:
             written = self._client.eval(
                 _FINISH,
-                8,
+                9,
                 keys.reply_key(self.request_id),
                 self._channel,
                 self._stream,
@@ -300,12 +343,13 @@ class EventPublisher:
                 pending_set.record_key(self.request_id),
                 release[1],
                 release[2],
+                pending_set.RESENDS,
                 reply.model_dump_json(),
                 self._store.ttl_s,
                 payload,
                 self._maxlen,
                 self._ttl_s,
-                lease.token if lease else "",
+                self._token,
                 self.request_id,
                 chunk,
             )
@@ -313,15 +357,22 @@ class EventPublisher:
             self._pending, self.next_seq = pending, first_seq
             raise
         if written == -1:
-            raise LeaseLost(f"request {self.request_id} is now run by another worker")
+            self._pending, self.next_seq = pending, first_seq
+            self._refused(-1)
         self.closed = True
+        self.leased_elsewhere = written == -2
         if written == 1:
-            self.next_seq += 1
             if lease is not None:
                 lease.released = True
         else:
             self.next_seq = first_seq
         return bool(written == 1)
+
+    def _next_event(self, event_type: str, fields: dict[str, Any]) -> str:
+        """The JSON of the next event, which takes the next ``seq``."""
+        payload = self._event(event_type, fields)
+        self.next_seq += 1
+        return payload
 
     def _event(self, event_type: str, fields: dict[str, Any]) -> str:
         event = StreamEvent(
@@ -332,21 +383,6 @@ class EventPublisher:
             **fields,
         )
         return event.model_dump_json(exclude_none=True)
-
-    def _stage(self, pipe: Any, event_type: str, fields: dict[str, Any]) -> None:
-        if self.closed:
-            raise StreamClosed(f"request {self.request_id} already ended")
-        payload = self._event(event_type, fields)
-        pipe.publish(self._channel, payload)
-        pipe.xadd(self._stream, {keys.EVENT_FIELD: payload}, maxlen=self._maxlen, approximate=True)
-        now = time.monotonic()
-        if now >= self._refresh_ttl_at:  # the first event sets the TTL; a long stream renews it
-            pipe.expire(self._stream, self._ttl_s)
-            self._refresh_ttl_at = now + self._ttl_s / 4
-        self.next_seq += 1
-
-
-_FLUSHER = _Flusher()
 
 
 def start_event(request_id: str, chain: str, worker: str) -> str:

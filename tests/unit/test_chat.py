@@ -14,6 +14,9 @@ from settings import Settings
 from tasks import keys
 from tasks.chat import chat
 from tasks.schemas import ChatReply, StreamEvent
+from worker import publisher
+from worker.lease import RequestLease
+from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, build_runtime
 
 SettingsFactory = Callable[..., Settings]  # the make_settings fixture of conftest.py
@@ -60,7 +63,8 @@ def test_a_new_request_is_opened_and_closed_by_one_script_each(
     real_execute = fake_redis.execute_command
 
     def counting(*args: Any, **options: Any) -> Any:
-        commands.append(str(args[0]))
+        emits = args[0] in ("EVALSHA", "EVAL") and args[1] in (publisher._EMIT_SHA, publisher._EMIT)
+        commands.append("emit" if emits else str(args[0]))
         return real_execute(*args, **options)
 
     fake_redis.execute_command = counting  # type: ignore[method-assign]
@@ -68,8 +72,9 @@ def test_a_new_request_is_opened_and_closed_by_one_script_each(
         run_task("task-rt", request={"request_id": "req-rt", "prompt": "hi"})
     assert "resuming" not in caplog.text
     # The opening script (lease, read-ahead, start event) and the closing one (reply, terminal
-    # event, lease release); between them only chunk events, and no read of a lost run.
-    assert commands.count("EVALSHA") + commands.count("EVAL") == 2
+    # event, lease release); between them only chunk events (the emit script), and no read of a
+    # lost run.
+    assert [command for command in commands if command != "emit"] == ["EVAL", "EVAL"]
     assert "XRANGE" not in commands and "XREVRANGE" not in commands
     types = [e.type for e in events(fake_redis, "req-rt")]
     assert types[0] == "start" and types[-1] == "done" and set(types[1:-1]) == {"chunk"}
@@ -146,3 +151,46 @@ def test_celerys_shortened_repr_of_the_reply_still_names_its_status() -> None:
     longest_id = "r" * 128
     reply = ChatReply(request_id=longest_id, status="cancelled").model_dump(mode="json")
     assert "'status': 'cancelled'" in saferepr(reply, chat.resultrepr_maxsize)
+
+
+def test_an_invalid_copy_of_a_running_request_is_only_dead_lettered(
+    runtime: WorkerRuntime, fake_redis: fakeredis.FakeRedis
+) -> None:
+    original = RequestLease(fake_redis, "req-8", ttl_s=30, record_ttl_s=60, worker="other/1")
+    assert original.acquire("chat", {"request": {"request_id": "req-8", "prompt": "hi"}})
+    try:
+        streaming = EventPublisher(
+            fake_redis, "req-8", store=runtime.replies, events_maxlen=100, events_ttl_s=60, lease=original
+        )
+        streaming.emit("start", chain="default", worker="other/1")
+        result = run_task("task-8", request={"request_id": "req-8", "prompt": "hi", "chain": "nope"})
+        assert result["status"] == "duplicate" and result["error"]["type"] == "unknown_chain"
+        assert runtime.replies.get("req-8") is None
+        assert [e.type for e in events(fake_redis, "req-8")] == ["start"]
+        assert [(letter["reason"], letter["request_id"]) for letter in dead(fake_redis)] == [("unknown_chain", "req-8")]
+        assert streaming.finish("done", ChatReply(request_id="req-8", status="succeeded"))  # the answer stands
+    finally:
+        original.release()
+    stored = runtime.replies.get("req-8")
+    assert stored is not None and stored.status == "succeeded"
+    assert [e.type for e in events(fake_redis, "req-8")] == ["start", "done"]
+
+
+@pytest.mark.parametrize(
+    ("handoff", "reason"),
+    [
+        ({"start_index": 5}, "start_index 5 is past the chain"),  # forged, or from a deploy with a longer chain
+        ({"deadline_at": float("nan")}, "finite"),
+    ],
+)
+def test_a_bad_hand_off_is_answered_and_dead_lettered(
+    runtime: WorkerRuntime, fake_redis: fakeredis.FakeRedis, handoff: dict[str, Any], reason: str
+) -> None:
+    state = {"start_index": 0, "next_seq": 1, "queue_hops": 1, "deadline_at": 10.0**12, "started_at": 0.0, **handoff}
+    result = run_task("task-9", request={"request_id": "req-9", "prompt": "hi"}, handoff=state)
+    assert result["status"] == "failed" and result["error"]["type"] == "invalid_request"
+    assert reason in result["error"]["message"]
+    stored = runtime.replies.get("req-9")
+    assert stored is not None and stored.status == "failed"
+    assert [e.type for e in events(fake_redis, "req-9")] == ["error"]
+    assert [letter["reason"] for letter in dead(fake_redis)] == ["invalid_request"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import fakeredis
@@ -10,7 +11,9 @@ import pytest
 
 from tasks import keys
 from tasks.schemas import ChatReply, ErrorInfo, StreamEvent
-from worker.publisher import EventPublisher, StreamClosed
+from worker.lease import LeaseLost, RequestLease, lease_key
+from worker.pending import RESENDS
+from worker.publisher import MAX_WINDOW_S, EventPublisher, StreamClosed, chunk_budget
 from worker.store import ReplyStore
 
 RID = "req-1"
@@ -85,14 +88,51 @@ def test_events_stream_has_a_ttl(fake_redis: fakeredis.FakeRedis) -> None:
     assert 0 < fake_redis.ttl(keys.events_stream(RID)) <= 120
 
 
-def test_events_stream_is_bounded(fake_redis: fakeredis.FakeRedis) -> None:
+def test_a_long_stream_stays_within_maxlen_and_replays_from_the_start(fake_redis: fakeredis.FakeRedis) -> None:
     pub = publisher(fake_redis, maxlen=50)
-    for n in range(1_000):
-        pub.emit("chunk", delta=f"token {n} " * 8, provider="provider-id", attempt=1)
-    length = fake_redis.xlen(keys.events_stream(RID))
-    # Approximate trimming drops whole stream nodes (up to 100 entries each), never below maxlen.
-    assert 50 <= length <= 50 + 100
-    assert stored_events(fake_redis)[-1].seq == 999
+    pub.emit("start", chain="default", worker="w")
+    deltas = [f"token {n} " for n in range(1_000)]
+    for delta in deltas:
+        pub.emit("chunk", delta=delta, provider="provider-id", attempt=1)
+    pub.emit("fallback", provider="provider-id", attempt=1, error_type="stream_interrupted")
+    for delta in deltas:
+        pub.emit("chunk", delta=delta, provider="other", attempt=2)
+    assert pub.finish("done", _reply())
+    events = stored_events(fake_redis)
+    assert len(events) <= 50
+    assert [event.seq for event in events] == list(range(len(events)))  # nothing trimmed from the start
+    assert events[0].type == "start" and events[-1].type == "done"
+    for attempt in (1, 2):
+        text = "".join(event.delta or "" for event in events if event.type == "chunk" and event.attempt == attempt)
+        assert text == "".join(deltas)
+    assert [event.type for event in events].count("fallback") == 1
+
+
+def test_chunks_past_the_budget_wait_for_the_terminal_event(fake_redis: fakeredis.FakeRedis) -> None:
+    budget = chunk_budget(10)
+    pub = publisher(fake_redis, maxlen=10, next_seq=budget)  # a resumed request that spent its budget
+    for delta in "abc":
+        assert pub.emit("chunk", delta=delta, provider="p", attempt=1) is False
+    assert stored_events(fake_redis) == []
+    pub.finish("done", _reply())
+    assert [(event.type, event.seq, event.delta) for event in stored_events(fake_redis)] == [
+        ("chunk", budget, "abc"),
+        ("done", budget + 1, None),
+    ]
+
+
+def test_a_held_chunk_still_reads_the_cancel_key(fake_redis: fakeredis.FakeRedis) -> None:
+    pub = publisher(fake_redis, maxlen=10, next_seq=chunk_budget(10))
+    pub.emit("chunk", delta="a", provider="p", attempt=1)
+    fake_redis.set(keys.cancel_key(RID), "1")
+    cancelled = False
+    for _ in range(400):  # a check every MAX_WINDOW_S: bounded by count, not by a clock assertion
+        if pub.emit("chunk", delta="b", provider="p", attempt=1):
+            cancelled = True
+            break
+        time.sleep(MAX_WINDOW_S / 100)
+    assert cancelled
+    assert stored_events(fake_redis) == []
 
 
 def test_emit_reports_a_cancel(fake_redis: fakeredis.FakeRedis) -> None:
@@ -162,3 +202,40 @@ def test_resume_seq(fake_redis: fakeredis.FakeRedis) -> None:
     assert resumed_at == 3
     publisher(fake_redis, next_seq=resumed_at).finish("done", _reply())
     assert [e.seq for e in stored_events(fake_redis)] == [0, 1, 2, 3]
+
+
+def test_a_worker_that_lost_its_lease_writes_nothing_more(fake_redis: fakeredis.FakeRedis) -> None:
+    lease = RequestLease(fake_redis, RID, ttl_s=30, record_ttl_s=60, worker="w/1")
+    assert lease.acquire("chat", {"request": {}})
+    try:
+        pub = publisher(fake_redis, lease=lease)
+        pub.emit("start", chain="default", worker="w/1")
+        fake_redis.set(lease.key, "w/2:token")  # another worker took the request over
+        with pytest.raises(LeaseLost):
+            pub.emit("chunk", delta="late", provider="p", attempt=1)
+        with pytest.raises(LeaseLost):
+            pub.emit("fallback", provider="p", attempt=1, error_type="stream_interrupted")
+        with pytest.raises(LeaseLost):
+            pub.finish("done", _reply())
+        assert [event.type for event in stored_events(fake_redis)] == ["start"]  # the new owner's seq 1 is free
+        assert pub.next_seq == 1
+        assert not fake_redis.exists(keys.reply_key(RID))
+    finally:
+        lease.release()
+
+
+def test_a_publisher_without_a_lease_writes_nothing_for_a_leased_request(fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.set(lease_key(RID), "w/2:token")  # the request runs on another worker
+    pub = publisher(fake_redis)
+    assert pub.finish("error", _reply("failed"), error=ErrorInfo(type="invalid_request", message="m")) is False
+    assert pub.leased_elsewhere
+    assert stored_events(fake_redis) == [] and not fake_redis.exists(keys.reply_key(RID))
+    with pytest.raises(LeaseLost):
+        publisher(fake_redis).emit("start")
+    assert fake_redis.get(lease_key(RID)) == b"w/2:token"
+
+
+def test_the_reply_forgets_the_request_s_resend_count(fake_redis: fakeredis.FakeRedis) -> None:
+    fake_redis.hset(RESENDS, mapping={RID: 2, "other": 1})
+    assert publisher(fake_redis).finish("done", _reply())
+    assert fake_redis.hgetall(RESENDS) == {b"other": b"1"}

@@ -13,7 +13,7 @@ from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
 from settings import ProviderConfigBase, ScriptedConfig, Settings
 from tasks import keys
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import AssistantReply, ChatReply, ChatRequest, StreamEvent
+from tasks.schemas import AssistantReply, ChatReply, ChatRequest, HandOff, StreamEvent
 from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, build_runtime
 
@@ -252,6 +252,28 @@ def test_timeout_is_capped_by_settings(fake_redis: fakeredis.FakeRedis, timeout_
     runner = RequestRunner(runtime, request, TaskContext(task_id=RID, queue="chat", started_at=100.0))
     expected = runtime.settings.default_timeout_s if timeout_s is None else runtime.settings.max_timeout_s
     assert runner.deadline == pytest.approx(100.0 + expected)
+
+
+def test_a_hand_off_s_deadline_is_capped_by_settings(fake_redis: fakeredis.FakeRedis) -> None:
+    runtime = runtime_for(fake_redis, {"steady": {}}, ["steady"])
+    request = ChatRequest.model_validate({"request_id": RID, "prompt": "x"})
+    handoff = HandOff(start_index=0, next_seq=1, queue_hops=1, deadline_at=10.0**12, started_at=0.0)
+    context = TaskContext(task_id=RID, queue="chat", started_at_wall=1_000.0, started_at=100.0)
+    runner = RequestRunner(runtime, request, context, handoff=handoff)
+    assert runner.deadline_at == pytest.approx(1_000.0 + runtime.settings.max_timeout_s)
+    assert runner.deadline == pytest.approx(100.0 + runtime.settings.max_timeout_s)
+
+
+def test_a_long_answer_replays_from_its_start_event_with_a_small_maxlen(fake_redis: fakeredis.FakeRedis) -> None:
+    text = "word " * 400
+    configs = {"steady": ScriptedConfig(text=text, chunk_size=1)}
+    settings = Settings(providers=configs, chains={"default": ["steady"]}, coalesce_ms=0, events_maxlen=20)
+    runtime = build_runtime(settings, fake_redis, worker_name="unit-worker")
+    reply = run_request(runtime)
+    stream = events(fake_redis)
+    assert len(stream) <= 20
+    assert_well_formed(stream)
+    assert "".join(e.delta or "" for e in stream if e.type == "chunk") == text == reply.replies[0].content
 
 
 def test_a_provider_that_cannot_be_built_still_ends_the_request(
