@@ -74,14 +74,18 @@ def start_reaper(**_: Any) -> None:
 
 
 def publish_chain_routes(**_: Any) -> None:
-    """Write ``cascade:routes`` (chain name -> queue of its first provider)."""
+    """Write ``cascade:routes`` (chain name -> queue of its first provider), replacing what was
+    there in one MULTI: a chain this configuration no longer has loses its route, so producers
+    stop sending it to a queue that may have no consumer left, and the hash is never seen
+    empty. Every worker of a deployment shares one chain table; during a rolling deploy the
+    routes are those of the worker that started last."""
     runtime = get_runtime()
     routes = {name: runtime.settings.queue_of(ids[0]) for name, ids in runtime.settings.chains.items()}
     if not routes:
         return
     pipe = runtime.redis.pipeline(transaction=True)
-    for name, queue in routes.items():
-        pipe.hset(ROUTES, name, queue)
+    pipe.delete(ROUTES)
+    pipe.hset(ROUTES, mapping=routes)
     pipe.expire(ROUTES, ROUTES_TTL_S)
     pipe.execute()
 

@@ -1,6 +1,7 @@
 """Worker start-up (``worker.signals``, ``worker.celery_app``): each pool process warms up the
 providers of the queues its worker consumes — and only those — and a provider that cannot be
-built does not kill the process; Celery waits for a slow warm-up instead of killing it."""
+built does not kill the process; Celery waits for a slow warm-up instead of killing it; the
+chain routes a worker publishes are those of its configuration, no stale ones."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from providers import registry
 from providers.base import ChatProvider
 from settings import ScriptedConfig, Settings
 from settings.providers import HfLocalConfig
+from tasks.keys import ROUTES
 from worker import signals
 from worker.celery_app import create_app
 from worker.runtime import build_runtime
@@ -72,3 +74,16 @@ def test_a_provider_that_cannot_be_built_is_logged_not_fatal(
 def test_celery_waits_for_a_slow_warm_up() -> None:
     assert create_app(Settings()).conf.worker_proc_alive_timeout == Settings().warm_up_timeout_s == 600
     assert create_app(Settings(warm_up_timeout_s=30)).conf.worker_proc_alive_timeout == 30
+
+
+def test_the_routes_are_those_of_the_current_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(
+        providers={"api": ScriptedConfig(text="hi"), "gpu": HfLocalConfig(model="/nowhere", queue="chat.gpu")},
+        chains={"default": ["api", "gpu"], "local": ["gpu"]},
+    )
+    use_runtime(monkeypatch, settings)
+    client = signals.get_runtime().redis
+    client.hset(ROUTES, mapping={"removed": "chat.old", "local": "chat"})  # from an earlier deploy
+    signals.publish_chain_routes()
+    assert client.hgetall(ROUTES) == {b"default": b"chat", b"local": b"chat.gpu"}
+    assert 0 < client.ttl(ROUTES) <= signals.ROUTES_TTL_S
