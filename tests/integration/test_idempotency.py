@@ -1,7 +1,7 @@
 """Idempotency by ``request_id``: a redelivered request whose reply is stored is not run again.
 
-Two submissions of the same request id while the first is still running are not deduplicated
-(yet), so these tests only resend after the reply is stored.
+A copy of a running request (its lease held by a worker) is not run, and an invalid copy of it
+is only dead-lettered: it must not answer for the request that runs.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from celery import Celery
 from tasks import keys
 from tasks.client import CascadeClient
 from tasks.schemas import TASK_NAME
+from worker.lease import lease_key
 
-from .harness import KeyWrites, follow, new_id, run_request, stored_events, wait_until
+from .harness import KeyWrites, dead_letters_for, follow, new_id, run_request, stored_events, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -136,3 +137,23 @@ def test_resent_rejected_request_keeps_its_reply(client: CascadeClient, rdb: red
     )
 
     assert snapshot(rdb, request_id) == before
+
+
+def test_an_invalid_copy_of_a_running_request_is_only_dead_lettered(rdb: redis.Redis, producer: Celery) -> None:
+    request_id = new_id()
+    rdb.set(lease_key(request_id), "another-worker:token", px=60_000)  # the request runs elsewhere
+    try:
+        task_id = new_id()
+        request = {"request_id": request_id, "prompt": "hello", "chain": "no-such-chain"}
+        resend_and_wait(
+            rdb,
+            task_id,
+            lambda: producer.send_task(TASK_NAME, kwargs={"request": request}, task_id=task_id, queue="chat"),
+        )
+        result = producer.AsyncResult(task_id).get(timeout=TASK_RESULT_TIMEOUT_S)
+        assert result["status"] == "duplicate"
+        assert rdb.get(keys.reply_key(request_id)) is None
+        assert rdb.xlen(keys.events_stream(request_id)) == 0
+        assert [letter["reason"] for letter in dead_letters_for(rdb, task_id)] == ["unknown_chain"]
+    finally:
+        rdb.delete(lease_key(request_id))
