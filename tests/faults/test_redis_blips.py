@@ -39,29 +39,30 @@ class BlinkingRedis(redis.Redis):
     fail_reply_of: str | None = None
     chunks_written = 0
 
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        pipe = super().pipeline(transaction, shard_hint)
-        execute = pipe.execute
+    def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        # Events are written by one script each round trip (worker.publisher), its events last.
+        counted = self._blink_at_chunk(keys_and_args[numkeys:])
+        try:
+            return super().evalsha(sha, numkeys, *keys_and_args)
+        except redis.exceptions.NoScriptError:
+            self.chunks_written -= counted  # not run: the publisher sends the script's text next
+            raise
 
-        def execute_or_blink(*args: Any, **kwargs: Any) -> Any:
-            chunks = sum(
-                command[0] == "XADD" and any(b'"type":"chunk"' in str(part).encode() for part in command)
-                for command, _options in pipe.command_stack
-            )
-            if chunks and self.fail_at_chunk is not None and self.chunks_written + chunks >= self.fail_at_chunk:
-                self.fail_at_chunk = None
-                raise redis.ConnectionError("Connection closed by server. (injected)")
-            self.chunks_written += chunks
-            return execute(*args, **kwargs)
-
-        pipe.execute = execute_or_blink
-        return pipe
+    def _blink_at_chunk(self, args: tuple[Any, ...]) -> int:
+        chunks = sum(isinstance(arg, str) and '"type":"chunk"' in arg for arg in args)
+        if chunks and self.fail_at_chunk is not None and self.chunks_written + chunks >= self.fail_at_chunk:
+            self.fail_at_chunk = None
+            raise redis.ConnectionError("Connection closed by server. (injected)")
+        self.chunks_written += chunks
+        return chunks
 
     def eval(self, script: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
         # The script storing the reply is the one whose first key is the reply.
         if self.fail_reply_of is not None and keys_and_args[0] == f"cascade:reply:{self.fail_reply_of}":
             self.fail_reply_of = None
             raise redis.ConnectionError("Connection closed by server. (injected)")
+        if "cascade:reply:" not in str(keys_and_args[0]):  # the events script, run by its text once
+            self._blink_at_chunk(keys_and_args[numkeys:])
         return super().eval(script, numkeys, *keys_and_args)
 
 
