@@ -85,7 +85,8 @@ def publish_chain_routes(**_: Any) -> None:
         return
     pipe = runtime.redis.pipeline(transaction=True)
     pipe.delete(ROUTES)
-    pipe.hset(ROUTES, mapping=routes)
+    for name, queue in routes.items():
+        pipe.hset(ROUTES, name, queue)
     pipe.expire(ROUTES, ROUTES_TTL_S)
     pipe.execute()
 
