@@ -180,8 +180,7 @@ class ChainRun:
             failure = exc
             if chunks and not isinstance(exc, errors.StreamInterrupted):
                 # Retrying would replay text subscribers already saw: treat as a cut stream.
-                failure = errors.StreamInterrupted(f"{exc.message} (after {chunks} chunks)")
-                failure.__cause__ = exc
+                failure = errors.StreamInterrupted.after(exc, chunks)
             record = self._record(provider, index, "failed", failure, started, chunks)
             if self.cooldowns is not None and errors.counts_against_provider(failure):
                 self.cooldowns.record_failure(provider)

@@ -212,6 +212,14 @@ class StreamInterrupted(ProviderError):
 
     code = "stream_interrupted"
 
+    @classmethod
+    def after(cls, error: ProviderError, chunks: int) -> StreamInterrupted:
+        """``error`` as the ``StreamInterrupted`` it is once ``chunks`` chunks went out (a retry
+        would replay text subscribers already saw); ``error`` is its ``__cause__``."""
+        interrupted = cls(f"{error.message} (after {chunks} chunks)")
+        interrupted.__cause__ = error
+        return interrupted
+
 
 def counts_against_provider(exc: BaseException) -> bool:
     """True if ``exc`` says the provider is unhealthy (and so counts toward its cooldown).

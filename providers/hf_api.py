@@ -219,9 +219,7 @@ def _next(outputs: Iterator[_T], emitted: int) -> _T | None:
 
 def _interrupted(error: errors.ProviderError, emitted: int) -> errors.StreamInterrupted:
     """``error`` as the ``StreamInterrupted`` it is once ``emitted`` chunks went out."""
-    interrupted = errors.StreamInterrupted(f"{error.message} (after {emitted} chunks)")
-    interrupted.__cause__ = error
-    return interrupted
+    return errors.StreamInterrupted.after(error, emitted)
 
 
 class _ResponseTrap(ExitStack):

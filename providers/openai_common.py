@@ -261,9 +261,7 @@ class OpenAIFamilyProvider(ChatProvider):
         """``error`` as a ``StreamInterrupted`` when ``emitted`` chunks already went out."""
         if not emitted or isinstance(error, errors.StreamInterrupted):
             return error
-        interrupted = errors.StreamInterrupted(f"{error.message} (after {emitted} chunks)")
-        interrupted.__cause__ = error
-        return interrupted
+        return errors.StreamInterrupted.after(error, emitted)
 
     def ended_early(self, emitted: int) -> errors.ProviderError:
         """The stream ended before its end marker (a cut connection)."""
