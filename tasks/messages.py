@@ -160,8 +160,9 @@ class ChatMessage(BaseModel):
     @field_validator("content", mode="before")
     @classmethod
     def _parse_parts(cls, content: Any) -> Any:
-        # Validating the list here, rather than through the union, reports one error per bad
-        # part at ``content.<i>.<field>`` instead of one per union member, tags included.
+        # Validating the list here, rather than through the union, reports the first bad part at
+        # ``content.<i>.<field>``, instead of one error per union member with the union's and
+        # the part type's tags in the path.
         if not isinstance(content, list):
             if content is None or isinstance(content, str):
                 return content
@@ -264,7 +265,8 @@ class JsonSchemaFormat(BaseModel):
 
     name: str = Field(pattern=TOOL_NAME_PATTERN)
     description: str | None = Field(default=None, max_length=MAX_CONTENT_CHARS)
-    # ``schema`` would shadow a BaseModel attribute; the wire name is ``schema``.
+    # ``schema`` would shadow a BaseModel attribute: the field is ``schema_`` in Python (which
+    # also accepts it by that name) and ``schema`` on the wire, both ways.
     schema_: dict[str, Any] = Field(alias="schema")
     strict: bool | None = None
 
