@@ -27,7 +27,7 @@ def print_stream(events: Iterable[StreamEvent], out: TextIO = sys.stdout) -> Cha
             out.flush()
         elif event.is_terminal:
             out.write("\n")
-            reply = event.reply
+            reply = event.reply if isinstance(event.reply, ChatReply) else None
     return reply
 
 

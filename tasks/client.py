@@ -152,7 +152,7 @@ class CascadeClient:
     def wait(self, request_id: str, *, timeout_s: float | None = None) -> ChatReply:
         """Block until the request has a reply; raise ``TimeoutError`` after ``timeout_s``."""
         for event in self.events(request_id, timeout_s=timeout_s):
-            if event.is_terminal and event.reply is not None:
+            if event.is_terminal and isinstance(event.reply, ChatReply):
                 return event.reply
         reply = self.reply(request_id)
         if reply is None:
@@ -218,7 +218,7 @@ class AsyncCascadeClient:
     async def wait(self, request_id: str, *, timeout_s: float | None = None) -> ChatReply:
         """Wait for the reply; raise ``TimeoutError`` after ``timeout_s``."""
         async for event in self.events(request_id, timeout_s=timeout_s):
-            if event.is_terminal and event.reply is not None:
+            if event.is_terminal and isinstance(event.reply, ChatReply):
                 return event.reply
         reply = await self.reply(request_id)
         if reply is None:

@@ -84,7 +84,7 @@ def _check_limits(request: ChatRequest, settings: Settings) -> None:
     messages = request.conversation
     if len(messages) > settings.max_messages:
         raise RequestTooLarge(f"{len(messages)} messages exceed the limit of {settings.max_messages}")
-    chars = sum(len(message.content) for message in messages)
+    chars = sum(message.text_chars() for message in messages)
     if chars > settings.max_input_chars:
         raise RequestTooLarge(f"{chars} characters of input exceed the limit of {settings.max_input_chars}")
     # metadata is echoed in the reply and the done event: keep it small.

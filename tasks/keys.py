@@ -38,3 +38,12 @@ def reply_key(request_id: str) -> str:
 def cancel_key(request_id: str) -> str:
     """Key a producer sets to cancel the request."""
     return CANCEL.format(request_id=request_id)
+
+
+# String key of one generated image's bytes (cascade.image), with the reply's TTL.
+IMAGE = "cascade:image:{request_id}:{index}"
+
+
+def image_key(request_id: str, index: int) -> str:
+    """Key of the bytes of image ``index`` of an image request."""
+    return IMAGE.format(request_id=request_id, index=index)

@@ -14,20 +14,24 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.schemas import ChatReply, ChatRequest, StreamEvent
+from tasks.schemas import ChatReply, ChatRequest, ImageReply, ImageRequest, StreamEvent
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "chat_request.schema.json": ChatRequest,
     "chat_reply.schema.json": ChatReply,
     "stream_event.schema.json": StreamEvent,
+    "image_request.schema.json": ImageRequest,
+    "image_reply.schema.json": ImageReply,
 }
+# What producers send is described as it validates; the rest as workers write it.
+REQUEST_MODELS: frozenset[type[BaseModel]] = frozenset({ChatRequest, ImageRequest})
 DEFAULT_DIR = Path(__file__).resolve().parent.parent / "schemas"
 
 
 def render(model: type[BaseModel]) -> str:
     """The JSON Schema of ``model`` as stable, pretty JSON text (validation mode for requests,
     serialization mode for what workers emit)."""
-    mode: Literal["validation", "serialization"] = "validation" if model is ChatRequest else "serialization"
+    mode: Literal["validation", "serialization"] = "validation" if model in REQUEST_MODELS else "serialization"
     schema = model.model_json_schema(mode=mode)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"https://cascade.invalid/schemas/{model.__name__}.v1.json"
