@@ -26,9 +26,10 @@ FINISH_REASONS: dict[str, str] = {
 }
 
 
-def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, str]]:
-    """Messages in the ``[{role, content}]`` shape of the OpenAI and HF chat APIs."""
-    return [{"role": message.role, "content": message.content} for message in messages]
+def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages in the shape of the OpenAI and HF chat APIs (OpenAI's own: content parts, tool
+    calls and tool results pass as they are)."""
+    return [message.model_dump(mode="json", exclude_none=True) for message in messages]
 
 
 def merge_generation_kwargs(defaults: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,7 @@ class OpenAIResponsesProvider(OpenAIFamilyProvider):
         usage = Usage()
         if response.usage is not None:
             usage = usage_from(response.usage.input_tokens, response.usage.output_tokens)
-        extra = {"reasoning": reasoning} if reasoning else {}
+        extra: dict[str, Any] = {"reasoning": reasoning} if reasoning else {}
         meta = ReplyMeta(
             model=response.model or self.wire_model,
             index=0,

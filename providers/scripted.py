@@ -75,7 +75,7 @@ class ScriptedProvider(ChatProvider):
         if failing:  # "cut" with fail_after_chunks beyond the text: the end marker never came
             raise self._failure()
 
-        prompt_tokens = sum(len(message.content.split()) for message in call.messages)
+        prompt_tokens = sum(len(message.text().split()) for message in call.messages)
         usage = Usage(
             prompt_tokens=prompt_tokens,
             completion_tokens=len(pieces),

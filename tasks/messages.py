@@ -192,6 +192,12 @@ class ChatMessage(BaseModel):
                     field_error("ChatMessage", ["content", index], f"a {self.role} message may not hold images")
         return self
 
+    def text(self) -> str:
+        """The message's text: its string content, or its text parts joined by newlines."""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content or [] if isinstance(part, TextPart))
+
     def text_chars(self) -> int:
         """Characters of text the message gives the model: content and tool-call arguments."""
         if isinstance(self.content, str):
