@@ -32,7 +32,8 @@ import os
 import threading
 import uuid
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -193,6 +194,14 @@ class BatchingEngine:
         """Requests submitted and not yet ended."""
         with self._lock:
             return len(self._handles)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold the generation loop between two steps; requests stay in the batch and resume after."""
+        with self._lock:
+            manager = self._running_manager()
+        with manager.pause():
+            yield
 
     @property
     def capacity_tokens(self) -> int:
