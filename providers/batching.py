@@ -95,7 +95,18 @@ def _forget_managers_in_child() -> None:
         engine._reset_after_fork()
 
 
+def _close_all_at_exit() -> None:
+    for engine in list(_ENGINES):
+        engine.close(timeout_s=5.0)
+
+
 os.register_at_fork(after_in_child=_forget_managers_in_child)
+# The manager's generation thread is not a daemon, and the interpreter joins such threads
+# before it runs ``atexit`` handlers: without this hook an engine left open keeps the process
+# from exiting. ``threading._register_atexit`` runs before that join (concurrent.futures uses it).
+_register_before_thread_join = getattr(threading, "_register_atexit", None)
+if _register_before_thread_join is not None:
+    _register_before_thread_join(_close_all_at_exit)
 
 
 class BatchingEngine:

@@ -8,6 +8,8 @@ the engine's ``stall_timeout_s`` fails a request that stops producing output.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -294,6 +296,29 @@ def test_a_forked_child_does_not_inherit_the_running_manager(engine: BatchingEng
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
     assert engine._manager is not None and engine._manager.is_running()
+
+
+LEFT_OPEN = """
+import sys
+from pathlib import Path
+from tests.providers.test_batching import load
+from providers.batching import BatchingConfig, BatchingEngine
+model, tokenizer = load(Path(sys.argv[1]))
+engine = BatchingEngine(model, tokenizer, BatchingConfig(max_batch_size=2, block_size=32, max_tokens_per_request=64))
+print(engine.submit([1, 2, 3], max_new_tokens=4).collect().completion_tokens)
+"""
+
+
+def test_a_process_exits_with_an_engine_left_open(tiny_model: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LEFT_OPEN, str(tiny_model)],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])},
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "4"
 
 
 def test_incremental_decoding_never_splits_a_character(engine: BatchingEngine) -> None:
