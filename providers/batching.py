@@ -20,7 +20,10 @@ What the manager does per request, and what the engine adds:
 * A request larger than the whole KV cache, or with token ids outside the vocabulary, is
   refused at ``submit``: in the manager it would fail the whole batch. A request that fits the
   cache but not the room left waits in the manager's queue.
-* A failed step fails the requests then in the batch; the next ``submit`` starts a new manager.
+* An exception inside a forward step ends transformers' loop and fails every request it held
+  (transformers 5.24 has no per-step recovery); the next ``submit`` starts a new manager.
+* ``cancel`` ends the handle at once and asks the manager to drop the request, which it does
+  before its next step, freeing the request's KV blocks.
 
 The manager thread starts on the first ``submit``; a forked child never inherits it.
 """
