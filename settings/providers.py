@@ -134,6 +134,8 @@ class HfApiConfig(ApiProviderConfig):
     model: str = ""
     url: str | None = None
     provider: str | None = Field(default=None, description="inference provider, e.g. 'together'")
+    # A Hugging Face token (this, then HF_TOKEN) goes only to Hugging Face's hosts; a self-hosted
+    # ``url`` gets a key only when the entry sets ``api_key_env`` itself (providers.hf_api).
     api_key_env: str | None = "HF_API_TOKEN"
 
     @model_validator(mode="after")
