@@ -113,7 +113,9 @@ class HfApiProvider(ChatProvider):
     def chat_kwargs(self, call: ProviderCall) -> dict[str, Any]:
         """``chat_completion``'s keyword arguments: the config's generation kwargs overlaid by the
         request's, ``stop`` joined with the config's ``stop_words``, unknown keys dropped."""
-        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs)
+        merged = merge_generation_kwargs(
+            self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=self.config.max_output_tokens
+        )
         kwargs = {key: merged[key] for key in _FORWARDED if merged.get(key) is not None}
         if "max_tokens" not in kwargs and merged.get("max_new_tokens") is not None:
             kwargs["max_tokens"] = merged["max_new_tokens"]  # the HF name for the same limit

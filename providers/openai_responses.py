@@ -92,7 +92,9 @@ class OpenAIResponsesProvider(OpenAIFamilyProvider):
         self, client: openai.OpenAI, call: ProviderCall, guard: CallGuard, on_chunk: OnChunk
     ) -> list[AssistantReply]:
         """Send one Responses request (streamed or not) and build its reply."""
-        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs)
+        merged = merge_generation_kwargs(
+            self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=self.config.max_output_tokens
+        )
         params = responses_generation_kwargs(merged)
         items = responses_input(list(call.messages))
         timeout = request_timeout(guard)

@@ -26,9 +26,7 @@ def redact_url(url: str) -> str:
         host_and_port = parts.netloc.rpartition("@")[2]  # keeps an IPv6 host's brackets
         parts = parts._replace(netloc=f"{user}:***@{host_and_port}")
     if "password=" in parts.query:  # redis-py also takes ?password=...
-        query = "&".join(
-            "password=***" if item.startswith("password=") else item for item in parts.query.split("&")
-        )
+        query = "&".join("password=***" if item.startswith("password=") else item for item in parts.query.split("&"))
         parts = parts._replace(query=query)
     return urlunsplit(parts)
 
@@ -59,6 +57,12 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=256, ge=1)
     max_input_chars: int = Field(default=200_000, ge=1)
     max_message_bytes: int = Field(default=2_000_000, ge=1_000)
+    # Operator limits win over request fields: a request asking for more choices (``n``) or
+    # beams (``num_beams``, local models) than this is refused (request_too_large, naming the
+    # field). Generated tokens are capped per provider instead (``max_output_tokens``, and
+    # ``max_new_tokens`` of hf_local): a longer ask is cut down to the cap, not refused.
+    max_choices: int = Field(default=4, ge=1, le=128)
+    max_num_beams: int = Field(default=4, ge=1, le=64)
 
     # Streaming: publish chunks that arrive within this many ms of the last publish as one
     # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.

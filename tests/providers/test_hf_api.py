@@ -190,6 +190,20 @@ def test_generation_kwargs_on_the_wire(server: FakeHTTPServer) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent"),
+    [({"max_tokens": 5_000}, 100), ({"max_new_tokens": 5_000}, 100), ({"max_tokens": 40}, 40), ({}, 100)],
+)
+def test_the_entrys_max_output_tokens_caps_the_request(
+    server: FakeHTTPServer, asked: dict[str, int], sent: int
+) -> None:
+    server.queue(Reply(json_body=completion("ok")))
+
+    tgi(server.url, max_output_tokens=100).run(make_call(stream=False, **asked), ChunkCollector())
+
+    assert server.received[0].body["max_tokens"] == sent
+
+
 def test_url_with_v1_suffix_keeps_the_messages_api_path(server: FakeHTTPServer) -> None:
     server.queue(Reply(json_body=completion("ok")))
 

@@ -115,6 +115,19 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
     }
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent"), [({"max_tokens": 5_000}, 100), ({"max_output_tokens": 5_000}, 100), ({"max_tokens": 40}, 40)]
+)
+def test_the_entrys_max_output_tokens_caps_the_request(
+    server: FakeHTTPServer, make_provider: ProviderFactory, asked: dict[str, int], sent: int
+) -> None:
+    server.queue(Reply(json_body=response_object(text="ok")))
+
+    make_provider(max_output_tokens=100).run(make_call(stream=False, **asked), ChunkCollector())
+
+    assert server.received[0].body["max_output_tokens"] == sent
+
+
 def test_incomplete_response_finishes_with_length(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     incomplete = response_object(status="incomplete", text="The capital", incomplete_reason="max_output_tokens")
     server.queue(
