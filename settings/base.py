@@ -70,6 +70,16 @@ class Settings(BaseSettings):
     # one costs a round trip per window (BENCHMARKS.md: throughput and streaming rate).
     coalesce_ms: float = Field(default=2.0, ge=0, le=1_000)
 
+    # Connections to Redis (the workers' clients; worker.celery_app passes the same to the
+    # broker): a reply that takes longer than the socket timeout means the connection is dead
+    # (a primary lost without a word, a NAT that dropped it), and the command is tried again on
+    # a new one. Every command a worker's client sends answers at once, and the broker's BRPOP
+    # blocks 1 s: the timeout must stay above both. TCP keepalive is always on; an idle
+    # connection is checked with a PING before use after ``redis_health_check_interval_s``.
+    redis_socket_timeout_s: float = Field(default=10.0, ge=2)
+    redis_connect_timeout_s: float = Field(default=5.0, gt=0)
+    redis_health_check_interval_s: int = Field(default=15, ge=0)
+
     # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
     lease_ttl_s: float = Field(default=10.0, ge=0.5)
     reaper_interval_s: float = Field(default=2.0, gt=0)
@@ -155,6 +165,17 @@ class Settings(BaseSettings):
     def broker_visibility_timeout_s(self) -> int:
         """Redis visibility timeout: longer than any request may run (celery/celery#5935)."""
         return self.visibility_timeout_s or int(self.hard_time_limit_s) + 300
+
+    @property
+    def redis_socket_options(self) -> dict[str, Any]:
+        """The connection options of every Redis client a worker opens, in the names redis-py
+        and kombu's Redis transport (``broker_transport_options``) both take."""
+        return {
+            "socket_timeout": self.redis_socket_timeout_s,
+            "socket_connect_timeout": self.redis_connect_timeout_s,
+            "socket_keepalive": True,
+            "health_check_interval": self.redis_health_check_interval_s,
+        }
 
     @property
     def redis_dsn(self) -> str:
