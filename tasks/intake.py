@@ -92,7 +92,8 @@ def _check_limits(request: ChatRequest, settings: Settings) -> None:
     chars = sum(message.text_chars() for message in messages)
     if chars > settings.max_input_chars:
         raise RequestTooLarge(f"{chars} characters of input exceed the limit of {settings.max_input_chars}")
-    _check_generation_limits(request.generation_kwargs.model_extra or {}, settings)
+    generation = request.generation_kwargs
+    _check_generation_limits({**(generation.model_extra or {}), "n": generation.n}, settings)
     # metadata is echoed in the reply and the done event: keep it small.
     metadata_bytes = len(json.dumps(request.metadata, default=str).encode())
     if metadata_bytes > MAX_METADATA_BYTES:

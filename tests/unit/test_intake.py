@@ -200,7 +200,7 @@ def test_counts_past_the_workers_caps_are_refused_by_name(
     assert over.error.message == f"generation_kwargs.{field} of 4 exceeds this worker's limit of 3"
 
 
-@pytest.mark.parametrize("field", ["n", "num_beams", "max_new_tokens", "max_completion_tokens", "min_new_tokens"])
+@pytest.mark.parametrize("field", ["num_beams", "max_new_tokens", "max_completion_tokens", "min_new_tokens"])
 @pytest.mark.parametrize("value", [0, -1, True, 2.5, "8", [1], 10**12])
 def test_counts_must_be_whole_numbers(settings: Settings, field: str, value: Any) -> None:
     intake = read_request(ok(generation_kwargs={field: value}), TASK_ID, settings)
