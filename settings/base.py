@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
     lease_ttl_s: float = Field(default=10.0, ge=0.5)
     reaper_interval_s: float = Field(default=2.0, gt=0)
+    # A request whose run ended its worker process this many times (an OOM kill, a segfault)
+    # is not resumed again: it ends failed, error type worker_lost (see worker/deaths.py).
+    max_worker_deaths: int = Field(default=3, ge=1)
     # On SIGTERM, running requests get this long to finish before they are handed back.
     soft_shutdown_s: float = Field(default=30.0, ge=0)
     # A pool process warms up its providers (loads its local models) before it takes work;

@@ -23,6 +23,7 @@ ScriptedFailure = Literal[
     "content_filter",
     "bad_request",
     "cut",
+    "crash",  # the process exits mid-call (os._exit), as after an OOM kill or a segfault
 ]
 
 

@@ -5,7 +5,8 @@ short TTL) and records the task message it is running (``cascade:inflight:{id}``
 lease's expiry in the sorted set ``cascade:inflight``. A heartbeat thread (one per process,
 for all its leases) renews both every third of the TTL while the request runs. If the worker
 dies — SIGKILL, OOM, a lost machine — the heartbeat stops, the lease expires within seconds,
-and any surviving worker's reaper (``worker.reaper``) sends the recorded message again.
+and any surviving worker's reaper (``worker.reaper``) sends the recorded message again. The
+record also holds the run's start and deadline, which a resumed run keeps (``worker.deaths``).
 Recovery therefore never waits for the broker's visibility timeout, which must stay longer
 than the longest request (celery/celery#5935).
 
@@ -168,6 +169,9 @@ class RequestLease:
         self.abandoned = False
         self.released = False
         self.held = False
+        self.window: tuple[float, float] | None = None
+        """The run's start and deadline (unix times), recorded with the message so that a
+        resumed run keeps them (``worker.deaths``)."""
 
     def acquire(self, queue: str, kwargs: dict[str, Any]) -> bool:
         """Take the lease and record the message to resend if this worker dies; False if a
@@ -180,7 +184,10 @@ class RequestLease:
 
     def acquire_call(self, queue: str, kwargs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         """KEYS and ARGV of ``ACQUIRE_LUA`` for this lease and the message to record."""
-        record = json.dumps({"queue": queue, "kwargs": kwargs})
+        entry: dict[str, Any] = {"queue": queue, "kwargs": kwargs}
+        if self.window is not None:
+            entry["started_at"], entry["deadline_at"] = self.window
+        record = json.dumps(entry)
         keys = (self.key, self._inflight, INFLIGHT_SET)
         return keys, (self.token, self._ttl_ms, record, self._record_ttl_s, self._expiry_ms(), self.request_id)
 
