@@ -70,10 +70,10 @@ class Settings(BaseSettings):
     # one costs a round trip per window (BENCHMARKS.md: throughput and streaming rate).
     coalesce_ms: float = Field(default=2.0, ge=0, le=1_000)
 
-    # Connections to Redis (the workers' clients; worker.celery_app passes the same to the
-    # broker): a reply that takes longer than the socket timeout means the connection is dead
-    # (a primary lost without a word, a NAT that dropped it), and the command is tried again on
-    # a new one. Every command a worker's client sends answers at once, and the broker's BRPOP
+    # Connections to Redis (the workers' clients, and the broker's when worker.celery_app puts
+    # the same in broker_transport_options): a reply slower than the socket timeout means the
+    # connection is dead (a primary lost without a word, a NAT that dropped it), and the command
+    # is tried again on a new one. Every command a worker's client sends answers at once, and the broker's BRPOP
     # blocks 1 s: the timeout must stay above both. TCP keepalive is always on; an idle
     # connection is checked with a PING before use after ``redis_health_check_interval_s``.
     redis_socket_timeout_s: float = Field(default=10.0, ge=2)
