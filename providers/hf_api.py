@@ -11,6 +11,12 @@ its own ``InferenceClient`` whose ``exit_stack`` hands the response to the ``Cal
 shuts the socket down when a limit passes. Before the headers (and for a non-streamed answer)
 there is nothing to shut down: the client's timeout, just past the guard's next limit, ends
 that wait, and the guard, having fired first, names the limit.
+
+Credentials: a Hugging Face token (``HF_API_TOKEN``, ``HF_TOKEN``, huggingface_hub's own login)
+goes only to Hugging Face: the serverless router and endpoints on Hugging Face hosts
+(``HF_HOST_SUFFIXES``). A self-hosted URL (TGI, an endpoint anywhere else) gets a key only
+when the provider entry names one with ``api_key_env``, and otherwise no ``Authorization``
+header at all, not even the token huggingface_hub would add by itself.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import httpx2
 from huggingface_hub import ChatCompletionInputStreamOptions, ChatCompletionStreamOutput, InferenceClient
@@ -47,6 +54,18 @@ _FORWARDED = ("max_tokens", "temperature", "top_p", "seed", "presence_penalty", 
 # How much longer than the guard's next limit the HTTP client waits: enough for the guard to fire
 # first, so the error names the limit (first chunk, timeout_s, deadline) rather than "read timeout".
 _CLIENT_TIMEOUT_GRACE_S = 0.1
+# Hosts run by Hugging Face (and their subdomains), the only ones a Hugging Face token goes to
+# unless the provider entry names a key: the Hub, Inference Endpoints, Spaces.
+HF_HOST_SUFFIXES = ("huggingface.co", "hf.co", "huggingface.cloud", "hf.space")
+# huggingface_hub drops headers whose value is None after merging the client's headers over its
+# own: this keeps out the token it would otherwise read from HF_TOKEN or its login file.
+_NO_AUTHORIZATION: dict[str, Any] = {"authorization": None}
+
+
+def is_hf_host(url: str | None) -> bool:
+    """True if ``url`` is served by Hugging Face (see ``HF_HOST_SUFFIXES``)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".") if url else ""
+    return any(host == suffix or host.endswith(f".{suffix}") for suffix in HF_HOST_SUFFIXES)
 
 
 class HfApiProvider(ChatProvider):
@@ -61,9 +80,7 @@ class HfApiProvider(ChatProvider):
     def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
         """One ``chat_completion`` call: stream the deltas to ``on_chunk`` when ``call.stream``."""
         cfg = self.config
-        # Serverless always needs a key; a TGI server often needs none, and a 401 still says so.
-        serverless = cfg.api_type == "serverless_inference_api"
-        token = read_secret(self.provider_id, cfg.api_key_env, "HF_API_TOKEN", "HF_TOKEN", required=serverless)
+        token = self._token()
         # A non-streamed answer arrives whole at the end: a time-to-first-chunk limit would cap
         # its length, so only timeout_s and the deadline bound it.
         limits = cfg if call.stream else cfg.model_copy(update={"first_chunk_timeout_s": None})
@@ -76,10 +93,29 @@ class HfApiProvider(ChatProvider):
             finally:
                 attempt.client.exit_stack.close()  # what InferenceClient.close does, typed
 
+    @property
+    def sends_hf_token(self) -> bool:
+        """True if the target is Hugging Face's, so a Hugging Face token may go to it."""
+        return self.config.api_type == "serverless_inference_api" or is_hf_host(self.config.url)
+
+    def _token(self) -> str | None:
+        """The key to send (see the module docstring); raises ``AuthenticationFailed`` when the
+        serverless API, which always needs one, has none."""
+        cfg = self.config
+        named = "api_key_env" in cfg.model_fields_set and cfg.api_key_env
+        if not self.sends_hf_token:
+            # A self-hosted server: only the key the operator named for it, and only if set.
+            return read_secret(self.provider_id, cfg.api_key_env, required=False) if named else None
+        # Serverless always needs a key; an endpoint often needs one, and a 401 still says so.
+        serverless = cfg.api_type == "serverless_inference_api"
+        return read_secret(self.provider_id, cfg.api_key_env, "HF_API_TOKEN", "HF_TOKEN", required=serverless)
+
     def chat_kwargs(self, call: ProviderCall) -> dict[str, Any]:
         """``chat_completion``'s keyword arguments: the config's generation kwargs overlaid by the
         request's, ``stop`` joined with the config's ``stop_words``, unknown keys dropped."""
-        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs)
+        merged = merge_generation_kwargs(
+            self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=self.config.max_output_tokens
+        )
         kwargs = {key: merged[key] for key in _FORWARDED if merged.get(key) is not None}
         if "max_tokens" not in kwargs and merged.get("max_new_tokens") is not None:
             kwargs["max_tokens"] = merged["max_new_tokens"]  # the HF name for the same limit
@@ -98,7 +134,9 @@ class HfApiProvider(ChatProvider):
             # provider None means the router's own choice ("auto"), with no Hub lookup.
             client = InferenceClient(model=cfg.model, provider=cast(Any, cfg.provider), token=token, timeout=timeout)
         else:
-            client = InferenceClient(base_url=cfg.url, token=token, timeout=timeout)
+            # Without a key of its own, no Authorization header (see the module docstring).
+            headers = None if token or self.sends_hf_token else _NO_AUTHORIZATION
+            client = InferenceClient(base_url=cfg.url, token=token, timeout=timeout, headers=headers)
         client.exit_stack = _ResponseTrap(lambda response: guard.attach(lambda: _shut_down(response)))
         return client
 

@@ -35,6 +35,14 @@ _GENERATE_KWARGS = {
 }
 
 
+# The request's names for the cap on generated tokens that map to ``max_new_tokens``.
+_OUTPUT_LIMITS = frozenset(name for name, target in _GENERATE_KWARGS.items() if target == "max_new_tokens")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 class HfLocalProvider(ChatProvider):
     """A local transformers chat model; see the module docstring."""
 
@@ -58,12 +66,18 @@ class HfLocalProvider(ChatProvider):
             return self._loaded
 
     def generate_kwargs(self, call: ProviderCall) -> dict[str, Any]:
-        """``generate()`` arguments from the config's and the request's generation_kwargs."""
-        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs)
-        kwargs: dict[str, Any] = {"max_new_tokens": self.config.max_new_tokens}
+        """``generate()`` arguments from the config's and the request's generation_kwargs.
+
+        The entry's ``max_new_tokens`` is both the default and the cap: a request may ask for
+        fewer tokens, never more (``num_beams`` is bounded when the request is read:
+        ``Settings.max_num_beams``)."""
+        cap = self.config.max_new_tokens
+        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=cap)
+        kwargs: dict[str, Any] = {"max_new_tokens": cap}
         for name, value in merged.items():
             if name in _GENERATE_KWARGS:
                 kwargs[_GENERATE_KWARGS[name]] = value
+        kwargs["max_new_tokens"] = min([cap, *(v for k, v in merged.items() if k in _OUTPUT_LIMITS and _is_count(v))])
         temperature = kwargs.get("temperature")
         kwargs.setdefault("do_sample", bool(temperature and temperature > 0))
         if not kwargs["do_sample"]:

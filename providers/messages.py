@@ -32,10 +32,31 @@ def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     return [message.model_dump(mode="json", exclude_none=True) for message in messages]
 
 
-def merge_generation_kwargs(defaults: dict[str, Any], request: dict[str, Any]) -> dict[str, Any]:
-    """The provider's configured defaults overlaid by the request's own values."""
+# The names a request may give the cap on generated tokens (Cascade's, then each vendor's).
+OUTPUT_LIMIT_KEYS = ("max_tokens", "max_new_tokens", "max_completion_tokens", "max_output_tokens")
+
+
+def merge_generation_kwargs(
+    defaults: dict[str, Any], request: dict[str, Any], *, max_output_tokens: int | None = None
+) -> dict[str, Any]:
+    """The provider's configured defaults overlaid by the request's own values, with the
+    operator's cap on generated tokens winning over both.
+
+    ``max_output_tokens`` (the provider entry's cap; None for none): an output limit above it,
+    under any of its names (``OUTPUT_LIMIT_KEYS``, and ``min_new_tokens``), comes down to it,
+    and a call that names none gets it as ``max_tokens``, so the cap holds either way. A
+    request may ask for fewer tokens, never more.
+    """
     merged = dict(defaults)
     merged.update({key: value for key, value in request.items() if value is not None})
+    if max_output_tokens is None:
+        return merged
+    for key in (*OUTPUT_LIMIT_KEYS, "min_new_tokens"):
+        value = merged.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > max_output_tokens:
+            merged[key] = max_output_tokens
+    if not any(merged.get(key) is not None for key in OUTPUT_LIMIT_KEYS):
+        merged["max_tokens"] = max_output_tokens
     return merged
 
 

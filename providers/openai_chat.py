@@ -46,7 +46,9 @@ class OpenAIChatProvider(OpenAIFamilyProvider):
         self, client: openai.OpenAI, call: ProviderCall, guard: CallGuard, on_chunk: OnChunk
     ) -> list[AssistantReply]:
         """Send one Chat Completions request (streamed or not) and collect its replies."""
-        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs)
+        merged = merge_generation_kwargs(
+            self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=self.config.max_output_tokens
+        )
         params = chat_generation_kwargs(merged, self.config.stop_words, self.max_tokens_key)
         messages = cast("list[ChatCompletionMessageParam]", to_chat_messages(call.messages))
         timeout = request_timeout(guard)

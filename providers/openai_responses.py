@@ -6,6 +6,8 @@ The conversation goes in as ``input`` message items, system messages included, i
 ``reasoning={effort, summary}``; ``text`` (a dict), ``response_format`` (Chat Completions'
 shape, converted) or ``verbosity`` -> ``text={format, verbosity}``. The Responses API has no
 ``stop``, ``seed`` or ``n``: those keys, the provider's ``stop_words`` included, are dropped.
+Every call sends ``store=false``: Cascade keeps its own replies, and a conversation kept at
+the vendor as well (the API's default) is a copy nobody asked for.
 
 Streamed ``response.output_text.delta`` events go to ``on_chunk`` as the answer. Reasoning
 summary deltas are never passed to ``on_chunk`` (subscribers would take them for the answer):
@@ -53,7 +55,8 @@ def responses_input(messages: list[ChatMessage]) -> ResponseInputParam:
 
 def responses_generation_kwargs(merged: dict[str, Any]) -> dict[str, Any]:
     """Responses API parameters from Cascade's ``generation_kwargs``; see the module docstring."""
-    params = {key: merged[key] for key in ("temperature", "top_p") if merged.get(key) is not None}
+    params: dict[str, Any] = {"store": False}  # not a request's choice: see the module docstring
+    params.update({key: merged[key] for key in ("temperature", "top_p") if merged.get(key) is not None})
     limit = output_limit(merged, "max_output_tokens")
     if limit is not None:
         params["max_output_tokens"] = limit
@@ -89,7 +92,9 @@ class OpenAIResponsesProvider(OpenAIFamilyProvider):
         self, client: openai.OpenAI, call: ProviderCall, guard: CallGuard, on_chunk: OnChunk
     ) -> list[AssistantReply]:
         """Send one Responses request (streamed or not) and build its reply."""
-        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs)
+        merged = merge_generation_kwargs(
+            self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=self.config.max_output_tokens
+        )
         params = responses_generation_kwargs(merged)
         items = responses_input(list(call.messages))
         timeout = request_timeout(guard)

@@ -5,16 +5,30 @@ in chunks of ``chunk_size`` characters, waits ``first_chunk_delay_ms`` before th
 ``chunk_delay_ms`` between the others, and honours the request's deadline, cancel and
 ``max_tokens`` (one chunk counts as one token). Told to ``fail``, it fails the way a real
 provider does; ``fail_times = N`` makes it fail the first N calls of each request, then succeed.
+``fail = "crash"`` ends the whole process mid-call (``os._exit``), as an OOM kill or a segfault
+would: after ``fail_after_chunks`` chunks (like ``cut``), or before any chunk when that is 0.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 import time
+from typing import NoReturn
 
 from providers import errors
 from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
 from settings.providers import ScriptedConfig
 from tasks.schemas import AssistantReply, ReplyMeta, Usage
+
+logger = logging.getLogger(__name__)
+
+# The exit status of a ``crash``: what a process killed by the kernel's OOM killer reports
+# (128 + SIGKILL) to a parent that reads it as an exit code.
+CRASH_EXIT_CODE = 137
+# Failures that come after some chunks: the text streams up to ``fail_after_chunks`` first.
+_MID_STREAM = frozenset({"cut", "crash"})
 
 _FAILURES: dict[str, type[errors.ProviderError]] = {
     "rate_limit": errors.RateLimited,
@@ -46,7 +60,7 @@ class ScriptedProvider(ChatProvider):
         started = time.monotonic()
         give_up_at = min(started + cfg.timeout_s, call.deadline)
         failing = cfg.fail is not None and (cfg.fail_times is None or call.provider_attempt <= cfg.fail_times)
-        if failing and cfg.fail != "cut":
+        if failing and (cfg.fail not in _MID_STREAM or (cfg.fail == "crash" and cfg.fail_after_chunks == 0)):
             self._pace(call, cfg.fail_delay_ms / 1000, give_up_at)
             raise self._failure()
 
@@ -89,6 +103,13 @@ class ScriptedProvider(ChatProvider):
         )
         return [AssistantReply(content="".join(pieces), meta=meta)]
 
+    def _crash(self) -> NoReturn:
+        """End this process now, with no cleanup, as the kernel would."""
+        logger.error("%s: scripted crash: this process exits now (%d)", self.provider_id, CRASH_EXIT_CODE)
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        os._exit(CRASH_EXIT_CODE)
+
     def _pace(self, call: ProviderCall, seconds: float, give_up_at: float) -> None:
         """Wait ``seconds``, or time out like a real provider if that passes ``give_up_at``."""
         if seconds <= 0:
@@ -102,6 +123,8 @@ class ScriptedProvider(ChatProvider):
 
     def _failure(self) -> errors.ProviderError:
         kind = self.config.fail or "server_error"
+        if kind == "crash":
+            self._crash()
         error_class = _FAILURES[kind]
         message = f"{self.provider_id}: scripted failure {kind}"
         if error_class is errors.RateLimited:

@@ -26,9 +26,7 @@ def redact_url(url: str) -> str:
         host_and_port = parts.netloc.rpartition("@")[2]  # keeps an IPv6 host's brackets
         parts = parts._replace(netloc=f"{user}:***@{host_and_port}")
     if "password=" in parts.query:  # redis-py also takes ?password=...
-        query = "&".join(
-            "password=***" if item.startswith("password=") else item for item in parts.query.split("&")
-        )
+        query = "&".join("password=***" if item.startswith("password=") else item for item in parts.query.split("&"))
         parts = parts._replace(query=query)
     return urlunsplit(parts)
 
@@ -59,6 +57,12 @@ class Settings(BaseSettings):
     max_messages: int = Field(default=256, ge=1)
     max_input_chars: int = Field(default=200_000, ge=1)
     max_message_bytes: int = Field(default=2_000_000, ge=1_000)
+    # Operator limits win over request fields: a request asking for more choices (``n``) or
+    # beams (``num_beams``, local models) than this is refused (request_too_large, naming the
+    # field). Generated tokens are capped per provider instead (``max_output_tokens``, and
+    # ``max_new_tokens`` of hf_local): a longer ask is cut down to the cap, not refused.
+    max_choices: int = Field(default=4, ge=1, le=128)
+    max_num_beams: int = Field(default=4, ge=1, le=64)
 
     # Streaming: publish chunks that arrive within this many ms of the last publish as one
     # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.
@@ -66,9 +70,22 @@ class Settings(BaseSettings):
     # one costs a round trip per window (BENCHMARKS.md: throughput and streaming rate).
     coalesce_ms: float = Field(default=2.0, ge=0, le=1_000)
 
+    # Connections to Redis (the workers' clients, and the broker's when worker.celery_app puts
+    # the same in broker_transport_options): a reply slower than the socket timeout means the
+    # connection is dead (a primary lost without a word, a NAT that dropped it), and the command
+    # is tried again on a new one. Every command a worker's client sends answers at once, and the broker's BRPOP
+    # blocks 1 s: the timeout must stay above both. TCP keepalive is always on; an idle
+    # connection is checked with a PING before use after ``redis_health_check_interval_s``.
+    redis_socket_timeout_s: float = Field(default=10.0, ge=2)
+    redis_connect_timeout_s: float = Field(default=5.0, gt=0)
+    redis_health_check_interval_s: int = Field(default=15, ge=0)
+
     # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
     lease_ttl_s: float = Field(default=10.0, ge=0.5)
     reaper_interval_s: float = Field(default=2.0, gt=0)
+    # A request whose run ended its worker process this many times (an OOM kill, a segfault)
+    # is not resumed again: it ends failed, error type worker_lost (see worker/deaths.py).
+    max_worker_deaths: int = Field(default=3, ge=1)
     # On SIGTERM, running requests get this long to finish before they are handed back.
     soft_shutdown_s: float = Field(default=30.0, ge=0)
     # A pool process warms up its providers (loads its local models) before it takes work;
@@ -151,6 +168,17 @@ class Settings(BaseSettings):
     def broker_visibility_timeout_s(self) -> int:
         """Redis visibility timeout: longer than any request may run (celery/celery#5935)."""
         return self.visibility_timeout_s or int(self.hard_time_limit_s) + 300
+
+    @property
+    def redis_socket_options(self) -> dict[str, Any]:
+        """The connection options of every Redis client a worker opens, in the names redis-py
+        and kombu's Redis transport (``broker_transport_options``) both take."""
+        return {
+            "socket_timeout": self.redis_socket_timeout_s,
+            "socket_connect_timeout": self.redis_connect_timeout_s,
+            "socket_keepalive": True,
+            "health_check_interval": self.redis_health_check_interval_s,
+        }
 
     @property
     def redis_dsn(self) -> str:

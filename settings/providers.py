@@ -23,6 +23,7 @@ ScriptedFailure = Literal[
     "content_filter",
     "bad_request",
     "cut",
+    "crash",  # the process exits mid-call (os._exit), as after an OOM kill or a segfault
 ]
 
 
@@ -75,6 +76,9 @@ class ApiProviderConfig(ProviderConfigBase):
         default_factory=dict, description="defaults; the request's generation_kwargs win"
     )
     stop_words: list[str] = Field(default_factory=list, max_length=16)
+    # The operator's cap on generated tokens: a request may ask for fewer, never more, and one
+    # that names no limit is sent this one. None leaves the model's own limit.
+    max_output_tokens: int | None = Field(default=None, ge=1, description="cap on generated tokens per call")
 
 
 class OpenAIConfig(ApiProviderConfig):
@@ -134,6 +138,8 @@ class HfApiConfig(ApiProviderConfig):
     model: str = ""
     url: str | None = None
     provider: str | None = Field(default=None, description="inference provider, e.g. 'together'")
+    # A Hugging Face token (this, then HF_TOKEN) goes only to Hugging Face's hosts; a self-hosted
+    # ``url`` gets a key only when the entry sets ``api_key_env`` itself (providers.hf_api).
     api_key_env: str | None = "HF_API_TOKEN"
 
     @model_validator(mode="after")
@@ -164,6 +170,7 @@ class HfLocalConfig(ProviderConfigBase):
     enable_thinking: bool | None = None
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
     stop_words: list[str] = Field(default_factory=list, max_length=16)
+    # The default and the cap of generated tokens: a request may ask for fewer, never more.
     max_new_tokens: int = Field(default=512, ge=1)
     timeout_s: float = Field(default=600.0, gt=0)
     cooldown_failures: int = Field(default=0, ge=0)

@@ -17,6 +17,11 @@ from tasks.schemas import REQUEST_ID_PATTERN, ChatRequest
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _MAX_ERRORS_SHOWN = 5
 MAX_METADATA_BYTES = 16_384
+# generation_kwargs a request may set that count something: whole numbers from 1 to _MAX_COUNT.
+_COUNT_FIELDS = ("max_new_tokens", "max_completion_tokens", "max_output_tokens", "min_new_tokens")
+# ...and those the worker caps, with the setting that holds each cap.
+_CAPPED_FIELDS = {"n": "max_choices", "num_beams": "max_num_beams"}
+_MAX_COUNT = 1_000_000
 
 
 @dataclass
@@ -87,10 +92,28 @@ def _check_limits(request: ChatRequest, settings: Settings) -> None:
     chars = sum(message.text_chars() for message in messages)
     if chars > settings.max_input_chars:
         raise RequestTooLarge(f"{chars} characters of input exceed the limit of {settings.max_input_chars}")
+    generation = request.generation_kwargs
+    _check_generation_limits({**(generation.model_extra or {}), "n": generation.n}, settings)
     # metadata is echoed in the reply and the done event: keep it small.
     metadata_bytes = len(json.dumps(request.metadata, default=str).encode())
     if metadata_bytes > MAX_METADATA_BYTES:
         raise RequestTooLarge(f"metadata of {metadata_bytes} bytes exceeds the limit of {MAX_METADATA_BYTES}")
+
+
+def _check_generation_limits(kwargs: dict[str, Any], settings: Settings) -> None:
+    """Operator limits win over request fields: counts the request may set are whole numbers
+    from 1, and those that multiply the work (``n``, ``num_beams``) stay within the worker's
+    caps. A cap on generated tokens is not checked here: each provider cuts it down to its own
+    (``providers.messages.merge_generation_kwargs``)."""
+    for name in (*_COUNT_FIELDS, *_CAPPED_FIELDS):
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= _MAX_COUNT:
+            raise InvalidRequest(f"generation_kwargs.{name} must be a whole number from 1 to {_MAX_COUNT}")
+        cap = getattr(settings, _CAPPED_FIELDS[name]) if name in _CAPPED_FIELDS else None
+        if cap is not None and value > cap:
+            raise RequestTooLarge(f"generation_kwargs.{name} of {value} exceeds this worker's limit of {cap}")
 
 
 def _describe(exc: ValidationError) -> str:

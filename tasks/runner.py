@@ -25,6 +25,7 @@ from tasks import keys
 from tasks.recovery import WORKER_LOST, read_lost_run
 from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
 from worker.cooldown import ReadAhead, RedisCooldowns
+from worker.deaths import carried_window
 from worker.lease import LeaseLost, RequestLease
 from worker.opening import Opening, open_run
 from worker.publisher import EventPublisher, start_event
@@ -95,6 +96,8 @@ class RequestRunner:
             self.first_chunk_at = None
         self.deadline = context.started_at + (self.deadline_at - context.started_at_wall)
         self._lease = lease
+        if lease is not None:  # recorded with the message: a resumed run keeps it (worker.deaths)
+            lease.window = (self.started_at_wall, self.deadline_at)
         first_id = settings.chains[request.chain][handoff.start_index if handoff else 0]
         self._first_id = first_id
         self._cooldown_key = RedisCooldowns.key_of(first_id, settings.providers[first_id].cooldown_failures)
@@ -169,6 +172,7 @@ class RequestRunner:
         if not opening.started and self.publisher.next_seq > expected_seq:
             # An earlier run of this very message died mid-way: continue where it stopped.
             lost = read_lost_run(self.runtime.redis, self.request_id, expected_seq, provider_ids)
+            self._keep_first_window()
             known = {record.attempt for record in attempts}
             attempts += [record for record in lost.attempts if record.attempt not in known]
             if lost.resume_index is not None:
@@ -278,6 +282,16 @@ class RequestRunner:
                 raise errors.Cancelled("cancelled by the producer")
             time.sleep(min(_WAIT_SLICE_S, until - now, self.deadline - now))
             slept = True
+
+    def _keep_first_window(self) -> None:
+        """A resumed run keeps the start and deadline of the request's first run, never a fresh
+        deadline of its own (``worker.deaths``)."""
+        window = carried_window(self.runtime.redis, self.request_id)
+        if window is None:
+            return
+        self.started_at_wall = min(self.started_at_wall, window[0])
+        self.deadline_at = min(self.deadline_at, window[1])
+        self.deadline = self.context.started_at + (self.deadline_at - self.context.started_at_wall)
 
     def _notify(self, call: Callable[[RequestObserver], None]) -> None:
         """Tell every observer; a failing observer is logged, never allowed to fail the request."""

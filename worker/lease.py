@@ -5,7 +5,8 @@ short TTL) and records the task message it is running (``cascade:inflight:{id}``
 lease's expiry in the sorted set ``cascade:inflight``. A heartbeat thread (one per process,
 for all its leases) renews both every third of the TTL while the request runs. If the worker
 dies — SIGKILL, OOM, a lost machine — the heartbeat stops, the lease expires within seconds,
-and any surviving worker's reaper (``worker.reaper``) sends the recorded message again.
+and any surviving worker's reaper (``worker.reaper``) sends the recorded message again. The
+record also holds the run's start and deadline, which a resumed run keeps (``worker.deaths``).
 Recovery therefore never waits for the broker's visibility timeout, which must stay longer
 than the longest request (celery/celery#5935).
 
@@ -79,7 +80,10 @@ def lease_key(request_id: str) -> str:
 class _Heartbeat:
     """One daemon thread per process renews every lease the process holds, each every third of
     its TTL. Taking a lease starts no thread: on a busy machine a thread start can take
-    milliseconds, on the path of the request's first event."""
+    milliseconds, on the path of the request's first event.
+
+    A renewal is a Redis round trip, made outside the lock: a slow or silent Redis delays the
+    heartbeat, never a request thread taking or giving up a lease of its own."""
 
     def __init__(self) -> None:
         self._reset()
@@ -89,6 +93,7 @@ class _Heartbeat:
         """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
         self._cond = threading.Condition()
         self._due: dict[RequestLease, float] = {}  # lease -> monotonic time of its next renewal
+        self._renewing: RequestLease | None = None  # the lease whose renewal is in flight
         self._thread: threading.Thread | None = None
 
     def add(self, lease: RequestLease) -> None:
@@ -103,25 +108,48 @@ class _Heartbeat:
                 self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
                 self._thread.start()
             elif wake:
-                self._cond.notify()
+                self._cond.notify_all()  # all: a ``remove`` may be waiting on the same condition
 
     def remove(self, lease: RequestLease) -> None:
-        """Stop renewing ``lease``; once this returns, no renewal of it is in flight."""
+        """Stop renewing ``lease``; once this returns, no renewal of it is in flight (waiting,
+        if one is, for that one only)."""
         with self._cond:
             self._due.pop(lease, None)
+            while self._renewing is lease:
+                self._cond.wait()
 
     def _run(self) -> None:
-        with self._cond:
-            while True:
+        while True:
+            with self._cond:
                 now = time.monotonic()
-                for lease, due in list(self._due.items()):
-                    if due <= now:
-                        if lease.renew():
-                            self._due[lease] = now + lease.interval_s
-                        else:
-                            del self._due[lease]
-                next_due = min(self._due.values(), default=None)
-                self._cond.wait(None if next_due is None else max(0.0, next_due - time.monotonic()))
+                ready = [lease for lease, due in self._due.items() if due <= now]
+                if not ready:
+                    next_due = min(self._due.values(), default=None)
+                    self._cond.wait(None if next_due is None else max(0.0, next_due - now))
+                    continue
+            for lease in ready:
+                self._beat(lease)
+
+    def _beat(self, lease: RequestLease) -> None:
+        """Renew ``lease`` (unless it was removed meanwhile) with the lock released."""
+        with self._cond:
+            if lease not in self._due:
+                return
+            self._renewing = lease
+        renewed = False
+        try:
+            renewed = lease.renew()
+        except Exception:  # a bug must not stop the heartbeat of every other lease
+            logger.exception("renewing the lease of %s failed", lease.request_id)
+        finally:
+            with self._cond:
+                self._renewing = None
+                if lease in self._due:
+                    if renewed:
+                        self._due[lease] = time.monotonic() + lease.interval_s
+                    else:
+                        del self._due[lease]
+                self._cond.notify_all()
 
 
 class RequestLease:
@@ -141,6 +169,9 @@ class RequestLease:
         self.abandoned = False
         self.released = False
         self.held = False
+        self.window: tuple[float, float] | None = None
+        """The run's start and deadline (unix times), recorded with the message so that a
+        resumed run keeps them (``worker.deaths``)."""
 
     def acquire(self, queue: str, kwargs: dict[str, Any]) -> bool:
         """Take the lease and record the message to resend if this worker dies; False if a
@@ -153,7 +184,10 @@ class RequestLease:
 
     def acquire_call(self, queue: str, kwargs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
         """KEYS and ARGV of ``ACQUIRE_LUA`` for this lease and the message to record."""
-        record = json.dumps({"queue": queue, "kwargs": kwargs})
+        entry: dict[str, Any] = {"queue": queue, "kwargs": kwargs}
+        if self.window is not None:
+            entry["started_at"], entry["deadline_at"] = self.window
+        record = json.dumps(entry)
         keys = (self.key, self._inflight, INFLIGHT_SET)
         return keys, (self.token, self._ttl_ms, record, self._record_ttl_s, self._expiry_ms(), self.request_id)
 

@@ -1,6 +1,8 @@
 """The reaper: every worker's main process looks for requests whose lease expired (their
 worker died) and sends their task message again, so another worker picks them up within
-seconds. See ``worker.lease``.
+seconds. See ``worker.lease``. Each such resend is a death of the request: one that keeps
+killing its worker process is ended instead, and a resumed run keeps the first run's deadline
+(``worker.deaths``).
 
 It also puts back orphans: a message a worker took from the queue but never started (the worker
 died in the few milliseconds before the task took its lease) has no lease and no in-flight
@@ -29,12 +31,14 @@ import redis
 from tasks import keys
 from tasks.intake import usable_request_id
 from tasks.schemas import StreamEvent
+from worker.deaths import DEATHS_TTL_S, RunEnds, deaths_key, keep_window, read_record
 from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
 from worker.pending import UNACKED, GiveUp, lead_sweep, note_sent, request_id_in, resend_lost, task_kwargs
 
 logger = logging.getLogger(__name__)
 
-# Claim one expired request: exactly one reaper wins the ZREM; a live lease means no claim.
+# Claim one expired request: exactly one reaper wins the ZREM; a live lease means no claim. The
+# claim counts a death of the request (worker.deaths). Returns the record and the deaths so far.
 _CLAIM = """
 local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
@@ -42,7 +46,9 @@ if redis.call('EXISTS', KEYS[2]) == 1 then return false end
 redis.call('ZREM', KEYS[1], ARGV[1])
 local record = redis.call('GET', KEYS[3])
 redis.call('DEL', KEYS[3])
-return record
+local deaths = redis.call('HINCRBY', KEYS[4], 'deaths', 1)
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return {record, deaths}
 """
 
 Resend = Callable[[str, dict[str, Any]], None]
@@ -64,23 +70,41 @@ return 1
 """
 
 
-def reclaim_expired(client: redis.Redis, resend: Resend, *, batch: int = 100) -> list[str]:
-    """Resend the message of every request whose lease expired; return their ids."""
+def reclaim_expired(client: redis.Redis, resend: Resend, *, ends: RunEnds | None = None, batch: int = 100) -> list[str]:
+    """Resend the message of every request whose lease expired; return their ids.
+
+    Each one is a death of its request (``worker.deaths``): with ``ends``, a request that died
+    ``ends.max_deaths`` times, or whose first run's deadline passed, is ended instead of resent.
+    """
     now_ms = int(time.time() * 1000)
     reclaimed = []
     expired: list[bytes] = client.zrangebyscore(INFLIGHT_SET, "-inf", now_ms, start=0, num=batch)  # type: ignore[assignment]
     for raw_id in expired:
         request_id = raw_id.decode()
         inflight = INFLIGHT_KEY.format(request_id=request_id)
-        record = client.eval(_CLAIM, 3, INFLIGHT_SET, lease_key(request_id), inflight, request_id, now_ms)
-        if not record:
+        claim_keys = (INFLIGHT_SET, lease_key(request_id), inflight, deaths_key(request_id))
+        claimed = client.eval(_CLAIM, len(claim_keys), *claim_keys, request_id, now_ms, DEATHS_TTL_S)
+        if not claimed:
             continue
         if client.exists(keys.reply_key(request_id)):
             continue  # it finished after all (the reply landed just before the worker died)
-        message = json.loads(record)
-        logger.warning("request %s lost its worker; sending it to %s again", request_id, message["queue"])
-        resend(message["queue"], message["kwargs"])
-        note_sent(client, request_id, message["queue"], message["kwargs"])  # what is in flight now
+        raw_record, deaths = claimed
+        record = read_record(raw_record)
+        if record is None:
+            logger.error("request %s lost its worker and left no readable record to resend", request_id)
+            continue
+        window = keep_window(client, request_id, record)
+        if ends is not None and int(deaths) >= ends.max_deaths:
+            ends.worker_lost(request_id, record, int(deaths))
+            continue
+        if ends is not None and window is not None and window[1] <= time.time():
+            ends.deadline_passed(request_id, record)
+            continue
+        logger.warning(
+            "request %s lost its worker (%d time(s)); sending it to %s again", request_id, int(deaths), record["queue"]
+        )
+        resend(record["queue"], record["kwargs"])
+        note_sent(client, request_id, record["queue"], record["kwargs"])  # what is in flight now
         reclaimed.append(request_id)
     return reclaimed
 
@@ -166,10 +190,12 @@ class Reaper:
         interval_s: float,
         orphan_after_s: float | None = None,
         give_up: GiveUp | None = None,
+        ends: RunEnds | None = None,
     ) -> None:
         self._client = client
         self._resend = resend
         self._give_up = give_up
+        self._ends = ends
         self._interval_s = interval_s
         self._orphan_after_s = orphan_after_s if orphan_after_s is not None else max(10.0, 20 * interval_s)
         self._suspects: dict[str, float] = {}
@@ -189,7 +215,7 @@ class Reaper:
     def _run(self) -> None:
         while not self._stop.wait(self._interval_s):
             try:
-                reclaim_expired(self._client, self._resend)
+                reclaim_expired(self._client, self._resend, ends=self._ends)
                 restore_orphans(self._client, orphan_after_s=self._orphan_after_s)
                 if lead_sweep(self._client, self._token, hold_s=3 * self._interval_s):
                     resend_lost(

@@ -64,11 +64,14 @@ REDIS_RETRY = Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=6)
 
 
 def redis_client(settings: Settings) -> redis.Redis:
-    """A Redis client for ``settings.redis_url`` that survives Redis restarts."""
+    """A Redis client for ``settings.redis_url`` that survives Redis restarts and notices a
+    Redis gone silent: with a socket timeout (``Settings.redis_socket_options``) a command on a
+    dead connection fails after that long and is tried again on a new one, instead of waiting
+    forever with the request thread, the heartbeat or the reaper. No command sent with it
+    blocks on the server (no BRPOP, no XREAD BLOCK), so the timeout never cuts a live one."""
     return redis.Redis.from_url(
         settings.redis_dsn,
-        health_check_interval=30,
-        socket_keepalive=True,
+        **settings.redis_socket_options,
         retry=REDIS_RETRY,
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )

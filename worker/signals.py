@@ -18,6 +18,7 @@ from celery.signals import worker_process_init, worker_ready
 
 from tasks.keys import ROUTES
 from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
+from worker.deaths import RunEnds
 from worker.pending import request_id_in
 from worker.reaper import Reaper
 from worker.runtime import get_runtime
@@ -70,7 +71,7 @@ def start_reaper(**_: Any) -> None:
             queue=record.get("queue"),
         )
 
-    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s, give_up=give_up).start()
+    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)).start()
 
 
 def publish_chain_routes(**_: Any) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -35,6 +36,7 @@ from opentelemetry.context import Context
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from settings import ProviderConfigBase
+from tasks.intake import usable_request_id
 from tasks.schemas import AttemptRecord, ChatReply, ChatRequest, HandOff
 from worker import genai
 
@@ -42,6 +44,9 @@ TRACER_NAME = "cascade"
 # The switch OpenTelemetry's GenAI instrumentations use: prompt and reply text go into spans
 # only when it is "true".
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+# The longest message id (a header its producer chose) a span records; Celery's own are 36.
+MAX_MESSAGE_ID_CHARS = 128
+_CHAIN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # ChatRequest.chain's pattern
 
 
 def get_tracer() -> trace.Tracer:
@@ -54,6 +59,11 @@ def capture_content_enabled() -> bool:
     return os.environ.get(CAPTURE_CONTENT_ENV, "").strip().lower() == "true"
 
 
+def _count(value: Any) -> int | None:
+    """``value`` if it is a plain non-negative int (a hand-off's count, as its sender wrote it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _without_none(attributes: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in attributes.items() if value is not None}
 
@@ -61,11 +71,27 @@ def _without_none(attributes: Mapping[str, Any]) -> dict[str, Any]:
 # --- carrying the context in Celery messages ----------------------------------------------
 
 
-def message_request_id(kwargs: Any, task_id: str | None) -> str | None:
-    """The request id of a ``cascade.chat`` message: the request's own, else the task id."""
+def message_request_id(kwargs: Any, task_id: Any) -> str | None:
+    """The request id of a ``cascade.chat`` message: the request's own, else the task id, and
+    only one that is a valid request id (``tasks.intake.usable_request_id``). Spans and log
+    records get it before the request is validated: a producer's text of any length or
+    alphabet must not reach them."""
     request = kwargs.get("request") if isinstance(kwargs, Mapping) else None
     request_id = request.get("request_id") if isinstance(request, Mapping) else None
-    return request_id if isinstance(request_id, str) and request_id else task_id
+    if request_id is not None:  # the producer named one: the reply goes there or nowhere
+        return usable_request_id(request_id) if isinstance(request_id, str) else None
+    return usable_request_id(task_id) if isinstance(task_id, str) else None
+
+
+def message_chain(request: Any) -> str | None:
+    """The chain a message's request names, if it is a valid chain name (else None)."""
+    chain = request.get("chain", "default") if isinstance(request, Mapping) else None
+    return chain if isinstance(chain, str) and _CHAIN_NAME.fullmatch(chain) else None
+
+
+def message_id(task_id: Any) -> str | None:
+    """A message's task id as a span records it: a string, cut to ``MAX_MESSAGE_ID_CHARS``."""
+    return task_id[:MAX_MESSAGE_ID_CHARS] if isinstance(task_id, str) else None
 
 
 def on_before_task_publish(
@@ -87,10 +113,10 @@ def on_before_task_publish(
     attributes = {
         "messaging.operation.type": "send",
         "messaging.destination.name": routing_key,
-        "messaging.message.id": task_id,
+        "messaging.message.id": message_id(task_id),
         "cascade.task": sender,
         "cascade.request_id": message_request_id(kwargs, task_id),
-        "cascade.chain": request.get("chain", "default") if isinstance(request, Mapping) else None,
+        "cascade.chain": message_chain(request),
         "cascade.handoff": isinstance(kwargs, Mapping) and "handoff" in kwargs,
     }
     with get_tracer().start_as_current_span(
@@ -150,10 +176,10 @@ def start_hop(task_request: Any, task_id: str | None, kwargs: Any) -> Hop:
     attributes = {
         "messaging.operation.type": "process",
         "messaging.destination.name": queue,
-        "messaging.message.id": task_id,
+        "messaging.message.id": message_id(task_id),
         "cascade.request_id": request_id,
-        "cascade.chain": request.get("chain", "default") if isinstance(request, Mapping) else None,
-        "cascade.queue_hops": handoff.get("queue_hops") if isinstance(handoff, Mapping) else 0,
+        "cascade.chain": message_chain(request),
+        "cascade.queue_hops": _count(handoff.get("queue_hops")) if isinstance(handoff, Mapping) else 0,
     }
     started = time.time_ns()
     span = get_tracer().start_span(

@@ -190,6 +190,20 @@ def test_generation_kwargs_on_the_wire(server: FakeHTTPServer) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent"),
+    [({"max_tokens": 5_000}, 100), ({"max_new_tokens": 5_000}, 100), ({"max_tokens": 40}, 40), ({}, 100)],
+)
+def test_the_entrys_max_output_tokens_caps_the_request(
+    server: FakeHTTPServer, asked: dict[str, int], sent: int
+) -> None:
+    server.queue(Reply(json_body=completion("ok")))
+
+    tgi(server.url, max_output_tokens=100).run(make_call(stream=False, **asked), ChunkCollector())
+
+    assert server.received[0].body["max_tokens"] == sent
+
+
 def test_url_with_v1_suffix_keeps_the_messages_api_path(server: FakeHTTPServer) -> None:
     server.queue(Reply(json_body=completion("ok")))
 
@@ -210,11 +224,30 @@ def test_token_sent_as_bearer(server: FakeHTTPServer, monkeypatch: pytest.Monkey
     assert headers["authorization"] == f"Bearer {TOKEN}"
 
 
-def test_default_token_env_vars(server: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
-    server.queue(Reply(json_body=completion("ok")))
+@pytest.mark.parametrize("env_name", ["HF_TOKEN", "HF_API_TOKEN"])
+def test_a_hugging_face_token_never_goes_to_a_self_hosted_url(
+    server: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch, env_name: str
+) -> None:
+    """A TGI server or endpoint on a host of its own gets no Hugging Face token: neither the
+    ones Cascade reads by default nor the one huggingface_hub would add by itself."""
+    monkeypatch.setenv(env_name, TOKEN)
+    server.queue(Reply(json_body=completion("ok")), Reply(json_body=completion("ok")))
 
     tgi(server.url).run(make_call(stream=False), ChunkCollector())
+    endpoint = HfApiProvider("ep", HfApiConfig(api_type="inference_endpoints", url=server.url))
+    endpoint.run(make_call(stream=False), ChunkCollector())
+
+    for request in server.received:
+        assert "authorization" not in {name.lower() for name in request.headers}
+
+
+def test_a_self_hosted_url_gets_the_key_its_entry_names(
+    server: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_API_TOKEN", TOKEN)
+    server.queue(Reply(json_body=completion("ok")))
+
+    tgi(server.url, api_key_env="HF_API_TOKEN").run(make_call(stream=False), ChunkCollector())
 
     headers = {name.lower(): value for name, value in server.received[0].headers.items()}
     assert headers["authorization"] == f"Bearer {TOKEN}"
@@ -540,6 +573,31 @@ def hub(server: FakeHTTPServer) -> Iterator[FakeHTTPServer]:
     yield server
     set_client_factory(default_client_factory)
     _fetch_inference_provider_mapping.cache_clear()
+
+
+@pytest.mark.parametrize("env_name", ["HF_TOKEN", "HF_API_TOKEN"])
+def test_an_endpoint_on_a_hugging_face_host_gets_the_default_token(
+    hub: FakeHTTPServer, monkeypatch: pytest.MonkeyPatch, env_name: str
+) -> None:
+    monkeypatch.setenv(env_name, TOKEN)
+    hub.queue(Reply(json_body=completion("ok")))
+    url = "https://xyz123.us-east-1.aws.endpoints.huggingface.cloud"
+
+    endpoint = HfApiProvider("ep", HfApiConfig(api_type="inference_endpoints", url=url))
+    endpoint.run(make_call(stream=False), ChunkCollector())
+
+    [request] = hub.received
+    assert host(request.headers) == "xyz123.us-east-1.aws.endpoints.huggingface.cloud"
+    assert {k.lower(): v for k, v in request.headers.items()}["authorization"] == f"Bearer {TOKEN}"
+
+
+def test_hugging_face_hosts() -> None:
+    assert hf_api.is_hf_host("https://x.endpoints.huggingface.cloud/v1")
+    assert hf_api.is_hf_host("https://router.huggingface.co") and hf_api.is_hf_host("https://huggingface.co")
+    assert not hf_api.is_hf_host("http://127.0.0.1:8080")
+    assert not hf_api.is_hf_host("https://huggingface.co.evil.example")
+    assert not hf_api.is_hf_host("https://evilhuggingface.co")
+    assert not hf_api.is_hf_host(None)
 
 
 def serverless(provider: str | None = None) -> HfApiProvider:

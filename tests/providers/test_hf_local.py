@@ -71,6 +71,21 @@ def test_generation_kwargs_are_mapped_and_unknown_ones_dropped(provider: HfLocal
     assert greedy["max_new_tokens"] == 24  # the provider's configured default
 
 
+def test_the_entrys_max_new_tokens_caps_what_a_request_asks_for() -> None:
+    """Operator limits win over request fields: a request may lower max_new_tokens, never raise it."""
+    capped = HfLocalProvider("capped", HfLocalConfig(model="not-loaded", max_new_tokens=24))
+    for asked in ({"max_tokens": 10_000}, {"max_new_tokens": 10_000}, {"max_tokens": 30, "max_new_tokens": 9_000}):
+        assert capped.generate_kwargs(make_call(**asked))["max_new_tokens"] == 24, asked
+    assert capped.generate_kwargs(make_call(max_new_tokens=7))["max_new_tokens"] == 7
+    assert capped.generate_kwargs(make_call(max_tokens=9, max_new_tokens=12))["max_new_tokens"] == 9
+    assert capped.generate_kwargs(make_call(min_new_tokens=5_000))["min_new_tokens"] == 24
+
+
+def test_a_request_cannot_generate_past_the_cap(provider: HfLocalProvider) -> None:
+    [reply] = provider.run(make_call(max_new_tokens=10_000, min_new_tokens=10_000), lambda _: None)
+    assert reply.meta.usage.completion_tokens == 24 and reply.meta.finish_reason == "length"
+
+
 def test_a_cancel_stops_generation_instead_of_running_on(tiny_model: Path) -> None:
     endless = HfLocalProvider("endless", HfLocalConfig(model=str(tiny_model), device="cpu", max_new_tokens=100_000))
     seen: list[str] = []

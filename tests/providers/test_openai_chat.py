@@ -156,6 +156,23 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
     assert header(server.received[0].headers, "openai-project") == "proj-test"
 
 
+@pytest.mark.parametrize(
+    ("asked", "sent"),
+    [({"max_tokens": 5_000}, 100), ({"max_completion_tokens": 5_000}, 100), ({"max_tokens": 40}, 40), ({}, 100)],
+)
+def test_the_entrys_max_output_tokens_caps_the_request(
+    server: FakeHTTPServer, make_provider: ProviderFactory, asked: dict[str, int], sent: int
+) -> None:
+    """Operator limits win: a request may ask for fewer tokens than the entry's cap, never more,
+    and one that names no limit is sent the cap."""
+    server.queue(Reply(json_body=chat_completion("ok")))
+
+    make_provider(max_output_tokens=100).run(make_call(stream=False, **asked), ChunkCollector())
+
+    body = server.received[0].body
+    assert body["max_completion_tokens"] == sent and "max_tokens" not in body
+
+
 def test_custom_server_gets_max_tokens(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:
     server.queue(Reply(json_body=chat_completion("ok")))
 

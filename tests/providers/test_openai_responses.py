@@ -63,6 +63,7 @@ def test_non_streaming_reply(server: FakeHTTPServer, make_provider: ProviderFact
         {"role": "user", "content": "Capital of France?"},
     ]
     assert "stream" not in request.body
+    assert request.body["store"] is False, "Cascade keeps the reply; OpenAI must not"
     assert header(request.headers, "authorization") == f"Bearer {API_KEY}"
 
 
@@ -78,6 +79,8 @@ def test_streaming_text_and_reasoning_kept_apart(server: FakeHTTPServer, make_pr
     assert reply.meta.model_dump()["reasoning"] == "Capital \n\nof France."
     assert reply.meta.finish_reason == "stop"
     assert (reply.meta.usage.prompt_tokens, reply.meta.usage.completion_tokens) == (20, 7)
+    (request,) = server.received
+    assert request.body["stream"] is True and request.body["store"] is False
     assert reply.meta.completion_start_time
     assert server.received[0].body["stream"] is True
 
@@ -95,6 +98,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
         stop=["\n"],
         seed=3,
         n=2,
+        store=True,  # a request cannot ask the vendor to keep the conversation
     )
 
     provider.run(call, ChunkCollector())
@@ -102,12 +106,26 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
     body = server.received[0].body
     sent = {key: value for key, value in body.items() if key not in ("model", "input")}
     assert sent == {
+        "store": False,
         "max_output_tokens": 256,
         "temperature": 0.2,
         "top_p": 0.9,
         "reasoning": {"effort": "low", "summary": "detailed"},
         "text": {"format": {"type": "json_schema", "name": "answer", "schema": {"type": "object"}, "strict": True}},
     }
+
+
+@pytest.mark.parametrize(
+    ("asked", "sent"), [({"max_tokens": 5_000}, 100), ({"max_output_tokens": 5_000}, 100), ({"max_tokens": 40}, 40)]
+)
+def test_the_entrys_max_output_tokens_caps_the_request(
+    server: FakeHTTPServer, make_provider: ProviderFactory, asked: dict[str, int], sent: int
+) -> None:
+    server.queue(Reply(json_body=response_object(text="ok")))
+
+    make_provider(max_output_tokens=100).run(make_call(stream=False, **asked), ChunkCollector())
+
+    assert server.received[0].body["max_output_tokens"] == sent
 
 
 def test_incomplete_response_finishes_with_length(server: FakeHTTPServer, make_provider: ProviderFactory) -> None:

@@ -48,6 +48,7 @@ timeout_s = 10
 type = "hf_api"
 api_type = "text_generation_inference"
 url = "{tgi}"
+api_key_env = "HF_API_TOKEN"  # a self-hosted URL gets only a key its entry names
 timeout_s = 10
 
 [chains]

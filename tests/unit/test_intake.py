@@ -185,3 +185,27 @@ def test_large_metadata_is_refused(settings: Settings) -> None:
     intake = read_request(body, "task-1", settings)
     assert isinstance(intake.error, errors.RequestTooLarge)
     assert "metadata" in intake.error.message
+
+
+@pytest.mark.parametrize(("field", "cap_setting"), [("n", "max_choices"), ("num_beams", "max_num_beams")])
+def test_counts_past_the_workers_caps_are_refused_by_name(
+    make_settings: SettingsFactory, field: str, cap_setting: str
+) -> None:
+    """Operator limits win: a request may ask for fewer choices or beams than the cap, never more."""
+    settings = make_settings(**{cap_setting: 3})
+    at_cap = read_request(ok(generation_kwargs={field: 3}), TASK_ID, settings)
+    assert at_cap.error is None and at_cap.request is not None
+    over = read_request(ok(generation_kwargs={field: 4}), TASK_ID, settings)
+    assert isinstance(over.error, errors.RequestTooLarge) and over.request_id == "r-1"
+    assert over.error.message == f"generation_kwargs.{field} of 4 exceeds this worker's limit of 3"
+
+
+@pytest.mark.parametrize("field", ["num_beams", "max_new_tokens", "max_completion_tokens", "min_new_tokens"])
+@pytest.mark.parametrize("value", [0, -1, True, 2.5, "8", [1], 10**12])
+def test_counts_must_be_whole_numbers(settings: Settings, field: str, value: Any) -> None:
+    intake = read_request(ok(generation_kwargs={field: value}), TASK_ID, settings)
+    assert isinstance(intake.error, errors.InvalidRequest) and f"generation_kwargs.{field}" in intake.error.message
+
+
+def test_default_caps_are_safe() -> None:
+    assert Settings().max_choices == 4 and Settings().max_num_beams == 4

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -10,7 +13,7 @@ from hypothesis import strategies as st
 
 from providers import errors
 from providers.base import ProviderCall, StreamingChunk
-from providers.scripted import ScriptedProvider
+from providers.scripted import CRASH_EXIT_CODE, ScriptedProvider
 from settings import ScriptedConfig
 from tasks.schemas import ChatMessage
 from tests.support.calls import ChunkCollector, make_call, provider_factory
@@ -250,3 +253,33 @@ def test_chunks_always_reassemble_into_the_reply(text: str, chunk_size: int, max
     assert text.startswith(reply.content)
     assert reply.meta.usage.completion_tokens == len(sink.chunks)
     assert (reply.content == text) == (reply.meta.finish_reason == "stop")
+
+
+# A child process that runs the scripted provider told to crash, printing each chunk it hands on.
+_CRASHING = """
+import sys
+from providers.scripted import ScriptedProvider
+from settings import ScriptedConfig
+from tests.support.calls import make_call
+
+config = ScriptedConfig(text="abcdefgh", chunk_size=2, fail="crash", fail_after_chunks=int(sys.argv[1]))
+ScriptedProvider("crashing", config).run(make_call(), lambda chunk: print(chunk.content, flush=True))
+print("returned", flush=True)
+"""
+
+
+@pytest.mark.parametrize(("after", "streamed"), [(0, []), (2, ["ab", "cd"]), (9, ["ab", "cd", "ef", "gh"])])
+def test_crash_ends_the_process_mid_call(after: int, streamed: list[str]) -> None:
+    """``fail = "crash"``: the process exits at once (``os._exit``), after ``fail_after_chunks``
+    chunks, the way an OOM kill or a segfault ends a pool process: no exception, no return."""
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(
+        [sys.executable, "-c", _CRASHING, str(after)], cwd=root, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == CRASH_EXIT_CODE, done.stderr
+    assert done.stdout.splitlines() == streamed
+    assert "Traceback" not in done.stderr
+
+
+def test_crash_is_a_failure_kind_of_the_config() -> None:
+    assert ScriptedConfig(text="x", fail="crash").fail == "crash"

@@ -212,3 +212,25 @@ def test_redact_url_masks_a_password_query_parameter() -> None:
     masked = redact_url("redis://127.0.0.1:6379/0?password=hunter2&socket_timeout=5")
     assert "hunter2" not in masked
     assert "socket_timeout=5" in masked
+
+
+def test_worker_redis_clients_time_out_and_keep_alive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis gone silent must not hang a worker: its clients have a socket timeout (above the
+    broker's 1 s BRPOP), a connect timeout, TCP keepalive and health checks."""
+    from worker.runtime import redis_client
+
+    monkeypatch.setenv("CASCADE_REDIS_SOCKET_TIMEOUT_S", "3")
+    settings = Settings()
+    options = redis_client(settings).connection_pool.connection_kwargs
+    assert options["socket_timeout"] == 3.0
+    assert options["socket_connect_timeout"] == settings.redis_connect_timeout_s == 5.0
+    assert options["socket_keepalive"] is True
+    assert options["health_check_interval"] == settings.redis_health_check_interval_s == 15
+    assert Settings().redis_socket_options == {
+        "socket_timeout": 3.0,
+        "socket_connect_timeout": 5.0,
+        "socket_keepalive": True,
+        "health_check_interval": 15,
+    }
+    with pytest.raises(ValueError, match="redis_socket_timeout_s"):
+        Settings(redis_socket_timeout_s=1)

@@ -29,7 +29,7 @@ from settings import ScriptedConfig, Settings
 from tasks.runner import RequestRunner, TaskContext
 from tasks.schemas import TASK_NAME, AttemptRecord, ChatReply, ChatRequest, HandOff
 from tests.support.spans import global_spans
-from worker import observability, otel_sdk
+from worker import logs, observability, otel_sdk, tracing
 from worker.metrics import CascadeMetrics, fallbacks, observe_redis
 from worker.prometheus import MergedCollector, SnapshotWriter
 from worker.runtime import WorkerRuntime, build_runtime
@@ -367,3 +367,32 @@ def test_the_endpoint_merges_live_pool_processes_and_forgets_dead_ones(tmp_path:
         ("main", "chat")
     ]
     assert not stale.exists()
+
+
+def test_spans_and_log_records_carry_only_a_valid_request_id(spans: InMemorySpanExporter) -> None:
+    """The hop span and the log context are opened before the request is validated: a hostile
+    message's request id, chain, hand-off count and task id never reach them as they came."""
+    hostile = "evil id\nwith spaces " + "x" * 5_000
+    kwargs = {"request": {"request_id": hostile, "chain": "c" * 5_000, "prompt": "hi"}, "handoff": {"queue_hops": "9"}}
+    task_id = "t" * 5_000
+    observability.task_started(task_id=task_id, task=as_task({}, "chat"), kwargs=kwargs)
+    try:
+        assert logs.current_request_id() is None
+    finally:
+        observability.task_finished(task_id=task_id, retval={"status": "failed", "error": {"type": "invalid_request"}})
+    (process,) = named(list(spans.get_finished_spans()), "process chat")
+    attributes = dict(process.attributes or {})
+    assert {"cascade.request_id", "cascade.chain", "cascade.queue_hops"}.isdisjoint(attributes), attributes
+    assert attributes["messaging.message.id"] == task_id[: tracing.MAX_MESSAGE_ID_CHARS]
+    assert "evil id" not in all_text([process])
+
+    # A valid id in the request wins; without one, a valid task id stands in for it.
+    kwargs = {"request": {"prompt": "hi", "chain": "default"}}
+    observability.task_started(task_id="task-42", task=as_task({}, "chat"), kwargs=kwargs)
+    try:
+        assert logs.current_request_id() == "task-42"
+    finally:
+        observability.task_finished(task_id="task-42", retval={"status": "succeeded"})
+    process = named(list(spans.get_finished_spans()), "process chat")[-1]
+    assert process.attributes is not None and process.attributes["cascade.request_id"] == "task-42"
+    assert process.attributes["cascade.chain"] == "default"

@@ -1,0 +1,168 @@
+"""Poison requests (worker/deaths.py, worker/reaper.py): each run that dies with its worker
+process is counted when a reaper claims it; the third death ends the request instead of a third
+resume; a resumed run keeps the first run's deadline."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import fakeredis
+import pytest
+
+from settings import Settings
+from tasks import keys
+from tasks.runner import RequestRunner, TaskContext
+from tasks.schemas import ChatReply, ChatRequest, StreamEvent
+from worker.deaths import DEATHS_TTL_S, RunEnds, carried_window, deaths_key
+from worker.lease import INFLIGHT_SET, RequestLease, lease_key
+from worker.publisher import EventPublisher
+from worker.reaper import reclaim_expired
+from worker.runtime import WorkerRuntime, build_runtime
+from worker.store import ReplyStore
+
+SettingsFactory = Callable[..., Settings]
+REQUEST_ID = "poison-1"
+KWARGS = {"request": {"request_id": REQUEST_ID, "prompt": "hi", "chain": "default", "metadata": {"k": "v"}}}
+
+
+@pytest.fixture
+def runtime(fake_redis: fakeredis.FakeRedis, make_settings: SettingsFactory) -> WorkerRuntime:
+    return build_runtime(make_settings(), fake_redis, worker_name="reaper/1")
+
+
+class Resends:
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, dict[str, Any]]] = []
+
+    def __call__(self, queue: str, kwargs: dict[str, Any]) -> None:
+        self.sent.append((queue, kwargs))
+
+
+def run_dies(client: fakeredis.FakeRedis, window: tuple[float, float], *, chunks: int = 2) -> None:
+    """A run takes the lease (recording the message and its window), streams, and dies: its
+    heartbeat stops, the lease lapses and its in-flight entry is past due."""
+    lease = RequestLease(client, REQUEST_ID, ttl_s=60, record_ttl_s=600, worker="w/1")
+    lease.window = window
+    assert lease.acquire("chat", KWARGS)
+    lease.abandon()
+    publisher = EventPublisher(
+        client,
+        REQUEST_ID,
+        store=ReplyStore(client, 60),
+        events_maxlen=1000,
+        events_ttl_s=60,
+        next_seq=EventPublisher.resume_seq(client, REQUEST_ID),
+    )
+    client.delete(lease_key(REQUEST_ID))  # the lease lapsed: a lease-less writer may write now
+    if publisher.next_seq == 0:
+        publisher.emit("start", chain="default", worker="w/1")
+    attempt = 1 + sum(e.type == "fallback" for e in events(client))
+    for number in range(chunks):
+        publisher.emit("chunk", delta=f"c{number}", provider="steady", attempt=attempt)
+    client.zadd(INFLIGHT_SET, {REQUEST_ID: 0})
+
+
+def events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
+    return [
+        StreamEvent.model_validate_json(fields[b"event"])
+        for _id, fields in client.xrange(keys.events_stream(REQUEST_ID))
+    ]
+
+
+def later() -> tuple[float, float]:
+    now = time.time()
+    return now, now + 300
+
+
+def test_the_third_death_ends_the_request_instead_of_a_third_resume(runtime: WorkerRuntime) -> None:
+    client = runtime.redis
+    ends, resend = RunEnds.of(runtime), Resends()
+    assert ends.max_deaths == 3
+
+    for death in (1, 2):
+        run_dies(client, later())
+        assert reclaim_expired(client, resend, ends=ends) == [REQUEST_ID]
+        assert int(client.hget(deaths_key(REQUEST_ID), "deaths") or 0) == death
+        assert resend.sent[-1] == ("chat", KWARGS), "resent as it was sent"
+        # The resumed run marks the dead attempt lost, as tasks.runner does.
+        EventPublisher(
+            client,
+            REQUEST_ID,
+            store=runtime.replies,
+            events_maxlen=1000,
+            events_ttl_s=60,
+            next_seq=EventPublisher.resume_seq(client, REQUEST_ID),
+        ).emit("fallback", provider="steady", attempt=death, error_type="worker_lost")
+
+    run_dies(client, later())
+    assert reclaim_expired(client, resend, ends=ends) == []
+    assert len(resend.sent) == 2, "not resent a third time"
+
+    reply = runtime.replies.get(REQUEST_ID)
+    assert reply is not None and reply.status == "failed"
+    assert reply.error is not None and reply.error.type == "worker_lost" and "3 times" in reply.error.message
+    assert reply.metadata == {"k": "v"} and reply.meta.chain == "default" and reply.meta.worker == "reaper/1"
+    assert [(a.attempt, a.error_type) for a in reply.meta.attempts] == [(n, "worker_lost") for n in (1, 2, 3)]
+    stream = events(client)
+    assert [e.seq for e in stream] == list(range(len(stream)))
+    assert stream[-1].type == "error" and stream[-1].reply == reply
+    assert sum(e.is_terminal for e in stream) == 1
+    (dead,) = [json.loads(entry) for entry in client.lrange(keys.DEAD_LETTERS, 0, -1)]
+    assert (dead["reason"], dead["request_id"], dead["queue"]) == ("worker_lost", REQUEST_ID, "chat")
+    assert 0 < client.ttl(deaths_key(REQUEST_ID)) <= DEATHS_TTL_S
+
+    # A later copy of the message finds the reply: the request never runs again.
+    assert (
+        RequestRunner(runtime, ChatRequest.model_validate(KWARGS["request"]), TaskContext(None, "chat")).run() == reply
+    )
+
+
+def test_the_first_runs_window_is_kept_across_deaths(runtime: WorkerRuntime) -> None:
+    client, first = runtime.redis, later()
+    run_dies(client, first)
+    reclaim_expired(client, Resends(), ends=RunEnds.of(runtime))
+    run_dies(client, (first[0] + 50, first[1] + 50))  # the resumed run's own, fresh window
+    reclaim_expired(client, Resends(), ends=RunEnds.of(runtime))
+    assert carried_window(client, REQUEST_ID) == first
+
+
+def test_a_deadline_passed_during_resumes_ends_the_request(runtime: WorkerRuntime) -> None:
+    client, resend = runtime.redis, Resends()
+    now = time.time()
+    run_dies(client, (now - 10, now - 1))
+
+    assert reclaim_expired(client, resend, ends=RunEnds.of(runtime)) == []
+
+    assert resend.sent == []
+    reply = runtime.replies.get(REQUEST_ID)
+    assert reply is not None and reply.error is not None and reply.error.type == "deadline_exceeded"
+    assert events(client)[-1].type == "error"
+    assert client.llen(keys.DEAD_LETTERS) == 0, "a request out of time is not poison"
+
+
+def test_without_ends_a_reaper_only_counts_and_resends(runtime: WorkerRuntime) -> None:
+    client, resend = runtime.redis, Resends()
+    for _ in range(4):
+        run_dies(client, later(), chunks=0)
+        assert reclaim_expired(client, resend) == [REQUEST_ID]
+    assert int(client.hget(deaths_key(REQUEST_ID), "deaths") or 0) == 4
+    assert runtime.replies.get(REQUEST_ID) is None
+
+
+def test_a_resumed_run_keeps_the_first_runs_deadline(runtime: WorkerRuntime) -> None:
+    """The rerun of a request whose first run died keeps that run's deadline: one that passed
+    while it was being resumed stops the rerun at once, instead of a fresh deadline."""
+    client = runtime.redis
+    now = time.time()
+    run_dies(client, (now - 10, now - 1))
+    reclaim_expired(client, Resends())  # counted and resent, not ended (no ends)
+
+    request = ChatRequest.model_validate({**KWARGS["request"], "timeout_s": 600})
+    reply = RequestRunner(runtime, request, TaskContext(None, "chat")).run()
+
+    assert isinstance(reply, ChatReply) and reply.status == "failed"
+    assert reply.error is not None and reply.error.type == "deadline_exceeded"
+    assert [(a.attempt, a.outcome, a.error_type) for a in reply.meta.attempts][:1] == [(1, "failed", "worker_lost")]
