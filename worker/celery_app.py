@@ -27,6 +27,11 @@ def create_app(settings: Settings) -> Celery:
     queues = sorted({DEFAULT_QUEUE, *(p.queue for p in settings.providers.values())})
     app.conf.update(
         broker_url=settings.redis_dsn,
+        # kombu's Redis transport with every queue entry screened before it is decoded: a
+        # message that is not one of Cascade's plain task messages ends in cascade:dead (and a
+        # failed reply where it names a request id) instead of stopping the consumer. The URL
+        # still decides the host, the password and TLS (rediss://, ssl_* query parameters).
+        broker_transport="worker.transport:Transport",
         result_backend=settings.redis_dsn,
         # JSON only: a pickle message is refused before it is decoded.
         # https://docs.celeryq.dev/en/stable/userguide/security.html#serializers
@@ -70,7 +75,8 @@ def create_app(settings: Settings) -> Celery:
         # default would kill it mid-load, again and again.
         # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-proc-alive-timeout
         worker_proc_alive_timeout=settings.warm_up_timeout_s,
-        # Dead-letter undecodable and unknown messages instead of only logging them.
+        # A safety net behind the transport's screen: whatever Celery's consumer still refuses
+        # is dead-lettered too, never only logged.
         worker_consumer="worker.consumer:DeadLetteringConsumer",
         task_track_started=False,
         worker_hijack_root_logger=False,
