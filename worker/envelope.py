@@ -90,6 +90,8 @@ def screen(raw: bytes | str, *, max_body_bytes: int) -> dict[str, Any] | Refusal
         return Refusal("undecodable", f"not a JSON message envelope ({type(exc).__name__})", raw)
     if not isinstance(envelope, dict):
         return Refusal("undecodable", f"not a message envelope: a JSON {type(envelope).__name__}", raw)
+    if "body" not in envelope or "properties" not in envelope:
+        return Refusal("undecodable", "not a message envelope: no 'body' or no 'properties'", raw)
     headers = envelope.get("headers")
     headers = headers if isinstance(headers, dict) else {}
     task_id = _text(headers.get("id"))
