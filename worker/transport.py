@@ -23,11 +23,11 @@ Celery uses this transport through the ``broker_transport`` setting (``worker.ce
 from __future__ import annotations
 
 import logging
+from queue import Empty
 from typing import Any
 
 import redis
 from kombu.transport import redis as kombu_redis
-from kombu.utils.encoding import bytes_to_str
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge
 from tasks.intake import usable_request_id
@@ -36,14 +36,12 @@ from worker.runtime import get_runtime
 
 logger = logging.getLogger(__name__)
 
-Empty = kombu_redis.Empty
-
 # An ``RPOP`` read (``basic_get``) ends at most this many refused entries before it reports
 # the queue empty for now.
 MAX_REFUSED_PER_GET = 100
 
 
-class Channel(kombu_redis.Channel):  # type: ignore[misc]
+class Channel(kombu_redis.Channel):
     """kombu's Redis channel, screening each entry it pops; see the module docstring."""
 
     def _brpop_read(self, **options: Any) -> bool:
@@ -57,8 +55,8 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
                 raise
             if not popped:
                 raise Empty()
-            key, item = popped
-            key = bytes_to_str(key)
+            raw_key, item = popped
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             queue = key.rsplit(self.sep, 1)[0]
             self._queue_cycle.rotate(queue)
             message = self._admit(item, queue, key)
@@ -67,24 +65,24 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
             self.connection._deliver(message, queue)
             return True
         finally:
-            self._in_poll = None
-            self._flush_brpop_reauth()
+            self._in_poll = None  # type: ignore[assignment]
+            self._flush_brpop_reauth()  # type: ignore[no-untyped-call]
 
-    def _get(self, queue: str) -> dict[str, Any]:
+    def _get(self, queue: Any, timeout: Any = None) -> Any:
         with self.conn_or_acquire() as client:
             refused = 0
             for priority in self.priority_steps:
-                key = self._q_for_pri(queue, priority)
+                key = self._q_for_pri(queue, priority)  # type: ignore[no-untyped-call]
                 while refused < MAX_REFUSED_PER_GET:
                     item = client.rpop(key)
                     if not item:
                         break
                     message = self._admit(item, queue, key)
                     if message is not None:
-                        self._maybe_update_queues_expire(client, queue)
+                        self._maybe_update_queues_expire(client, queue)  # type: ignore[no-untyped-call]
                         return message
                     refused += 1
-            self._maybe_update_queues_expire(client, queue)
+            self._maybe_update_queues_expire(client, queue)  # type: ignore[no-untyped-call]
             raise Empty()
 
     def _admit(self, item: bytes, queue: str, key: str) -> dict[str, Any] | None:
@@ -142,7 +140,7 @@ def _end(refusal: envelope.Refusal, queue: str) -> None:
     )
 
 
-class Transport(kombu_redis.Transport):  # type: ignore[misc]
+class Transport(kombu_redis.Transport):
     """kombu's Redis transport with the screening ``Channel``."""
 
     Channel = Channel
