@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu.entity import Queue
 
 from settings import ConfigError, Settings
+from worker.envelope import CASCADE_TASKS
 from worker.runtime import get_settings
 
 logger = logging.getLogger(__name__)
@@ -82,6 +85,15 @@ def create_app(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
     )
     return app
+
+
+@before_task_publish.connect(weak=False)
+def _no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    """Celery writes a sending app's ``task_time_limit`` into every message it sends of a task
+    it has registered (hand-offs, resends); workers refuse a message that carries time limits
+    (``worker.envelope``): the consuming worker's configuration decides them."""
+    if sender in CASCADE_TASKS and isinstance(headers, dict):
+        headers["timelimit"] = [None, None]
 
 
 def _load() -> Settings:

@@ -291,3 +291,23 @@ def test_when_the_dead_letter_is_refused_the_entry_is_dropped_and_logged(
     [record] = caplog.records
     assert "dropped" in record.getMessage() and "ResponseError" in record.getMessage()
     assert "SECRET-PROMPT" not in record.getMessage()
+
+
+def test_what_a_worker_sends_itself_passes(make_settings: SettingsFactory) -> None:
+    """A worker's hand-offs (``apply_async``) and resends (``send_task``) would carry its own
+    ``task_time_limit`` (Celery adds a registered task's limits): the worker app leaves them out."""
+    from tasks.chat import chat
+
+    app = create_app(make_settings())
+    app.conf.broker_url = "memory://"
+    app.conf.broker_transport = None
+    app.conf.result_backend = "cache+memory://"
+    assert app.conf.task_time_limit
+    with app.connection_for_write() as connection:
+        chat.apply_async(kwargs={"request": {"prompt": "hi"}}, queue="chat", connection=connection)
+        app.send_task(TASK_NAME, kwargs={"request": {"prompt": "hi"}}, queue="chat", connection=connection)
+        sent = [connection.default_channel._get("chat") for _ in range(2)]
+    app.close()
+    for entry in sent:
+        assert entry["headers"]["timelimit"] == [None, None]
+        assert isinstance(screen(json.dumps(entry).encode(), max_body_bytes=LIMIT), dict)
