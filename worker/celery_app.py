@@ -28,6 +28,7 @@ def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
     app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.observability"])
     queues = sorted({DEFAULT_QUEUE, *(p.queue for p in settings.providers.values())})
+    _OWN_TIME_LIMITS.add((settings.hard_time_limit_s, settings.task_soft_time_limit_s))
     app.conf.update(
         broker_url=settings.redis_dsn,
         # kombu's Redis transport with every queue entry screened before it is decoded: a
@@ -87,13 +88,24 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-@before_task_publish.connect(weak=False)
+# The [hard, soft] limits of the apps create_app built in this process.
+_OWN_TIME_LIMITS: set[tuple[float, float]] = set()
+
+
 def _no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: Any) -> None:
     """Celery writes a sending app's ``task_time_limit`` into every message it sends of a task
-    it has registered (hand-offs, resends); workers refuse a message that carries time limits
-    (``worker.envelope``): the consuming worker's configuration decides them."""
-    if sender in CASCADE_TASKS and isinstance(headers, dict):
+    it has registered (a worker's hand-offs and resends); workers refuse a message that carries
+    time limits (``worker.envelope``), since the consuming worker's configuration decides them.
+    Only the limits of this process's own Cascade app are left out: any other sender's stay,
+    and are refused."""
+    if sender not in CASCADE_TASKS or not isinstance(headers, dict):
+        return
+    limits = headers.get("timelimit")
+    if isinstance(limits, (list, tuple)) and len(limits) == 2 and tuple(limits) in _OWN_TIME_LIMITS:
         headers["timelimit"] = [None, None]
+
+
+before_task_publish.connect(_no_time_limits_in_messages, weak=False)
 
 
 def _load() -> Settings:
