@@ -22,15 +22,11 @@ from tasks.schemas import (
     REQUEST_ID_HEADER,
     SUBMITTED_AT_HEADER,
     TASK_NAME,
-    ChainMeta,
-    ChatReply,
     ChatRequest,
-    ErrorInfo,
     HandOff,
 )
-from worker import pending
+from worker import pending, rejection
 from worker.lease import LeaseLost, RequestLease
-from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, get_runtime
 
 logger = logging.getLogger(__name__)
@@ -149,31 +145,12 @@ def reject(
 ) -> dict[str, Any]:
     """Dead-letter a request that cannot run; report it on its stream and reply if it has an id."""
     reply_to = request_id or usable_request_id(context.task_id)  # never a key built from an unusable id
-    stored = runtime.replies.get(reply_to) if reply_to else None
-    if stored is not None:  # a redelivered copy of a request already answered (and dead-lettered)
-        return stored.model_dump(mode="json")
-    logger.warning("rejected request %s: %s", request_id or context.task_id, error.code)
-    runtime.dead_letters.push(
-        error.code, error.message, body=body, request_id=request_id, task_id=context.task_id, queue=context.queue
+    return rejection.reject(
+        runtime,
+        error,
+        reply_to=reply_to,
+        body=body,
+        request_id=request_id,
+        task_id=context.task_id,
+        queue=context.queue,
     )
-    if reply_to is None:
-        return {"status": "failed", "error": {"type": error.code, "message": error.message}}
-    info = ErrorInfo(type=error.code, message=error.message)
-    reply = ChatReply(
-        request_id=reply_to,
-        status="failed",
-        error=info,
-        meta=ChainMeta(worker=runtime.worker_name),
-    )
-    publisher = EventPublisher(
-        runtime.redis,
-        reply_to,
-        store=runtime.replies,
-        events_maxlen=runtime.settings.events_maxlen,
-        events_ttl_s=runtime.settings.events_ttl_s,
-        next_seq=EventPublisher.resume_seq(runtime.redis, reply_to),
-    )
-    if not publisher.finish("error", reply, error=info) and publisher.leased_elsewhere:
-        # A worker runs a request of this id: this copy is only dead-lettered, its answer stands.
-        return {"request_id": reply_to, "status": "duplicate", "error": info.model_dump(mode="json")}
-    return reply.model_dump(mode="json")

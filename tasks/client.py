@@ -18,7 +18,9 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
+from kombu.utils.json import dumps as kombu_dumps
 
+from settings import Settings
 from tasks import keys
 from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
 from worker import (
@@ -32,6 +34,15 @@ DEFAULT_QUEUE = "chat"
 ROUTE_CACHE_S = 30.0
 _BLOCK_MS = 1_000
 _READ_COUNT = 500
+# The worker's default cap on a task message's body (``CASCADE_MAX_MESSAGE_BYTES``).
+DEFAULT_MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default
+# The body Celery sends is [args, kwargs, embed]; embed holds these canvas fields, all null.
+_EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+
+
+class RequestTooLargeError(ValueError):
+    """A request whose task message would exceed the workers' ``max_message_bytes``: workers
+    would refuse it (``request_too_large``), so the client does not send it."""
 
 
 def _redis_url(redis_url: str | None) -> str:
@@ -47,6 +58,20 @@ def build_request(request: ChatRequest | dict[str, Any] | None = None, **fields:
     if data.get("request_id") is None:  # absent, or given as None
         data["request_id"] = uuid.uuid4().hex
     return ChatRequest.model_validate(data)
+
+
+def _max_message_bytes(given: int | None) -> int:
+    if given is not None:
+        return given
+    configured = os.environ.get("CASCADE_MAX_MESSAGE_BYTES")
+    return int(configured) if configured else DEFAULT_MAX_MESSAGE_BYTES
+
+
+def message_bytes(kwargs: dict[str, Any]) -> int:
+    """The size of the task message body Celery sends for ``kwargs``: what workers measure
+    against ``max_message_bytes``."""
+    body: str = kombu_dumps([[], kwargs, _EMBED])  # type: ignore[no-untyped-call]
+    return len(body.encode("utf-8"))
 
 
 def _read_events(response: Any) -> list[tuple[bytes, StreamEvent]]:
@@ -81,9 +106,14 @@ def _block_ms(give_up: float | None) -> int:
 class CascadeClient:
     """Blocking producer client; see the module docstring."""
 
-    def __init__(self, redis_url: str | None = None, *, queue: str | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, queue: str | None = None, max_message_bytes: int | None = None
+    ) -> None:
+        """``max_message_bytes``: the workers' cap on a message body (default: the
+        ``CASCADE_MAX_MESSAGE_BYTES`` environment variable, else the workers' default)."""
         url = _redis_url(redis_url)
         self.queue = queue
+        self.max_message_bytes = _max_message_bytes(max_message_bytes)
         self._routes: dict[str, tuple[float, str]] = {}
         self.redis = redis.Redis.from_url(url, health_check_interval=30, retry_on_timeout=True)
         self._celery = Celery("cascade-producer", broker=url, set_as_current=False)
@@ -92,10 +122,19 @@ class CascadeClient:
     def submit(
         self, request: ChatRequest | dict[str, Any] | None = None, *, queue: str | None = None, **fields: Any
     ) -> str:
-        """Enqueue a request (a ChatRequest, a dict, or its fields as keywords); return its id."""
+        """Enqueue a request (a ChatRequest, a dict, or its fields as keywords); return its id.
+
+        Raises ``RequestTooLargeError`` (nothing sent) for a request whose message would exceed
+        ``max_message_bytes``."""
         chat_request = build_request(request, **fields)
         request_id = chat_request.request_id or ""
         kwargs = {"request": chat_request.model_dump(mode="json", exclude_none=True)}
+        size = message_bytes(kwargs)
+        if size > self.max_message_bytes:
+            raise RequestTooLargeError(
+                f"request {request_id}: its message would be {size} bytes, over the workers' limit of "
+                f"{self.max_message_bytes} (max_message_bytes)"
+            )
         target = queue or self.queue or self.route(chat_request.chain)
         headers = {SUBMITTED_AT_HEADER: time.time(), REQUEST_ID_HEADER: request_id}
         self._celery.send_task(TASK_NAME, kwargs=kwargs, queue=target, task_id=request_id, headers=headers)
@@ -179,15 +218,17 @@ class AsyncCascadeClient:
     """The same client for asyncio programs (``redis.asyncio``); ``submit`` runs Celery's
     blocking send in a thread."""
 
-    def __init__(self, redis_url: str | None = None, *, queue: str | None = None) -> None:
+    def __init__(
+        self, redis_url: str | None = None, *, queue: str | None = None, max_message_bytes: int | None = None
+    ) -> None:
         url = _redis_url(redis_url)
         self.redis = aioredis.Redis.from_url(url, health_check_interval=30, retry_on_timeout=True)
-        self._sync = CascadeClient(url, queue=queue)
+        self._sync = CascadeClient(url, queue=queue, max_message_bytes=max_message_bytes)
 
     async def submit(
         self, request: ChatRequest | dict[str, Any] | None = None, *, queue: str | None = None, **fields: Any
     ) -> str:
-        """Enqueue a request; return its id."""
+        """Enqueue a request; return its id (``RequestTooLargeError``: see ``CascadeClient.submit``)."""
         return await asyncio.to_thread(self._sync.submit, request, queue=queue, **fields)
 
     async def events(self, request_id: str, *, timeout_s: float | None = None) -> AsyncIterator[StreamEvent]:

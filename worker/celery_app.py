@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 from celery import Celery
+from celery.signals import before_task_publish
 from kombu.entity import Queue
 
 from settings import ConfigError, Settings
+from worker.envelope import CASCADE_TASKS
 from worker.runtime import get_settings
 
 logger = logging.getLogger(__name__)
@@ -25,8 +28,14 @@ def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
     app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.observability"])
     queues = sorted({DEFAULT_QUEUE, *(p.queue for p in settings.providers.values())})
+    _OWN_TIME_LIMITS.add((settings.hard_time_limit_s, settings.task_soft_time_limit_s))
     app.conf.update(
         broker_url=settings.redis_dsn,
+        # kombu's Redis transport with every queue entry screened before it is decoded: a
+        # message that is not one of Cascade's plain task messages ends in cascade:dead (and a
+        # failed reply where it names a request id) instead of stopping the consumer. The URL
+        # still decides the host, the password and TLS (rediss://, ssl_* query parameters).
+        broker_transport="worker.transport:Transport",
         result_backend=settings.redis_dsn,
         # JSON only: a pickle message is refused before it is decoded.
         # https://docs.celeryq.dev/en/stable/userguide/security.html#serializers
@@ -70,12 +79,33 @@ def create_app(settings: Settings) -> Celery:
         # default would kill it mid-load, again and again.
         # https://docs.celeryq.dev/en/stable/userguide/configuration.html#worker-proc-alive-timeout
         worker_proc_alive_timeout=settings.warm_up_timeout_s,
-        # Dead-letter undecodable and unknown messages instead of only logging them.
+        # A safety net behind the transport's screen: whatever Celery's consumer still refuses
+        # is dead-lettered too, never only logged.
         worker_consumer="worker.consumer:DeadLetteringConsumer",
         task_track_started=False,
         worker_hijack_root_logger=False,
     )
     return app
+
+
+# The [hard, soft] limits of the apps create_app built in this process.
+_OWN_TIME_LIMITS: set[tuple[float, float]] = set()
+
+
+def _no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: Any) -> None:
+    """Celery writes a sending app's ``task_time_limit`` into every message it sends of a task
+    it has registered (a worker's hand-offs and resends); workers refuse a message that carries
+    time limits (``worker.envelope``), since the consuming worker's configuration decides them.
+    Only the limits of this process's own Cascade app are left out: any other sender's stay,
+    and are refused."""
+    if sender not in CASCADE_TASKS or not isinstance(headers, dict):
+        return
+    limits = headers.get("timelimit")
+    if isinstance(limits, (list, tuple)) and len(limits) == 2 and tuple(limits) in _OWN_TIME_LIMITS:
+        headers["timelimit"] = [None, None]
+
+
+before_task_publish.connect(_no_time_limits_in_messages, weak=False)
 
 
 def _load() -> Settings:

@@ -138,7 +138,8 @@ def _ids_in(raw_messages: Iterable[Any], *, unacked: bool) -> set[str]:
             message = decoded[0] if unacked else decoded
         except (ValueError, TypeError, KeyError, IndexError):
             continue
-        header = (message.get("headers") or {}).get(REQUEST_ID_HEADER) if isinstance(message, dict) else None
+        headers = message.get("headers") if isinstance(message, dict) else None
+        header = headers.get(REQUEST_ID_HEADER) if isinstance(headers, dict) else None
         request_id = header if isinstance(header, str) else request_id_in(task_kwargs(message))
         if request_id is not None:
             found.add(request_id)

@@ -13,6 +13,9 @@ from tasks.schemas import ChatReply
 
 # How much of an unprocessable message is kept in its dead letter.
 DEAD_BODY_PREVIEW_CHARS = 2_000
+# The other fields come from the message too (a task id header can be any length): bounded.
+DEAD_ID_CHARS = 256
+DEAD_MESSAGE_CHARS = 1_000
 
 
 class ReplyStore:
@@ -49,10 +52,10 @@ class DeadLetters:
         """Record one unprocessable message with the ``reason`` (a taxonomy code) and why."""
         entry = {
             "reason": reason,
-            "message": message,
-            "request_id": request_id,
-            "task_id": task_id,
-            "queue": queue,
+            "message": message[:DEAD_MESSAGE_CHARS],
+            "request_id": _bounded(request_id),
+            "task_id": _bounded(task_id),
+            "queue": _bounded(queue),
             "at": round(time.time(), 3),
             "body": _preview(body),
         }
@@ -61,6 +64,10 @@ class DeadLetters:
         pipe.ltrim(keys.DEAD_LETTERS, 0, self._maxlen - 1)
         pipe.expire(keys.DEAD_LETTERS, self._ttl_s)
         pipe.execute()
+
+
+def _bounded(value: str | None) -> str | None:
+    return value[:DEAD_ID_CHARS] if isinstance(value, str) else None
 
 
 def _preview(body: Any) -> str | None:

@@ -16,7 +16,7 @@ from kombu import Connection
 
 from tasks import keys
 from tasks.client import CascadeClient
-from tasks.schemas import TASK_NAME
+from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
 
 from .harness import (
     KeyWrites,
@@ -76,12 +76,14 @@ def expect_rejection(
     marker: str | None = None,
     reply_id: str | None = None,
     no_reply_under: str | None = None,
+    reply_type: str | None = None,
 ) -> Rejection:
     """Send bad input and check what it left behind.
 
     ``ident`` (request or task id) or ``marker`` (text inside the body) finds its dead letter;
     ``reply_id`` is where a failed reply must be stored (once); ``no_reply_under`` is an id under
-    which nothing may be stored.
+    which nothing may be stored; ``reply_type`` is the reply's error type when it is not the
+    dead letter's ``reason``.
     """
     assert ident or marker
 
@@ -102,7 +104,7 @@ def expect_rejection(
             reply = outcome.reply
             assert reply.status == "failed"
             assert reply.error is not None
-            assert reply.error.type == reason
+            assert reply.error.type == (reply_type or reason)
             assert reply.error.message
             assert outcome.events[-1].error == reply.error
             assert reply.replies == []
@@ -171,7 +173,11 @@ def test_pickle_message_is_refused_before_decoding(client: CascadeClient, rdb: r
         pytest.param("just a string", {}, id="string-body"),
         pytest.param([7, {"request": {"prompt": "x"}}, {}], {}, id="args-not-a-list"),
         pytest.param([[], ["request"], {}], {}, id="kwargs-not-an-object"),
-        pytest.param([[], {"request": {"prompt": "x"}}, {}], {"timelimit": "soon"}, id="bad-timelimit-header"),
+        pytest.param([[], {"request": {"prompt": "x"}}, {"link": 1}], {}, id="unknown-embed-field"),
+        pytest.param([[], {"request": {"prompt": "x"}}, {}], {"task": ["cascade.chat"]}, id="task-header-a-list"),
+        pytest.param([[], {"request": {"prompt": "x"}}, {}], {"retries": "3"}, id="retries-header-a-string"),
+        pytest.param([[], {"request": {"prompt": "x"}}, {}], {"is_eager": True}, id="reserved-header"),
+        pytest.param([[], {"request": {"prompt": "x"}}, {}], {"x-big": "y" * 9_000}, id="huge-header"),
     ],
 )
 def test_malformed_task_message_is_rejected_without_crashing_the_worker(
@@ -214,6 +220,110 @@ def test_unknown_task_name(client: CascadeClient, rdb: redis.Redis, producer: Ce
 
     rejection = expect_rejection(client, rdb, send, reason="unknown_task", ident=task_id, no_reply_under=task_id)
     assert "cascade.no_such_task" in rejection.letter["message"]
+
+
+def test_a_task_header_that_is_a_list_leaves_the_queue_usable(
+    client: CascadeClient, rdb: redis.Redis, redis_url: str
+) -> None:
+    """Issue 11 item 2: such a message stopped the worker and went back on the queue, so every
+    worker started afterwards stopped too."""
+    task_id = new_id()
+
+    def send() -> None:
+        body = [[], {"request": {"prompt": "x"}}, {}]
+        publish_raw(redis_url, body, serializer="json", headers=task_headers(task_id, task=["cascade.chat"]))
+
+    rejection = expect_rejection(client, rdb, send, reason="invalid_task", ident=task_id, no_reply_under=task_id)
+    assert "'task' header" in rejection.letter["message"]
+    assert rdb.llen("chat") == 0, "the message is not back on the queue"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param("this is not a celery message { {marker}", id="raw-text"),
+        pytest.param('[1, 2, 3, "{marker}"]', id="json-list"),
+        pytest.param('{"hello": "{marker}"}', id="json-object-not-an-envelope"),
+        pytest.param(
+            '{"body": "!!{marker}!!", "content-encoding": "utf-8", "content-type": "application/json", '
+            '"headers": {"task": "cascade.chat", "id": "{marker}"}, "properties": {"body_encoding": "base64", '
+            '"delivery_tag": "t", "delivery_info": {"exchange": "", "routing_key": "chat"}}}',
+            id="body-not-base64",
+        ),
+        pytest.param(b"\xff\xfe not utf-8 {marker}", id="not-utf8"),
+    ],
+)
+def test_an_entry_that_is_no_message_at_all_is_dead_lettered_raw(
+    client: CascadeClient, rdb: redis.Redis, raw: str | bytes
+) -> None:
+    """Issue 11 item 1: ``redis-cli LPUSH chat '...'`` stopped the worker inside kombu."""
+    marker = f"marker-{new_id()}"
+    entry = raw.replace(b"{marker}", marker.encode()) if isinstance(raw, bytes) else raw.replace("{marker}", marker)
+
+    rejection = expect_rejection(client, rdb, lambda: rdb.lpush("chat", entry), reason="undecodable", marker=marker)
+    assert marker in rejection.letter["body"]
+    assert rejection.letter["queue"] == "chat"
+
+
+def test_an_entry_over_the_preview_is_kept_bounded(client: CascadeClient, rdb: redis.Redis) -> None:
+    marker = f"marker-{new_id()}"
+    entry = marker + "x" * 50_000
+
+    rejection = expect_rejection(client, rdb, lambda: rdb.lpush("chat", entry), reason="undecodable", marker=marker)
+    assert len(rejection.letter["body"]) <= 2_000
+
+
+def test_a_celery_builtin_task_is_dead_lettered(client: CascadeClient, rdb: redis.Redis, producer: Celery) -> None:
+    """Issue 11 item 3: ``celery.chord_unlock`` (a task every Celery worker has) was run or dropped."""
+    task_id = new_id()
+
+    def send() -> None:
+        producer.send_task("celery.chord_unlock", args=["group-id", {}], task_id=task_id, queue="chat")
+
+    rejection = expect_rejection(client, rdb, send, reason="unknown_task", ident=task_id, no_reply_under=task_id)
+    assert "celery.chord_unlock" in rejection.letter["message"]
+
+
+@pytest.mark.parametrize(
+    ("option", "options"),
+    [
+        pytest.param("expires", {"expires": -60}, id="expired"),
+        pytest.param("expires", {"expires": 3600}, id="expires-later"),
+        pytest.param("eta", {"countdown": 3600}, id="countdown"),
+        pytest.param("timelimit", {"time_limit": 10_000, "soft_time_limit": 9_000}, id="time-limits"),
+        pytest.param("compression", {"compression": "zlib"}, id="zlib"),
+        pytest.param("compression", {"compression": "bzip2"}, id="bzip2"),
+        pytest.param("callbacks", {"link": "signature"}, id="link"),
+    ],
+)
+def test_celery_options_cascade_does_not_honour_are_refused(
+    client: CascadeClient, rdb: redis.Redis, producer: Celery, option: str, options: dict[str, Any]
+) -> None:
+    """Issue 11 items 4 and 9: an expired message vanished (no reply, no dead letter); a
+    compressed body was inflated before the size check; ``timelimit`` lifted the worker's limits;
+    ``eta``/``countdown`` held a message in memory. Each is refused, answered at its
+    ``cascade_request_id`` header, and dead-lettered with the option named."""
+    request_id = new_id()
+    if options.get("link") == "signature":
+        options = {"link": producer.signature("cascade.chat", kwargs={"request": {"prompt": "again"}})}
+    send = send_request(
+        producer,
+        new_id(),
+        kwargs={"request": {"request_id": request_id, "prompt": "hi"}},
+        headers={REQUEST_ID_HEADER: request_id},
+        **options,
+    )
+
+    rejection = expect_rejection(
+        client,
+        rdb,
+        send,
+        reason="unsupported_option",
+        ident=request_id,
+        reply_id=request_id,
+        reply_type="invalid_request",
+    )
+    assert option in rejection.letter["message"]
 
 
 # --- task messages whose request is bad (the task's own dead letters) -----------------------------

@@ -8,9 +8,17 @@ from typing import Any
 
 import fakeredis
 import pytest
+from kombu.utils.json import dumps as kombu_dumps
 
 from tasks import keys
-from tasks.client import CANCEL_TTL_S, AsyncCascadeClient, CascadeClient, build_request
+from tasks.client import (
+    CANCEL_TTL_S,
+    AsyncCascadeClient,
+    CascadeClient,
+    RequestTooLargeError,
+    build_request,
+    message_bytes,
+)
 from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
 from worker.publisher import EventPublisher
 from worker.store import ReplyStore
@@ -183,3 +191,30 @@ def test_async_client_replays_and_waits() -> None:
     assert [e.seq for e in seen] == [0, 1, 2, 3]
     assert waited == reply
     assert sync_redis.exists(keys.cancel_key(RID)) == 1
+
+
+def test_a_request_the_workers_would_refuse_as_too_large_is_not_sent(client: CascadeClient) -> None:
+    """Issue 11 item 6: three messages of 800,000 characters pass the request schema, but their
+    task message is over the workers' 2,000,000-byte cap: the client refuses to send it."""
+    celery = RecordingCelery()
+    client._celery = celery  # type: ignore[assignment]
+    messages = [{"role": "user", "content": "x" * 800_000} for _ in range(3)]
+    with pytest.raises(RequestTooLargeError, match="max_message_bytes"):
+        client.submit(messages=messages, request_id="too-big")
+    assert celery.sent == []
+    assert client.redis.exists("cascade:pending:too-big") == 0, "nothing recorded either"
+
+
+def test_the_size_limit_is_the_message_body_the_worker_measures(client: CascadeClient) -> None:
+    celery = RecordingCelery()
+    client._celery = celery  # type: ignore[assignment]
+    at_limit = {"request": build_request(prompt="y" * 100, request_id="r1").model_dump(mode="json", exclude_none=True)}
+    client.max_message_bytes = message_bytes(at_limit)
+    with pytest.raises(RequestTooLargeError):
+        client.submit(prompt="y" * 101, request_id="r1")
+    with pytest.raises(RequestTooLargeError):
+        client.submit(prompt="\u00e9" * 100, request_id="r1")  # kombu's JSON escapes each: six bytes
+    client.submit(prompt="y" * 100, request_id="r1")  # exactly at the limit: sent
+    [(_name, options)] = celery.sent
+    embed = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
+    assert len(kombu_dumps([[], options["kwargs"], embed]).encode()) == client.max_message_bytes, "what Celery sends"

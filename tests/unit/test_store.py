@@ -10,7 +10,7 @@ import pytest
 
 from tasks import keys
 from tasks.schemas import ChatReply, ErrorInfo
-from worker.store import DEAD_BODY_PREVIEW_CHARS, DeadLetters, ReplyStore
+from worker.store import DEAD_BODY_PREVIEW_CHARS, DEAD_ID_CHARS, DEAD_MESSAGE_CHARS, DeadLetters, ReplyStore
 
 
 def dead(client: fakeredis.FakeRedis) -> list[dict[str, Any]]:
@@ -75,3 +75,16 @@ def test_dead_letter_body_of_an_unserialisable_object(fake_redis: fakeredis.Fake
 
     DeadLetters(fake_redis, maxlen=5, ttl_s=60).push("invalid_task", "odd", body={"arg": Odd()})
     assert "<odd>" in dead(fake_redis)[0]["body"]
+
+
+def test_dead_letter_fields_taken_from_the_message_are_bounded(fake_redis: fakeredis.FakeRedis) -> None:
+    """Issue 11 item 14: the task and id headers were stored whole, whatever their length."""
+    huge = "t" * 1_000_000
+    DeadLetters(fake_redis, maxlen=5, ttl_s=60).push(
+        "invalid_task", "m" * 100_000, task_id=huge, request_id=huge, queue=huge, body=huge
+    )
+    [raw] = fake_redis.lrange(keys.DEAD_LETTERS, 0, -1)
+    entry = json.loads(raw)
+    assert len(entry["task_id"]) == len(entry["request_id"]) == len(entry["queue"]) == DEAD_ID_CHARS
+    assert len(entry["message"]) == DEAD_MESSAGE_CHARS
+    assert len(raw) < 10_000
