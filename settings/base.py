@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settings.providers import PROVIDER_CONFIG_TYPES, ProviderConfigBase
+from tasks.schemas import DEFAULT_QUEUE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -189,6 +190,11 @@ class Settings(BaseSettings):
     def redis_url_redacted(self) -> str:
         """The Redis URL with its password masked, for logs."""
         return redact_url(self.redis_dsn)
+
+    @property
+    def task_queues(self) -> frozenset[str]:
+        """Every queue a Cascade task can be sent to: the default queue and each provider's."""
+        return frozenset({DEFAULT_QUEUE, *(provider.queue for provider in self.providers.values())})
 
     def queue_of(self, provider_id: str) -> str:
         """The queue that serves ``provider_id``."""

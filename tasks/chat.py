@@ -19,6 +19,7 @@ from providers.errors import InvalidRequest, RequestError
 from tasks.intake import read_request, usable_request_id
 from tasks.runner import RequestRunner, TaskContext, checked_handoff
 from tasks.schemas import (
+    DEFAULT_QUEUE,
     REQUEST_ID_HEADER,
     SUBMITTED_AT_HEADER,
     TASK_NAME,
@@ -31,7 +32,6 @@ from worker.runtime import WorkerRuntime, get_runtime
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUEUE = "chat"
 
 
 # Celery writes repr(return value) for its log line and task events after every task, walking the

@@ -22,7 +22,15 @@ from kombu.utils.json import dumps as kombu_dumps
 
 from settings import Settings
 from tasks import keys
-from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
+from tasks.schemas import (
+    DEFAULT_QUEUE,
+    REQUEST_ID_HEADER,
+    SUBMITTED_AT_HEADER,
+    TASK_NAME,
+    ChatReply,
+    ChatRequest,
+    StreamEvent,
+)
 from worker import (
     pending,
     tracing,  # noqa: F401 - connects the publish hook that puts the trace context in each message
@@ -30,7 +38,6 @@ from worker import (
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CANCEL_TTL_S = 86_400
-DEFAULT_QUEUE = "chat"
 ROUTE_CACHE_S = 30.0
 _BLOCK_MS = 1_000
 _READ_COUNT = 500

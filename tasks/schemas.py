@@ -110,6 +110,8 @@ SCHEMA_VERSION = 1
 
 # The Celery task every producer sends, whatever its language.
 TASK_NAME = "cascade.chat"
+# The queue a request goes to when its chain starts with an API provider (DESIGN.md, "Queues").
+DEFAULT_QUEUE = "chat"
 # Optional message header (unix time) a producer may set so replies report time spent queued.
 SUBMITTED_AT_HEADER = "cascade_submitted_at"
 # Message header Cascade's own senders set to the request id, so a reaper scanning a queue for

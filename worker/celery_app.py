@@ -16,18 +16,18 @@ from celery.signals import before_task_publish
 from kombu.entity import Queue
 
 from settings import ConfigError, Settings
+from tasks.schemas import DEFAULT_QUEUE
 from worker.envelope import CASCADE_TASKS
 from worker.runtime import get_settings
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_QUEUE = "chat"
 
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
     app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.observability"])
-    queues = sorted({DEFAULT_QUEUE, *(p.queue for p in settings.providers.values())})
+    queues = sorted(settings.task_queues)
     _OWN_TIME_LIMITS.add((settings.hard_time_limit_s, settings.task_soft_time_limit_s))
     app.conf.update(
         broker_url=settings.redis_dsn,

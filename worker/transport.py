@@ -22,9 +22,10 @@ Celery uses this transport through the ``broker_transport`` setting (``worker.ce
 
 from __future__ import annotations
 
+import json
 import logging
 from queue import Empty
-from typing import Any
+from typing import Any, cast
 
 import redis
 from kombu.transport import redis as kombu_redis
@@ -86,8 +87,15 @@ class Channel(kombu_redis.Channel):
             raise Empty()
 
     def _admit(self, item: bytes, queue: str, key: str) -> dict[str, Any] | None:
-        """The envelope to deliver, or None once a refused ``item`` has been ended."""
-        max_bytes = get_runtime().settings.max_message_bytes
+        """The envelope to deliver, or None once a refused ``item`` has been ended.
+
+        Only Cascade's task queues are screened: the reply queues of Celery's remote control
+        (``celery inspect ping``, the healthcheck) carry Celery's own replies, read by the
+        command that asked, and pass as kombu reads them."""
+        settings = get_runtime().settings
+        if queue not in settings.task_queues:
+            return cast(dict[str, Any], json.loads(item))
+        max_bytes = settings.max_message_bytes
         verdict = envelope.screen(item, max_body_bytes=max_bytes)
         if isinstance(verdict, dict):
             return verdict
