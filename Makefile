@@ -6,7 +6,7 @@ PIP    := $(BIN)/python -m pip --quiet --disable-pip-version-check
 # A CPU build of torch; a looser pin would pull gigabytes of CUDA packages on CPU machines.
 TORCH  ?= torch==2.13.0
 # The venv's bin last: a system redis-server (Debian's, built with TLS) wins over the one the
-# demo extra ships, which worker/local.py still finds beside the venv's python.
+# demo extra ships, which worker/demo/local.py still finds beside the venv's python.
 export PATH := $(PATH):$(CURDIR)/$(BIN)
 
 .PHONY: demo test bench lint typecheck schemas clean

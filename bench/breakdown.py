@@ -7,7 +7,7 @@
    takes, when the task started (the reply's ``queued_ms``), when it built its ``start`` event,
    when it built its first chunk, and when a subscriber read that chunk. Medians, in ms from
    just before ``submit()``.
-2. A/B of the producer's pending record (``worker.pending``): first token and total with and
+2. A/B of the producer's pending record (``worker.state.pending``): first token and total with and
    without it, interleaved on the same worker.
 3. A cProfile of ``cascade.chat`` run eagerly (``apply``) against a real redis-server: time per
    request, and the functions that take the most of it; and what Celery's ``saferepr`` of one
@@ -34,12 +34,12 @@ from celery.utils.saferepr import saferepr
 from bench.common import Stack, scripted_toml
 from bench.overhead import CHUNK_SIZE, FIRST_MS, PACE_MS, TEXT, Subscriber, measure, through_cascade
 from settings import ScriptedConfig, Settings
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
-from worker import pending
-from worker.local import LocalRedis
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
 from worker.runtime import build_runtime, redis_client
+from worker.state import pending
 
 CHAIN = "scripted"
 

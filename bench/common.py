@@ -21,7 +21,7 @@ from typing import IO, Any
 
 from bench.report import replace_section
 from settings import Settings
-from worker.local import LocalRedis, start_worker, stop_process
+from worker.demo.local import LocalRedis, start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "What is Natural Language Processing? Answer in two sentences."
@@ -146,7 +146,7 @@ def coalesced_label(window_ms: float) -> str:
 
 
 def celery_worker_args(app: str, queues: str, concurrency: int) -> list[str]:
-    """The command line of a Celery worker, with the flags ``worker.local.start_worker`` uses."""
+    """The command line of a Celery worker, with the flags ``worker.demo.local.start_worker`` uses."""
     args = [sys.executable, "-m", "celery", "-A", app, "worker", "-Q", queues, "-c", str(concurrency)]
     return [*args, "--loglevel", "INFO", "--without-mingle", "--without-gossip"]
 
@@ -205,7 +205,7 @@ class Stack:
     def cascade_worker(
         self, config: Path, *, queues: str = "chat", concurrency: int = 1, env: dict[str, str] | None = None
     ) -> subprocess.Popen[bytes]:
-        """Start ``celery -A worker worker`` (``worker.local.start_worker``) on this Redis."""
+        """Start ``celery -A worker worker`` (``worker.demo.local.start_worker``) on this Redis."""
         log = self.log(f"cascade-{len(self.processes)}")
         process = start_worker(
             self.url, config, queues=queues, concurrency=concurrency, log=log, extra_env=env, cwd=REPO

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from worker.local import LOOPBACK, free_port
+from worker.demo.local import LOOPBACK, free_port
 
 MODEL = "gpt-4.1-mini-2025-04-14"
 _ID = "chatcmpl-bench0000000000000000000000"

@@ -39,8 +39,8 @@ from bench.common import (
 )
 from bench.haystack_baseline import NOOP_QUEUE, NOOP_TASK
 from bench.throughput import task_message
-from tasks.schemas import TASK_NAME
-from worker.local import stop_process
+from tasks.contract.schemas import TASK_NAME
+from worker.demo.local import stop_process
 
 HEADING = "## Footprint:"
 RSS_TARGET_MB = 150.0

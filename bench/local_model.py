@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from providers.local_models import SMOLLM2_ID, load_model
+from providers.huggingface.local_models import SMOLLM2_ID, load_model
 from settings.providers import HfLocalConfig
-from tasks.client import CascadeClient
-from worker.local import LocalRedis, start_worker, stop_process
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis, start_worker, stop_process
 
 PROMPT = "Explain in a few sentences why the sky is blue."
 REPO = Path(__file__).resolve().parents[1]

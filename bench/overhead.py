@@ -47,9 +47,9 @@ from providers.base import ChatProvider, ProviderCall, StreamingChunk
 from providers.registry import build_provider
 from settings import ScriptedConfig
 from settings.providers import OpenAIConfig
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import ChatMessage
+from tasks.contract import keys
+from tasks.contract.schemas import ChatMessage
+from tasks.producer.client import CascadeClient
 
 CHUNK_SIZE, FIRST_MS, PACE_MS = 4, 20.0, 2.0
 TTFT_TARGET_MS = 5.0

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from bench.common import PROMPT, TEXT, Stack, scripted_toml
 from bench.throughput import run_batch
-from tasks.schemas import TASK_NAME
+from tasks.contract.schemas import TASK_NAME
 
 # Frames worth naming (function, file), in the order printed.
 WATCHED = [

@@ -29,9 +29,9 @@ from bench.common import (
     measured_by,
     wait_until,
 )
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import StreamEvent
+from tasks.contract import keys
+from tasks.contract.schemas import StreamEvent
+from tasks.producer.client import CascadeClient
 
 HEADING = "## Streaming rate:"
 CHUNK_SIZE = 4

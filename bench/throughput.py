@@ -39,7 +39,7 @@ from bench.common import (
     wait_until,
 )
 from bench.haystack_baseline import NOOP_QUEUE, NOOP_TASK
-from tasks.schemas import TASK_NAME
+from tasks.contract.schemas import TASK_NAME
 
 HEADING = "## Throughput:"
 CONCURRENCY = 2

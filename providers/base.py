@@ -16,7 +16,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from settings.providers import ProviderConfigBase
-from tasks.schemas import AssistantReply, ChatMessage
+from tasks.contract.schemas import AssistantReply, ChatMessage
 
 
 @dataclass(frozen=True)

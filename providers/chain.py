@@ -29,7 +29,7 @@ from tenacity.stop import stop_base
 
 from providers import errors
 from providers.base import ChatProvider, ProviderCall, StreamingChunk
-from tasks.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo
+from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo
 
 
 class stop_when(stop_base):

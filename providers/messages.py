@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from providers import errors
-from tasks.schemas import ChatMessage, Usage
+from tasks.contract.schemas import ChatMessage, Usage
 
 # Finish reasons normalised as Haystack does (TGI and HF report their own words).
 FINISH_REASONS: dict[str, str] = {

@@ -11,17 +11,17 @@ import threading
 
 from providers.base import ChatProvider, OnChunk, ProviderCall
 from settings.providers import ProviderConfigBase
-from tasks.schemas import AssistantReply
+from tasks.contract.schemas import AssistantReply
 
 # type name -> "module:Class"; imported lazily.
 PROVIDER_CLASSES: dict[str, str] = {
     "scripted": "providers.scripted:ScriptedProvider",
-    "openai": "providers.openai_chat:OpenAIChatProvider",
-    "openai_responses": "providers.openai_responses:OpenAIResponsesProvider",
-    "azure_openai": "providers.azure_openai:AzureOpenAIChatProvider",
-    "azure_openai_responses": "providers.azure_openai:AzureOpenAIResponsesProvider",
-    "hf_api": "providers.hf_api:HfApiProvider",
-    "hf_local": "providers.hf_local:HfLocalProvider",
+    "openai": "providers.openai.chat:OpenAIChatProvider",
+    "openai_responses": "providers.openai.responses:OpenAIResponsesProvider",
+    "azure_openai": "providers.openai.azure:AzureOpenAIChatProvider",
+    "azure_openai_responses": "providers.openai.azure:AzureOpenAIResponsesProvider",
+    "hf_api": "providers.huggingface.api:HfApiProvider",
+    "hf_local": "providers.huggingface.local:HfLocalProvider",
 }
 
 

@@ -20,7 +20,7 @@ from typing import NoReturn
 from providers import errors
 from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
 from settings.providers import ScriptedConfig
-from tasks.schemas import AssistantReply, ReplyMeta, Usage
+from tasks.contract.schemas import AssistantReply, ReplyMeta, Usage
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settings.providers import PROVIDER_CONFIG_TYPES, ProviderConfigBase
-from tasks.schemas import DEFAULT_QUEUE
+from tasks.contract.schemas import DEFAULT_QUEUE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -81,11 +81,11 @@ class Settings(BaseSettings):
     redis_connect_timeout_s: float = Field(default=5.0, gt=0)
     redis_health_check_interval_s: int = Field(default=15, ge=0)
 
-    # Leases: a dead worker's request is sent again once its lease lapses (see worker/lease.py).
+    # Leases: a dead worker's request is sent again once its lease lapses (see worker/state/lease.py).
     lease_ttl_s: float = Field(default=10.0, ge=0.5)
     reaper_interval_s: float = Field(default=2.0, gt=0)
     # A request whose run ended its worker process this many times (an OOM kill, a segfault)
-    # is not resumed again: it ends failed, error type worker_lost (see worker/deaths.py).
+    # is not resumed again: it ends failed, error type worker_lost (see worker/state/deaths.py).
     max_worker_deaths: int = Field(default=3, ge=1)
     # On SIGTERM, running requests get this long to finish before they are handed back.
     soft_shutdown_s: float = Field(default=30.0, ge=0)

@@ -139,7 +139,7 @@ class HfApiConfig(ApiProviderConfig):
     url: str | None = None
     provider: str | None = Field(default=None, description="inference provider, e.g. 'together'")
     # A Hugging Face token (this, then HF_TOKEN) goes only to Hugging Face's hosts; a self-hosted
-    # ``url`` gets a key only when the entry sets ``api_key_env`` itself (providers.hf_api).
+    # ``url`` gets a key only when the entry sets ``api_key_env`` itself (providers.huggingface.api).
     api_key_env: str | None = "HF_API_TOKEN"
 
     @model_validator(mode="after")
@@ -155,7 +155,7 @@ class HfLocalConfig(ProviderConfigBase):
     """``type = "hf_local"``: a transformers model loaded once per worker process.
 
     ``model`` is a hub id (resolved offline from the local cache, or from the GGUF file a
-    package ships — see ``providers.local_models``) or a local folder.
+    package ships — see ``providers.huggingface.local_models``) or a local folder.
     """
 
     type: Literal["hf_local"] = "hf_local"

@@ -16,9 +16,7 @@ from celery import Task, shared_task
 from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError
-from tasks.intake import read_request, usable_request_id
-from tasks.runner import RequestRunner, TaskContext, checked_handoff
-from tasks.schemas import (
+from tasks.contract.schemas import (
     DEFAULT_QUEUE,
     REQUEST_ID_HEADER,
     SUBMITTED_AT_HEADER,
@@ -26,17 +24,19 @@ from tasks.schemas import (
     ChatRequest,
     HandOff,
 )
-from worker import pending, rejection
-from worker.lease import LeaseLost, RequestLease
+from tasks.intake import read_request, usable_request_id
+from tasks.runner import RequestRunner, TaskContext, checked_handoff
+from worker.boundary import rejection
 from worker.runtime import WorkerRuntime, get_runtime
+from worker.state import pending
+from worker.state.lease import LeaseLost, RequestLease
 
 logger = logging.getLogger(__name__)
 
 
-
 # Celery writes repr(return value) for its log line and task events after every task, walking the
 # reply up to 1,024 characters (0.17 ms; 0.10 ms at 256: python -m bench.breakdown). The log keeps
-# only the status (worker.logs), which 256 characters always reach (a request id is 128 at most).
+# only the status (worker.telemetry.logs), which 256 characters always reach (a request id is 128 at most).
 # https://docs.celeryq.dev/en/stable/reference/celery.app.task.html#celery.app.task.Task.resultrepr_maxsize
 @shared_task(name=TASK_NAME, bind=True, resultrepr_maxsize=256)  # type: ignore[untyped-decorator]
 def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def chat(self: Task, *args: Any, **kwargs: Any) -> dict[str, Any]:
         return {"request_id": request.request_id, "status": "taken_over"}
     except (redis.ConnectionError, redis.TimeoutError):
         # Cut off from Redis before the request ended: releasing would drop its only record.
-        # The lease lapses instead and a reaper sends the request again (worker.lease).
+        # The lease lapses instead and a reaper sends the request again (worker.state.lease).
         lease.abandon()
         raise
     finally:
@@ -124,7 +124,7 @@ def hand_off(
     """Send ``request`` on to ``queue`` with its hand-off ``state``, and give up its lease."""
     kwargs = {"request": request.model_dump(mode="json", exclude_none=True), "handoff": state.model_dump(mode="json")}
     # Recorded before the lease goes: if this process dies or the send fails from here on, a
-    # reaper finds the request pending, unleased and unqueued, and sends it (worker.pending).
+    # reaper finds the request pending, unleased and unqueued, and sends it (worker.state.pending).
     # The lease goes before the send: the next queue's worker may take the message at once, and
     # would drop it as a duplicate of a lease still held.
     pending.note_sent(runtime.redis, request.request_id or "", queue, kwargs)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge, UnknownChain
 from settings import Settings
-from tasks.schemas import REQUEST_ID_PATTERN, ChatRequest
+from tasks.contract.schemas import REQUEST_ID_PATTERN, ChatRequest
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _MAX_ERRORS_SHOWN = 5

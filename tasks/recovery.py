@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import redis
 
-from tasks import keys
-from tasks.schemas import AttemptRecord, StreamEvent
+from tasks.contract import keys
+from tasks.contract.schemas import AttemptRecord, StreamEvent
 
 WORKER_LOST = "worker_lost"
 

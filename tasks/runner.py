@@ -21,15 +21,15 @@ from celery.exceptions import SoftTimeLimitExceeded
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun, CooldownGate
-from tasks import keys
+from tasks.contract import keys
+from tasks.contract.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
 from tasks.recovery import WORKER_LOST, read_lost_run
-from tasks.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
-from worker.cooldown import ReadAhead, RedisCooldowns
-from worker.deaths import carried_window
-from worker.lease import LeaseLost, RequestLease
-from worker.opening import Opening, open_run
-from worker.publisher import EventPublisher, start_event
 from worker.runtime import RequestObserver, WorkerRuntime
+from worker.state.cooldown import ReadAhead, RedisCooldowns
+from worker.state.deaths import carried_window
+from worker.state.lease import LeaseLost, RequestLease
+from worker.state.opening import Opening, open_run
+from worker.state.publisher import EventPublisher, start_event
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class RequestRunner:
             self.first_chunk_at = None
         self.deadline = context.started_at + (self.deadline_at - context.started_at_wall)
         self._lease = lease
-        if lease is not None:  # recorded with the message: a resumed run keeps it (worker.deaths)
+        if lease is not None:  # recorded with the message: a resumed run keeps it (worker.state.deaths)
             lease.window = (self.started_at_wall, self.deadline_at)
         first_id = settings.chains[request.chain][handoff.start_index if handoff else 0]
         self._first_id = first_id
@@ -105,7 +105,7 @@ class RequestRunner:
         self._last_cancel_check = 0.0
 
     def open(self, record: tuple[str, dict[str, Any]] | None = None) -> bool:
-        """The run's first round trip (``worker.opening``): take the lease, recording ``record``
+        """The run's first round trip (``worker.state.opening``): take the lease, recording ``record``
         (the queue and kwargs to resend the request with), read where the request stands and
         publish its ``start`` event if it is new. False if another worker holds the lease.
         Without a lease (tests, tools) only the read happens; ``run`` opens by itself then."""
@@ -285,7 +285,7 @@ class RequestRunner:
 
     def _keep_first_window(self) -> None:
         """A resumed run keeps the start and deadline of the request's first run, never a fresh
-        deadline of its own (``worker.deaths``)."""
+        deadline of its own (``worker.state.deaths``)."""
         window = carried_window(self.runtime.redis, self.request_id)
         if window is None:
             return

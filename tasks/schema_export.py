@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
-from tasks.schemas import ChatReply, ChatRequest, ImageReply, ImageRequest, StreamEvent
+from tasks.contract.schemas import ChatReply, ChatRequest, ImageReply, ImageRequest, StreamEvent
 
 SCHEMA_MODELS: dict[str, type[BaseModel]] = {
     "chat_request.schema.json": ChatRequest,

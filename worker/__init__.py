@@ -1,6 +1,6 @@
 """The Cascade worker: ``celery -A worker worker -Q chat``.
 
-``app`` is built on first access, so importing ``worker.publisher`` or ``worker.store`` (as the
+``app`` is built on first access, so importing ``worker.state.publisher`` or ``worker.state.store`` (as the
 task does) does not load the worker's configuration.
 """
 

@@ -16,17 +16,16 @@ from celery.signals import before_task_publish
 from kombu.entity import Queue
 
 from settings import ConfigError, Settings
-from tasks.schemas import DEFAULT_QUEUE
-from worker.envelope import CASCADE_TASKS
+from tasks.contract.schemas import DEFAULT_QUEUE
+from worker.boundary.envelope import CASCADE_TASKS
 from worker.runtime import get_settings
 
 logger = logging.getLogger(__name__)
 
 
-
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
-    app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.observability"])
+    app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.telemetry.signals"])
     queues = sorted(settings.task_queues)
     _OWN_TIME_LIMITS.add((settings.hard_time_limit_s, settings.task_soft_time_limit_s))
     app.conf.update(
@@ -35,7 +34,7 @@ def create_app(settings: Settings) -> Celery:
         # message that is not one of Cascade's plain task messages ends in cascade:dead (and a
         # failed reply where it names a request id) instead of stopping the consumer. The URL
         # still decides the host, the password and TLS (rediss://, ssl_* query parameters).
-        broker_transport="worker.transport:Transport",
+        broker_transport="worker.boundary.transport:Transport",
         result_backend=settings.redis_dsn,
         # JSON only: a pickle message is refused before it is decoded.
         # https://docs.celeryq.dev/en/stable/userguide/security.html#serializers
@@ -81,7 +80,7 @@ def create_app(settings: Settings) -> Celery:
         worker_proc_alive_timeout=settings.warm_up_timeout_s,
         # A safety net behind the transport's screen: whatever Celery's consumer still refuses
         # is dead-lettered too, never only logged.
-        worker_consumer="worker.consumer:DeadLetteringConsumer",
+        worker_consumer="worker.boundary.consumer:DeadLetteringConsumer",
         task_track_started=False,
         worker_hijack_root_logger=False,
     )
@@ -95,7 +94,7 @@ _OWN_TIME_LIMITS: set[tuple[float, float]] = set()
 def _no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: Any) -> None:
     """Celery writes a sending app's ``task_time_limit`` into every message it sends of a task
     it has registered (a worker's hand-offs and resends); workers refuse a message that carries
-    time limits (``worker.envelope``), since the consuming worker's configuration decides them.
+    time limits (``worker.boundary.envelope``), since the consuming worker's configuration decides them.
     Only the limits of this process's own Cascade app are left out: any other sender's stay,
     and are refused."""
     if sender not in CASCADE_TASKS or not isinstance(headers, dict):

@@ -18,10 +18,10 @@ from redis.retry import Retry
 
 from providers.registry import ProviderPool
 from settings import Settings, load_settings
-from tasks.schemas import ChatReply, ChatRequest, HandOff
-from worker.cooldown import RedisCooldowns
-from worker.store import DeadLetters, ReplyStore
-from worker.telemetry import telemetry_observer
+from tasks.contract.schemas import ChatReply, ChatRequest, HandOff
+from worker.state.cooldown import RedisCooldowns
+from worker.state.store import DeadLetters, ReplyStore
+from worker.telemetry.observer import telemetry_observer
 
 
 class RequestObserver(Protocol):
@@ -79,7 +79,7 @@ def redis_client(settings: Settings) -> redis.Redis:
 
 def build_runtime(settings: Settings, client: redis.Redis, worker_name: str | None = None) -> WorkerRuntime:
     """A runtime on ``client`` (tests pass a fakeredis client here), with the telemetry observer
-    when telemetry is on (``worker.telemetry``)."""
+    when telemetry is on (``worker.telemetry.observer``)."""
     telemetry = telemetry_observer(settings)
     return WorkerRuntime(
         settings=settings,

@@ -16,12 +16,12 @@ from typing import Any
 from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
-from tasks.keys import ROUTES
-from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
-from worker.deaths import RunEnds
-from worker.pending import request_id_in
-from worker.reaper import Reaper
+from tasks.contract.keys import ROUTES
+from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
 from worker.runtime import get_runtime
+from worker.state.deaths import RunEnds
+from worker.state.pending import request_id_in
+from worker.state.reaper import Reaper
 
 logger = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ _INSTRUCTION = (
 
 
 class DecisionMessage(TypedDict):
-    """One chat message of a decision prompt (the shape of ``tasks.schemas.ChatMessage``)."""
+    """One chat message of a decision prompt (the shape of ``tasks.contract.schemas.ChatMessage``)."""
 
     role: Literal["system", "user"]
     content: str

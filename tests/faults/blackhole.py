@@ -15,7 +15,7 @@ import socket
 import threading
 from dataclasses import dataclass, field
 
-from worker.local import LOOPBACK
+from worker.demo.local import LOOPBACK
 
 _POLL_S = 0.1
 

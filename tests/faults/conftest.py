@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import redis
 
-from worker.local import LocalRedis
+from worker.demo.local import LocalRedis
 
 from .harness import REDIS_PASSWORD, STARTED
 from .report import FIGURES, LOAD_FIGURES, LOAD_REPORT

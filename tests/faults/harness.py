@@ -2,8 +2,8 @@
 loopback, faults injected by pid (SIGKILL of a worker's process group or of one pool child,
 SIGTERM, Redis restarts, ``CLIENT KILL``), and the checks every fault case shares.
 
-Redis is started with ``worker.local.LocalRedis`` (password always on), workers with
-``worker.local.start_worker``; ``RedisProcess`` adds what LocalRedis cannot do (TLS, extra
+Redis is started with ``worker.demo.local.LocalRedis`` (password always on), workers with
+``worker.demo.local.start_worker``; ``RedisProcess`` adds what LocalRedis cannot do (TLS, extra
 server arguments). Every wait is bounded; every process is stopped by its pid.
 """
 
@@ -23,15 +23,15 @@ from typing import Any
 
 import redis
 
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
 from tests.support.config import write_config as write_config
 from tests.support.stored import dead_letters as dead_letters
 from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
 from tests.support.waiting import wait_until as wait_until
-from worker.local import LOOPBACK, find_redis_server, free_port, start_worker, stop_process
+from worker.demo.local import LOOPBACK, find_redis_server, free_port, start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -107,7 +107,7 @@ def pid_of(worker_name: str | None) -> int | None:
 
 @dataclass
 class FaultWorker:
-    """One ``celery -A worker worker -Q chat -c N`` started by ``worker.local.start_worker``, in
+    """One ``celery -A worker worker -Q chat -c N`` started by ``worker.demo.local.start_worker``, in
     its own process group, logging to ``log_path`` (appended across restarts)."""
 
     name: str
@@ -310,7 +310,7 @@ def _make_certificates_with_cryptography(ca: Path, ca_key: Path, cert: Path, key
 @dataclass
 class RedisProcess:
     """A ``redis-server`` on loopback with a password, started with what
-    ``worker.local.LocalRedis`` cannot pass: TLS only (``tls=True``: ``--port 0``, a
+    ``worker.demo.local.LocalRedis`` cannot pass: TLS only (``tls=True``: ``--port 0``, a
     certificate made here, clients need none of their own) or extra arguments. ``restart()``
     stops it (SIGTERM: it writes its AOF) and starts a new one on the same port and directory."""
 

@@ -24,10 +24,10 @@ from hypothesis import strategies as st
 
 from providers.errors import InvalidRequest, RequestTooLarge, UnknownChain
 from settings import ScriptedConfig, Settings
-from tasks import keys
 from tasks.chat import chat
+from tasks.contract import keys
+from tasks.contract.schemas import MAX_CONTENT_CHARS, ChatReply
 from tasks.intake import read_request
-from tasks.schemas import MAX_CONTENT_CHARS, ChatReply
 from worker.runtime import WorkerRuntime, build_runtime
 
 pytestmark = pytest.mark.faults

@@ -26,9 +26,9 @@ from typing import Any
 import pytest
 import redis
 
-from tasks import keys
-from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME
-from worker.local import LocalRedis
+from tasks.contract import keys
+from tasks.contract.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME
+from worker.demo.local import LocalRedis
 
 from .harness import FaultWorker, ReplyWrites, dead_letters, stored_events, stored_reply, wait_until, write_config
 

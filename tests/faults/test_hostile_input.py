@@ -21,9 +21,9 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from tasks.client import CascadeClient
-from tasks.schemas import TASK_NAME
-from worker.local import LocalRedis
+from tasks.contract.schemas import TASK_NAME
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
 
 from .harness import (
     REQUEST_TIMEOUT_S,

@@ -7,7 +7,7 @@ sent until one starts on the victim, which is killed mid-stream, so the lease, t
 ``worker_lost`` resume are exercised under load. The other two land at a random moment while
 requests flow; such a kill can also land between kombu's BRPOP taking a message off the queue
 and kombu recording it as unacknowledged, where only the producer's pending record
-(``worker.pending``) still knows of the message.
+(``worker.state.pending``) still knows of the message.
 
 Every request ends with exactly one stored reply and its stream with exactly one terminal event
 (seq 0..n, no gap, the terminal event carrying the stored reply): 0 lost, 0 duplicated. Writes
@@ -32,9 +32,9 @@ import pytest
 import redis
 from kombu.exceptions import OperationalError
 
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
 
 from .harness import (
     FAST_RECOVERY_ENV,

@@ -1,4 +1,4 @@
-"""Messages lost between kombu's BRPOP and its unacked record (``worker.pending``), on a real
+"""Messages lost between kombu's BRPOP and its unacked record (``worker.state.pending``), on a real
 redis-server with real kombu messages sent by the producer client.
 
 A worker killed in that instant leaves its message nowhere in Redis; the producer's pending
@@ -24,14 +24,14 @@ from kombu import Connection
 from kombu.exceptions import OperationalError
 
 from settings import ScriptedConfig, Settings
-from tasks import keys
 from tasks.chat import hand_off
-from tasks.client import CascadeClient
-from tasks.schemas import TASK_NAME, ChatRequest, HandOff
-from worker import pending
-from worker.lease import RequestLease, lease_key
-from worker.local import LocalRedis
+from tasks.contract import keys
+from tasks.contract.schemas import TASK_NAME, ChatRequest, HandOff
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
 from worker.runtime import build_runtime
+from worker.state import pending
+from worker.state.lease import RequestLease, lease_key
 
 from .harness import (
     FAST_RECOVERY_ENV,
@@ -255,7 +255,7 @@ def test_a_request_with_an_in_flight_record_is_left_to_the_lease_sweep(
 ) -> None:
     request_id = producer.submit(prompt="hi")
     rdb.delete(QUEUE)
-    rdb.set(f"cascade:inflight:{request_id}", "{}")  # its lease lapsed: worker.reaper.reclaim_expired resends it
+    rdb.set(f"cascade:inflight:{request_id}", "{}")  # its lease lapsed: worker.state.reaper.reclaim_expired resends it
     resend, suspects = Resends(), {}
     for _ in range(3):
         assert sweep(rdb, resend, suspects) == []

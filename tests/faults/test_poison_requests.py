@@ -16,11 +16,11 @@ from typing import Any
 import pytest
 import redis
 
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
-from worker.deaths import deaths_key
-from worker.local import LocalRedis
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
+from worker.state.deaths import deaths_key
 
 from .harness import (
     FAST_RECOVERY_ENV,

@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import pytest
 import redis
 
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply
+from tasks.contract.schemas import ChatReply
+from tasks.producer.client import CascadeClient
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_stream, error_reply
-from worker.cooldown import COOLDOWN_KEY
-from worker.local import LocalRedis
+from worker.demo.local import LocalRedis
+from worker.state.cooldown import COOLDOWN_KEY
 
 from .harness import (
     PROVIDER_SECRETS,

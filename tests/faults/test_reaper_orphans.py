@@ -1,4 +1,4 @@
-"""The reaper's orphan sweep (``worker.reaper.restore_orphans``) on a real redis-server and real
+"""The reaper's orphan sweep (``worker.state.reaper.restore_orphans``) on a real redis-server and real
 kombu messages: a message a worker took (kombu's unacked entry) and never started goes back to
 its queue; one whose request started, is leased, answered, too young, or not ``cascade.chat``
 stays where it is. (The worker-level proof is in test_worker_loss.py.)"""
@@ -12,11 +12,11 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from tasks import keys
-from tasks.schemas import TASK_NAME
-from worker.lease import lease_key
-from worker.local import LocalRedis
-from worker.reaper import UNACKED, restore_orphans
+from tasks.contract import keys
+from tasks.contract.schemas import TASK_NAME
+from worker.demo.local import LocalRedis
+from worker.state.lease import lease_key
+from worker.state.reaper import UNACKED, restore_orphans
 
 from .harness import new_id
 

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.client import CascadeClient
-from worker.local import LocalRedis
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
 
 from .harness import REPO, REQUEST_TIMEOUT_S, FaultWorker, dead_letters, wait_until, write_config
 

@@ -18,10 +18,10 @@ import redis
 
 from settings import ScriptedConfig, Settings
 from tasks.chat import chat
-from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
-from worker.local import LocalRedis
-from worker.reaper import reclaim_expired
+from worker.demo.local import LocalRedis
 from worker.runtime import WorkerRuntime, build_runtime
+from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
+from worker.state.reaper import reclaim_expired
 
 from .harness import assert_coherent, new_id, stored_events, stored_reply, wait_until
 
@@ -40,7 +40,7 @@ class BlinkingRedis(redis.Redis):
     chunks_written = 0
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
-        # Events are written by one script each round trip (worker.publisher), its events last.
+        # Events are written by one script each round trip (worker.state.publisher), its events last.
         counted = self._blink_at_chunk(keys_and_args[numkeys:])
         try:
             return super().evalsha(sha, numkeys, *keys_and_args)

@@ -19,9 +19,9 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
-from worker.local import LocalRedis
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
 
 from .harness import (
     REDIS_PASSWORD,

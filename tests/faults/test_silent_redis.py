@@ -16,8 +16,8 @@ from collections.abc import Iterator
 import pytest
 import redis
 
-from tasks.client import CascadeClient
-from worker.local import LocalRedis
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
 
 from .blackhole import BlackholeProxy
 from .harness import (

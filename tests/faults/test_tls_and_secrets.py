@@ -17,7 +17,7 @@ import redis
 from kombu import Connection
 
 from settings import Settings
-from tasks.client import CascadeClient
+from tasks.producer.client import CascadeClient
 from worker.celery_app import create_app
 
 from .harness import (

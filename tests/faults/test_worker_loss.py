@@ -27,10 +27,10 @@ import pytest
 import redis
 
 from settings import Settings
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
-from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
-from worker.local import LocalRedis
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
+from worker.demo.local import LocalRedis
+from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
 
 from .harness import (
     FAST_RECOVERY_ENV,

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import redis
 
-from tasks.client import CascadeClient
+from tasks.producer.client import CascadeClient
 
 from .harness import STARTED_WORKERS, RedisServer, Worker, write_config
 from .scenarios import MAX_INPUT_CHARS, MAX_MESSAGES, chain_table, provider_table

@@ -3,7 +3,7 @@
 Everything here is reusable by later fault-injection tests: start Redis on a free loopback
 port, write a worker TOML config, start a worker in its own process group (log to a file),
 wait until it answers, stop both by pid. Every wait is bounded. The processes themselves are
-``worker.local``'s (as the demo and the system tests start them); this adds what the tests need
+``worker.demo.local``'s (as the demo and the system tests start them); this adds what the tests need
 on top: keyspace notifications, log tails, named workers, readiness by a warm-up request.
 """
 
@@ -20,15 +20,15 @@ from typing import Any, TypeVar
 
 import redis
 
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
 from tests.support.config import write_config as write_config
 from tests.support.stack import REPO
 from tests.support.stored import dead_letters as dead_letters
 from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
 from tests.support.waiting import wait_until as poll_until
-from worker.local import LocalRedis, start_worker, stop_process
+from worker.demo.local import LocalRedis, start_worker, stop_process
 
 REDIS_START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 30.0
@@ -63,7 +63,7 @@ def tail_of(path: Path | None, lines: int) -> str:
 
 
 class RedisServer(LocalRedis):
-    """``worker.local``'s ``redis-server`` (127.0.0.1, no persistence) with keyspace notifications
+    """``worker.demo.local``'s ``redis-server`` (127.0.0.1, no persistence) with keyspace notifications
     for strings on: K = keyspace events, $ = string commands, so tests can count writes of a key."""
 
     def __init__(self, workdir: Path) -> None:
@@ -87,7 +87,7 @@ class RedisServer(LocalRedis):
 @dataclass
 class Worker:
     """One ``celery -A worker worker -Q chat`` process (prefork pool) in its own process group,
-    started by ``worker.local.start_worker`` and ready once a warm-up request got its reply."""
+    started by ``worker.demo.local.start_worker`` and ready once a warm-up request got its reply."""
 
     redis_url: str
     config_path: Path

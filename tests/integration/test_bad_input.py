@@ -14,9 +14,9 @@ import redis
 from celery import Celery
 from kombu import Connection
 
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
+from tasks.contract import keys
+from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
+from tasks.producer.client import CascadeClient
 
 from .harness import (
     KeyWrites,

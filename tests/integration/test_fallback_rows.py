@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.client import CascadeClient
+from tasks.producer.client import CascadeClient
 
 from .harness import Outcome, RedisServer, Worker, dead_letters_for, reconstruct_text, run_request
 from .scenarios import (

@@ -13,10 +13,10 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import TASK_NAME
-from worker.lease import lease_key
+from tasks.contract import keys
+from tasks.contract.schemas import TASK_NAME
+from tasks.producer.client import CascadeClient
+from worker.state.lease import lease_key
 
 from .harness import KeyWrites, dead_letters_for, follow, new_id, run_request, stored_events, wait_until
 

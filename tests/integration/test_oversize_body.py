@@ -14,10 +14,10 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import keys
-from tasks.client import CascadeClient
-from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
-from worker import pending
+from tasks.contract import keys
+from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
+from tasks.producer.client import CascadeClient
+from worker.state import pending
 
 from .harness import dead_letters_for, follow, new_id, run_request, stored_reply, wait_until
 from .scenarios import STEADY_TEXT

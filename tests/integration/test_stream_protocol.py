@@ -11,9 +11,9 @@ import time
 import pytest
 import redis
 
-from tasks import keys
-from tasks.client import AsyncCascadeClient, CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import AsyncCascadeClient, CascadeClient
 
 from .harness import (
     REQUEST_TIMEOUT_S,

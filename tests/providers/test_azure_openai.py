@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 
 from providers import errors
-from providers.azure_openai import AzureOpenAIChatProvider, AzureOpenAIResponsesProvider
 from providers.base import ChatProvider
+from providers.openai.azure import AzureOpenAIChatProvider, AzureOpenAIResponsesProvider
 from settings import ProviderConfigBase
 from settings.providers import AzureOpenAIConfig, AzureOpenAIResponsesConfig
 from tests.fakes.http import FakeHTTPServer, Reply

@@ -23,7 +23,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from providers import errors
-from providers.batching import BatchHandle, BatchingConfig, BatchingEngine, BatchResult, IncrementalDecoder
+from providers.huggingface.batching import BatchHandle, BatchingConfig, BatchingEngine, BatchResult, IncrementalDecoder
 from tests.support.tiny_model import build_tiny_model
 from tests.support.waiting import wait_until
 
@@ -302,7 +302,7 @@ LEFT_OPEN = """
 import sys
 from pathlib import Path
 from tests.providers.test_batching import load
-from providers.batching import BatchingConfig, BatchingEngine
+from providers.huggingface.batching import BatchingConfig, BatchingEngine
 model, tokenizer = load(Path(sys.argv[1]))
 engine = BatchingEngine(model, tokenizer, BatchingConfig(max_batch_size=2, block_size=32, max_tokens_per_request=64))
 print(engine.submit([1, 2, 3], max_new_tokens=4).collect().completion_tokens)

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from providers.batching import BatchingConfig, BatchingEngine
-from providers.local_models import SMOLLM2_ID, load_model, shipped_gguf
+from providers.huggingface.batching import BatchingConfig, BatchingEngine
+from providers.huggingface.local_models import SMOLLM2_ID, load_model, shipped_gguf
 from settings.providers import HfLocalConfig
 
 pytestmark = pytest.mark.slow

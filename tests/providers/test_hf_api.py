@@ -22,16 +22,17 @@ from huggingface_hub import constants, set_client_factory
 from huggingface_hub.inference._providers._common import _fetch_inference_provider_mapping
 from huggingface_hub.utils._http import default_client_factory, hf_request_event_hook
 
-from providers import errors, hf_api
+from providers import errors
 from providers.base import ProviderCall, StreamingChunk
 from providers.chain import ChainRun
-from providers.hf_api import HfApiProvider, translate_hf_error
+from providers.huggingface import api as hf_api
+from providers.huggingface.api import HfApiProvider, translate_hf_error
 from providers.registry import build_provider
 from settings.providers import HfApiConfig
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.tgi_wire import MODEL, chunk, completion, streamed, tgi_error, usage, usage_chunk
 from tests.support.calls import MESSAGES, ChainRecorder, ChunkCollector, make_call
-from worker.local import free_port
+from worker.demo.local import free_port
 
 TOKEN = "hf_TestTokenDoNotLeak0123456789"
 CONTEXT_ERROR = (

@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 
 from providers import errors
 from providers.base import ProviderCall, StreamingChunk
-from providers.hf_local import HfLocalProvider
-from providers.local_models import SMOLLM2_ID, load_model, pick_device, shipped_gguf
+from providers.huggingface.local import HfLocalProvider
+from providers.huggingface.local_models import SMOLLM2_ID, load_model, pick_device, shipped_gguf
 from settings.providers import HfLocalConfig
-from tasks.schemas import ChatMessage
+from tasks.contract.schemas import ChatMessage
 from tests.support import calls
 from tests.support.tiny_model import build_tiny_model
 

@@ -17,7 +17,7 @@ import pytest
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainRun
-from providers.openai_chat import OpenAIChatProvider
+from providers.openai.chat import OpenAIChatProvider
 from settings.providers import OpenAIConfig
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
@@ -33,7 +33,7 @@ from tests.providers.openai_wire import (
     usage_chunk,
 )
 from tests.support.calls import MESSAGES, ChainRecorder, ChunkCollector, make_call, provider_factory, run_failing
-from worker.local import free_port
+from worker.demo.local import free_port
 
 ProviderFactory = Callable[..., OpenAIChatProvider]
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from providers import errors
-from providers.openai_errors import OpenAIPayloadError, translate_openai_error
+from providers.openai.errors import OpenAIPayloadError, translate_openai_error
 from tests.providers.openai_wire import API_KEY, assert_no_secret
 
 URL = "https://api.openai.com/v1/chat/completions"

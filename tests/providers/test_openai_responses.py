@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 
 from providers import errors
-from providers.openai_responses import OpenAIResponsesProvider
+from providers.openai.responses import OpenAIResponsesProvider
 from settings.providers import OpenAIResponsesConfig
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (

@@ -8,10 +8,10 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from providers.hf_local import HfLocalProvider
-from providers.local_models import SMOLLM2_ID, shipped_gguf
+from providers.huggingface.local import HfLocalProvider
+from providers.huggingface.local_models import SMOLLM2_ID, shipped_gguf
 from settings.providers import HfLocalConfig
-from tasks.schemas import ChatMessage
+from tasks.contract.schemas import ChatMessage
 from tests.support.calls import ChunkCollector, make_call
 
 pytestmark = pytest.mark.slow

@@ -18,7 +18,7 @@ from providers import errors
 from providers.base import ChatProvider, ProviderCall, StreamingChunk
 from providers.registry import build_provider
 from settings import ProviderConfigBase
-from tasks.schemas import AttemptRecord, ChatMessage
+from tasks.contract.schemas import AttemptRecord, ChatMessage
 
 MESSAGES = [ChatMessage(role="system", content="Be brief."), ChatMessage(role="user", content="Capital of France?")]
 

@@ -1,4 +1,4 @@
-"""Cascade run locally for the system tests: ``worker.local``'s redis-server and Celery workers,
+"""Cascade run locally for the system tests: ``worker.demo.local``'s redis-server and Celery workers,
 started as the demo starts them, each stopped by its pid."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from worker.local import LocalRedis, start_worker, stop_process
+from worker.demo.local import LocalRedis, start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import redis
 
-from tasks import keys
-from tasks.schemas import ChatReply, StreamEvent
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
 
 
 def stored_events(client: redis.Redis, request_id: str) -> list[StreamEvent]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tasks.client import CascadeClient
+from tasks.producer.client import CascadeClient
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_chunk, error_reply
 from tests.providers.tgi_wire import chunk

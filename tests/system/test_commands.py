@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tasks.client import CascadeClient
+from tasks.producer.client import CascadeClient
 from tests.support.stack import REPO, local_stack
 
 pytestmark = pytest.mark.integration
@@ -37,7 +37,7 @@ slow = ["slow"]
 
 def run_cli(*args: str, redis_url: str | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess[str]:
     """Run the `cascade` command in a subprocess."""
-    command = [sys.executable, "-m", "tasks.cli"]
+    command = [sys.executable, "-m", "tasks.producer.cli"]
     if redis_url:
         command += ["--redis-url", redis_url]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=timeout_s, cwd=REPO, check=False)

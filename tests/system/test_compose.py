@@ -26,8 +26,8 @@ import redis
 import yaml
 
 from settings import load_settings
-from tasks.client import CascadeClient
-from worker.local import find_redis_server, free_port, stop_process
+from tasks.producer.client import CascadeClient
+from worker.demo.local import find_redis_server, free_port, stop_process
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import pytest
 
 pytest.importorskip("transformers")
 
-from tasks.client import CascadeClient
-from tasks.schemas import ChatReply, StreamEvent
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
 from tests.support.stack import LocalStack, local_stack
 from tests.support.tiny_model import build_tiny_model
 

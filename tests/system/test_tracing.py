@@ -23,9 +23,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 from prometheus_client.parser import text_string_to_metric_families
 
-from tasks.client import CascadeClient
+from tasks.producer.client import CascadeClient
 from tests.support.spans import global_spans
-from worker.local import LocalRedis, free_port, start_worker, stop_process
+from worker.demo.local import LocalRedis, free_port, start_worker, stop_process
 
 pytestmark = pytest.mark.integration
 

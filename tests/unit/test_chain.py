@@ -14,7 +14,7 @@ from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
 from providers.chain import ChainOutcome, ChainRun
 from providers.registry import build_provider
 from settings import ScriptedConfig
-from tasks.schemas import AssistantReply, AttemptRecord, ChatMessage
+from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage
 from tests.support.calls import ChainRecorder
 
 TEXT = "Hello from the chain"

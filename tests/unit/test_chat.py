@@ -11,13 +11,13 @@ import pytest
 from celery.utils.saferepr import saferepr
 
 from settings import Settings
-from tasks import keys
 from tasks.chat import chat
-from tasks.schemas import ChatReply, StreamEvent
-from worker import publisher
-from worker.lease import RequestLease
-from worker.publisher import EventPublisher
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
 from worker.runtime import WorkerRuntime, build_runtime
+from worker.state import publisher
+from worker.state.lease import RequestLease
+from worker.state.publisher import EventPublisher
 
 SettingsFactory = Callable[..., Settings]  # the make_settings fixture of conftest.py
 

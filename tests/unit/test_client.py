@@ -1,4 +1,4 @@
-"""The producer client (tasks/client.py) against fakeredis, with events written by EventPublisher."""
+"""The producer client (tasks/producer/client.py) against fakeredis, with events written by EventPublisher."""
 
 from __future__ import annotations
 
@@ -10,8 +10,16 @@ import fakeredis
 import pytest
 from kombu.utils.json import dumps as kombu_dumps
 
-from tasks import keys
-from tasks.client import (
+from tasks.contract import keys
+from tasks.contract.schemas import (
+    REQUEST_ID_HEADER,
+    SUBMITTED_AT_HEADER,
+    TASK_NAME,
+    ChatReply,
+    ChatRequest,
+    StreamEvent,
+)
+from tasks.producer.client import (
     CANCEL_TTL_S,
     AsyncCascadeClient,
     CascadeClient,
@@ -19,9 +27,8 @@ from tasks.client import (
     build_request,
     message_bytes,
 )
-from tasks.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME, ChatReply, ChatRequest, StreamEvent
-from worker.publisher import EventPublisher
-from worker.store import ReplyStore
+from worker.state.publisher import EventPublisher
+from worker.state.store import ReplyStore
 
 RID = "client-1"
 UNREACHABLE = "redis://127.0.0.1:1/0"  # never connected to: every test swaps in fakeredis
@@ -60,7 +67,7 @@ def test_events_replay_from_the_start_to_the_terminal_event(
 def test_events_read_in_several_batches_without_duplicates(
     client: CascadeClient, fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("tasks.client._READ_COUNT", 2)
+    monkeypatch.setattr("tasks.producer.client._READ_COUNT", 2)
     publish_request(fake_redis, chunks=7)
     seqs = [e.seq for e in client.events(RID, timeout_s=5)]
     assert seqs == list(range(9))
@@ -160,7 +167,7 @@ def test_submit_sends_one_json_keyword_with_the_request_id_as_task_id(client: Ca
     assert isinstance(options["headers"][SUBMITTED_AT_HEADER], float)
     assert options["headers"][REQUEST_ID_HEADER] == request_id
     record = client.redis.get(f"cascade:pending:{request_id}")
-    assert record is not None and b'"queue": "chat.gpu"' in record, "recorded for the reapers (worker.pending)"
+    assert record is not None and b'"queue": "chat.gpu"' in record, "recorded for the reapers (worker.state.pending)"
 
 
 def test_an_event_stored_twice_is_yielded_once(client: CascadeClient, fake_redis: fakeredis.FakeRedis) -> None:

@@ -14,13 +14,13 @@ import fakeredis
 import pytest
 
 from settings import ScriptedConfig, Settings
-from tasks import keys
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import ChatReply, ChatRequest, StreamEvent
-from worker.lease import LeaseLost, RequestLease
-from worker.publisher import EventPublisher
 from worker.runtime import build_runtime
-from worker.store import ReplyStore
+from worker.state.lease import LeaseLost, RequestLease
+from worker.state.publisher import EventPublisher
+from worker.state.store import ReplyStore
 
 RID = "coalesce-1"
 WINDOW_S = 0.05
@@ -171,7 +171,7 @@ def test_a_request_streams_the_same_text_with_coalescing_on_or_off(
         assert len(chunks) == len(text)
 
 
-# The runner reads the first provider's cooldown in its first round trip (worker.cooldown.ReadAhead).
+# The runner reads the first provider's cooldown in its first round trip (worker.state.cooldown.ReadAhead).
 
 
 def test_a_first_provider_cooling_down_is_skipped_with_the_state_read_ahead(fake_redis: fakeredis.FakeRedis) -> None:
@@ -190,7 +190,7 @@ def test_a_first_provider_cooling_down_is_skipped_with_the_state_read_ahead(fake
 
 def test_the_read_ahead_answers_once_then_asks_redis(fake_redis: fakeredis.FakeRedis) -> None:
     from providers.registry import build_provider
-    from worker.cooldown import ReadAhead, RedisCooldowns
+    from worker.state.cooldown import ReadAhead, RedisCooldowns
 
     cold = build_provider("cold", ScriptedConfig(text="x", cooldown_failures=1))
     gate = ReadAhead(RedisCooldowns(fake_redis), "cold", cooling=False)

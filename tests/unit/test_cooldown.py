@@ -1,4 +1,4 @@
-"""Provider cooldowns shared through Redis (worker/cooldown.py), on fakeredis with a fake clock."""
+"""Provider cooldowns shared through Redis (worker/state/cooldown.py), on fakeredis with a fake clock."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from providers.base import ChatProvider
 from providers.registry import build_provider
 from settings import ScriptedConfig
-from worker.cooldown import COOLDOWN_KEY, FAILURES_KEY, RedisCooldowns
+from worker.state.cooldown import COOLDOWN_KEY, FAILURES_KEY, RedisCooldowns
 
 
 class Clock:
@@ -25,7 +25,7 @@ class Clock:
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
     fake = Clock()
-    monkeypatch.setattr("worker.cooldown.time", SimpleNamespace(time=fake.time))
+    monkeypatch.setattr("worker.state.cooldown.time", SimpleNamespace(time=fake.time))
     return fake
 
 

@@ -1,4 +1,4 @@
-"""Poison requests (worker/deaths.py, worker/reaper.py): each run that dies with its worker
+"""Poison requests (worker/state/deaths.py, worker/state/reaper.py): each run that dies with its worker
 process is counted when a reaper claims it; the third death ends the request instead of a third
 resume; a resumed run keeps the first run's deadline."""
 
@@ -13,15 +13,15 @@ import fakeredis
 import pytest
 
 from settings import Settings
-from tasks import keys
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import ChatReply, ChatRequest, StreamEvent
-from worker.deaths import DEATHS_TTL_S, RunEnds, carried_window, deaths_key
-from worker.lease import INFLIGHT_SET, RequestLease, lease_key
-from worker.publisher import EventPublisher
-from worker.reaper import reclaim_expired
 from worker.runtime import WorkerRuntime, build_runtime
-from worker.store import ReplyStore
+from worker.state.deaths import DEATHS_TTL_S, RunEnds, carried_window, deaths_key
+from worker.state.lease import INFLIGHT_SET, RequestLease, lease_key
+from worker.state.publisher import EventPublisher
+from worker.state.reaper import reclaim_expired
+from worker.state.store import ReplyStore
 
 SettingsFactory = Callable[..., Settings]
 REQUEST_ID = "poison-1"

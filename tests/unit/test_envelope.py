@@ -1,5 +1,5 @@
-"""The message screen (worker/envelope.py) on queue entries built by hand and by Celery itself,
-and what the transport (worker/transport.py) does with a refusal, on fakeredis."""
+"""The message screen (worker/boundary/envelope.py) on queue entries built by hand and by Celery itself,
+and what the transport (worker/boundary/transport.py) does with a refusal, on fakeredis."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 import redis
 from celery import Celery
 
-from tasks import keys
-from tasks.schemas import REQUEST_ID_HEADER, TASK_NAME
-from worker import envelope, transport
+from tasks.contract import keys
+from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
+from worker.boundary import envelope, transport
+from worker.boundary.envelope import CASCADE_TASKS, Refusal, screen
 from worker.celery_app import create_app
-from worker.envelope import CASCADE_TASKS, Refusal, screen
 from worker.runtime import WorkerRuntime, build_runtime
 
 from .conftest import SettingsFactory
@@ -285,7 +285,7 @@ def test_when_the_dead_letter_is_refused_the_entry_is_dropped_and_logged(
         raise redis.ResponseError("OOM command not allowed when used memory > 'maxmemory'")
 
     monkeypatch.setattr(runtime.dead_letters, "push", full)
-    with caplog.at_level(logging.ERROR, logger="worker.transport"):
+    with caplog.at_level(logging.ERROR, logger="worker.boundary.transport"):
         delivered, stub = admit(b"not a message SECRET-PROMPT")
     assert delivered is None and stub.put_back == [], "not put back: it would be taken again at once"
     [record] = caplog.records

@@ -1,4 +1,4 @@
-"""The wire contract of ``cascade.image`` (tasks/images.py, tasks/keys.py): ImageRequest,
+"""The wire contract of ``cascade.image`` (tasks/contract/images.py, tasks/contract/keys.py): ImageRequest,
 ImageReply, the image key and the events that carry them."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from tasks import keys
-from tasks.images import MAX_IMAGE_PROMPT_CHARS, MAX_IMAGES
-from tasks.schemas import (
+from tasks.contract import keys
+from tasks.contract.images import MAX_IMAGE_PROMPT_CHARS, MAX_IMAGES
+from tasks.contract.schemas import (
     IMAGE_TASK_NAME,
     TASK_NAME,
     ChainMeta,

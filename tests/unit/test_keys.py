@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import keys
-from tasks.schemas import REQUEST_ID_PATTERN
-from worker import lease, pending
+from tasks.contract import keys
+from tasks.contract.schemas import REQUEST_ID_PATTERN
+from worker.state import lease, pending
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "worker", "providers", "settings")

@@ -1,4 +1,4 @@
-"""Request leases (worker/lease.py): the heartbeat renews them without holding up the request
+"""Request leases (worker/state/lease.py): the heartbeat renews them without holding up the request
 threads that take and give them up."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from typing import Any
 
 import fakeredis
 
-from worker.lease import RequestLease, _Heartbeat
+from worker.state.lease import RequestLease, _Heartbeat
 
 # Bounds of the waits below: far longer than any step takes, so only a hang reaches them.
 HANG_S = 10.0

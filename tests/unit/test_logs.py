@@ -1,4 +1,4 @@
-"""Worker logs (worker/logs.py): JSON lines with the request and trace ids, and Celery's own task
+"""Worker logs (worker/telemetry/logs.py): JSON lines with the request and trace ids, and Celery's own task
 records stripped of the prompt and the reply text."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from celery.app import trace as celery_trace
 from celery.worker.consumer import consumer as consumer_module
 from opentelemetry.sdk.trace import TracerProvider
 
-from worker import logs
+from worker.telemetry import logs
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Messages v2 on the wire (tasks/messages.py through ChatRequest): content parts, images, tool
+"""Messages v2 on the wire (tasks/contract/messages.py through ChatRequest): content parts, images, tool
 calls, tools, tool_choice, response_format, and errors that name the field at fault."""
 
 from __future__ import annotations
@@ -11,9 +11,8 @@ import pytest
 from pydantic import ValidationError
 
 from settings import Settings
-from tasks.intake import read_request
-from tasks.messages import MAX_CONTENT_PARTS, MAX_IMAGE_BYTES, MAX_IMAGE_URL_CHARS
-from tasks.schemas import (
+from tasks.contract.messages import MAX_CONTENT_PARTS, MAX_IMAGE_BYTES, MAX_IMAGE_URL_CHARS
+from tasks.contract.schemas import (
     MAX_CHOICES,
     AssistantReply,
     ChatMessage,
@@ -23,6 +22,7 @@ from tasks.schemas import (
     TextPart,
     ToolCall,
 )
+from tasks.intake import read_request
 
 SettingsFactory = Callable[..., Settings]  # the make_settings fixture of conftest.py
 

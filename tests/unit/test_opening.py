@@ -1,4 +1,4 @@
-"""The run's first round trip (``worker.opening``) and its last (``EventPublisher.finish``), on
+"""The run's first round trip (``worker.state.opening``) and its last (``EventPublisher.finish``), on
 fakeredis: the opening takes the lease, records the message, reads where the request stands and
 publishes a new request's ``start`` event, or takes nothing when another worker holds it; the
 finish publishes a waiting chunk, the terminal event and the reply, and releases the lease."""
@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import fakeredis
 
-from tasks import keys
-from tasks.schemas import ChatReply, StreamEvent
-from worker.lease import INFLIGHT_KEY, INFLIGHT_SET, RequestLease
-from worker.opening import Opening, open_run
-from worker.publisher import EventPublisher, start_event
-from worker.store import ReplyStore
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, StreamEvent
+from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, RequestLease
+from worker.state.opening import Opening, open_run
+from worker.state.publisher import EventPublisher, start_event
+from worker.state.store import ReplyStore
 
 RID = "opening-1"
 COOLDOWN_KEY = "cascade:cooldown:steady"

@@ -1,12 +1,12 @@
-"""Reading request ids out of queued and unacked messages (worker.pending) never trips on a
+"""Reading request ids out of queued and unacked messages (worker.state.pending) never trips on a
 hostile entry: the reaper's pass must not fail because a producer queued junk."""
 
 from __future__ import annotations
 
 import json
 
-from tasks.schemas import REQUEST_ID_HEADER
-from worker.pending import _ids_in
+from tasks.contract.schemas import REQUEST_ID_HEADER
+from worker.state.pending import _ids_in
 
 
 def test_entries_with_headers_of_the_wrong_type_are_skipped() -> None:

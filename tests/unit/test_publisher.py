@@ -9,12 +9,12 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tasks import keys
-from tasks.schemas import ChatReply, ErrorInfo, StreamEvent
-from worker.lease import LeaseLost, RequestLease, lease_key
-from worker.pending import RESENDS
-from worker.publisher import MAX_WINDOW_S, EventPublisher, StreamClosed, chunk_budget
-from worker.store import ReplyStore
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, ErrorInfo, StreamEvent
+from worker.state.lease import LeaseLost, RequestLease, lease_key
+from worker.state.pending import RESENDS
+from worker.state.publisher import MAX_WINDOW_S, EventPublisher, StreamClosed, chunk_budget
+from worker.state.store import ReplyStore
 
 RID = "req-1"
 

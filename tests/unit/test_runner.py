@@ -11,11 +11,11 @@ import pytest
 from providers import errors, registry
 from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
 from settings import ProviderConfigBase, ScriptedConfig, Settings
-from tasks import keys
+from tasks.contract import keys
+from tasks.contract.schemas import AssistantReply, ChatReply, ChatRequest, HandOff, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import AssistantReply, ChatReply, ChatRequest, HandOff, StreamEvent
-from worker.publisher import EventPublisher
 from worker.runtime import WorkerRuntime, build_runtime
+from worker.state.publisher import EventPublisher
 
 TEXT = "The quick brown fox"
 RID = "run-1"

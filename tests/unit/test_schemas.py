@@ -1,4 +1,4 @@
-"""The wire schemas (tasks/schemas.py) and the drift check of the JSON Schema files."""
+"""The wire schemas (tasks/contract/schemas.py) and the drift check of the JSON Schema files."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from jsonschema import Draft202012Validator
 from pydantic import ValidationError
 
 from tasks import schema_export
-from tasks.schemas import (
+from tasks.contract.schemas import (
     MAX_MESSAGES,
     AssistantReply,
     AttemptRecord,

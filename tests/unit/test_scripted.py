@@ -15,7 +15,7 @@ from providers import errors
 from providers.base import ProviderCall, StreamingChunk
 from providers.scripted import CRASH_EXIT_CODE, ScriptedProvider
 from settings import ScriptedConfig
-from tasks.schemas import ChatMessage
+from tasks.contract.schemas import ChatMessage
 from tests.support.calls import ChunkCollector, make_call, provider_factory
 
 TEXT = "Natural Language Processing"  # 27 characters

@@ -14,7 +14,7 @@ from providers import registry
 from providers.base import ChatProvider
 from settings import ScriptedConfig, Settings
 from settings.providers import HfLocalConfig
-from tasks.keys import ROUTES
+from tasks.contract.keys import ROUTES
 from worker import signals
 from worker.celery_app import create_app
 from worker.runtime import build_runtime

@@ -1,4 +1,4 @@
-"""The reply store and the dead-letter list (worker/store.py) on fakeredis."""
+"""The reply store and the dead-letter list (worker/state/store.py) on fakeredis."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import Any
 import fakeredis
 import pytest
 
-from tasks import keys
-from tasks.schemas import ChatReply, ErrorInfo
-from worker.store import DEAD_BODY_PREVIEW_CHARS, DEAD_ID_CHARS, DEAD_MESSAGE_CHARS, DeadLetters, ReplyStore
+from tasks.contract import keys
+from tasks.contract.schemas import ChatReply, ErrorInfo
+from worker.state.store import DEAD_BODY_PREVIEW_CHARS, DEAD_ID_CHARS, DEAD_MESSAGE_CHARS, DeadLetters, ReplyStore
 
 
 def dead(client: fakeredis.FakeRedis) -> list[dict[str, Any]]:

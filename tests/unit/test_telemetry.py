@@ -1,4 +1,4 @@
-"""Telemetry (worker/telemetry.py, tracing.py, metrics.py, prometheus.py, observability.py) on real
+"""Telemetry (worker/telemetry/observer.py, tracing.py, metrics.py, prometheus.py, observability.py) on real
 requests run by RequestRunner over fakeredis: spans from the SDK's in-memory exporter, metrics
 from its in-memory reader. A hand-off travels through a real Celery publish (memory broker), so
 the trace context rides in the message headers exactly as between two workers."""
@@ -26,14 +26,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from settings import ScriptedConfig, Settings
+from tasks.contract.schemas import TASK_NAME, AttemptRecord, ChatReply, ChatRequest, HandOff
 from tasks.runner import RequestRunner, TaskContext
-from tasks.schemas import TASK_NAME, AttemptRecord, ChatReply, ChatRequest, HandOff
 from tests.support.spans import global_spans
-from worker import logs, observability, otel_sdk, tracing
-from worker.metrics import CascadeMetrics, fallbacks, observe_redis
-from worker.prometheus import MergedCollector, SnapshotWriter
 from worker.runtime import WorkerRuntime, build_runtime
-from worker.telemetry import TelemetryConfig, TelemetryObserver, telemetry_observer
+from worker.telemetry import logs, tracing
+from worker.telemetry import sdk as otel_sdk
+from worker.telemetry import signals as observability
+from worker.telemetry.metrics import CascadeMetrics, fallbacks, observe_redis
+from worker.telemetry.observer import TelemetryConfig, TelemetryObserver, telemetry_observer
+from worker.telemetry.prometheus import MergedCollector, SnapshotWriter
 
 PROMPT = "PROMPT-MARKER tell me"
 TEXT = "REPLY-MARKER from the steady one"

@@ -1,0 +1,179 @@
+"""The ``hf_local`` provider: a transformers model in this worker process, streamed token by
+token.
+
+Generation runs in a thread feeding a ``TextIteratorStreamer``; the request's thread reads the
+streamer and hands each piece to ``on_chunk``. A stopping criterion watches an event that is
+set when the request is cancelled, passes its deadline or ``timeout_s`` (through
+``CallGuard``), so a stopped request stops generating instead of running on in the
+background. One generation runs at a time per model.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from providers import errors
+from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
+from providers.guard import CallGuard
+from providers.huggingface.local_models import LoadedModel, load_model
+from providers.messages import merge_generation_kwargs, to_chat_messages, usage_from
+from settings.providers import HfLocalConfig
+from tasks.contract.schemas import AssistantReply, ReplyMeta
+
+# generation_kwargs names -> transformers' generate() names; anything else is dropped.
+_GENERATE_KWARGS = {
+    "max_tokens": "max_new_tokens",
+    "max_new_tokens": "max_new_tokens",
+    "min_new_tokens": "min_new_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "repetition_penalty": "repetition_penalty",
+    "do_sample": "do_sample",
+    "num_beams": "num_beams",
+}
+
+
+# The request's names for the cap on generated tokens that map to ``max_new_tokens``.
+_OUTPUT_LIMITS = frozenset(name for name, target in _GENERATE_KWARGS.items() if target == "max_new_tokens")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+class HfLocalProvider(ChatProvider):
+    """A local transformers chat model; see the module docstring."""
+
+    config: HfLocalConfig
+
+    def __init__(self, provider_id: str, config: HfLocalConfig) -> None:
+        super().__init__(provider_id, config)
+        self.config = config
+        self._loaded: LoadedModel | None = None
+        self._load_lock = threading.Lock()
+        self._generate_lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """Load the model now (called at worker start for the queues the worker consumes)."""
+        self._model()
+
+    def _model(self) -> LoadedModel:
+        with self._load_lock:
+            if self._loaded is None:
+                self._loaded = load_model(self.config)
+            return self._loaded
+
+    def generate_kwargs(self, call: ProviderCall) -> dict[str, Any]:
+        """``generate()`` arguments from the config's and the request's generation_kwargs.
+
+        The entry's ``max_new_tokens`` is both the default and the cap: a request may ask for
+        fewer tokens, never more (``num_beams`` is bounded when the request is read:
+        ``Settings.max_num_beams``)."""
+        cap = self.config.max_new_tokens
+        merged = merge_generation_kwargs(self.config.generation_kwargs, call.generation_kwargs, max_output_tokens=cap)
+        kwargs: dict[str, Any] = {"max_new_tokens": cap}
+        for name, value in merged.items():
+            if name in _GENERATE_KWARGS:
+                kwargs[_GENERATE_KWARGS[name]] = value
+        kwargs["max_new_tokens"] = min([cap, *(v for k, v in merged.items() if k in _OUTPUT_LIMITS and _is_count(v))])
+        temperature = kwargs.get("temperature")
+        kwargs.setdefault("do_sample", bool(temperature and temperature > 0))
+        if not kwargs["do_sample"]:
+            # Greedy decoding: sampling knobs would only produce warnings.
+            for knob in ("temperature", "top_p", "top_k"):
+                kwargs.pop(knob, None)
+        stops = [*self.config.stop_words, *(merged.get("stop") or [])]
+        if stops:
+            kwargs["stop_strings"] = stops
+        return kwargs
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        """Generate a reply, streaming each decoded piece through ``on_chunk``."""
+        import torch
+        from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
+
+        loaded = self._model()
+        tokenizer = loaded.tokenizer
+        template_kwargs: dict[str, Any] = {}
+        if self.config.enable_thinking is not None:
+            template_kwargs["enable_thinking"] = self.config.enable_thinking
+        inputs = tokenizer.apply_chat_template(
+            to_chat_messages(call.messages),
+            add_generation_prompt=True,
+            return_tensors="pt",
+            return_dict=True,
+            chat_template=self.config.chat_template,
+            **template_kwargs,
+        ).to(loaded.model.device)
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        kwargs = self.generate_kwargs(call)
+        if "stop_strings" in kwargs:
+            kwargs["tokenizer"] = tokenizer
+        seed = call.generation_kwargs.get("seed")
+        stop = threading.Event()
+
+        class _StopWhenSet(StoppingCriteria):
+            def __call__(self, input_ids: Any, scores: Any, **_: Any) -> Any:
+                return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+        streamer: Any = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        outcome: dict[str, Any] = {}
+
+        def generate() -> None:
+            try:
+                if isinstance(seed, int):
+                    torch.manual_seed(seed)
+                with torch.inference_mode():
+                    outcome["ids"] = loaded.model.generate(
+                        **inputs, streamer=streamer, stopping_criteria=StoppingCriteriaList([_StopWhenSet()]), **kwargs
+                    )
+            except BaseException as exc:  # noqa: BLE001 - reported to the reading thread below
+                outcome["error"] = exc
+                streamer.end()
+
+        pieces: list[str] = []
+        first_chunk_at: str | None = None
+        with self._generate_lock, CallGuard(call, self.config, self.provider_id) as guard:
+            guard.attach(stop.set)
+            worker = threading.Thread(target=generate, name=f"generate-{self.provider_id}", daemon=True)
+            worker.start()
+            try:
+                for text in streamer:
+                    guard.chunk_received()
+                    if text:
+                        first_chunk_at = first_chunk_at or utc_now_iso()
+                        pieces.append(text)
+                        on_chunk(StreamingChunk(content=text, meta={"model": self.config.model}))
+            finally:
+                stop.set()
+                worker.join()
+            guard.raise_if_fired()
+        if "error" in outcome:
+            raise translate_local_error(outcome["error"], self.provider_id)
+
+        generated = outcome["ids"][0][prompt_tokens:]
+        completion_tokens = int(generated.shape[0])
+        finish_reason = "stop"
+        eos = loaded.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos])
+        if completion_tokens >= kwargs["max_new_tokens"] and int(generated[-1]) not in eos_ids:
+            finish_reason = "length"
+        meta = ReplyMeta(
+            model=self.config.model,
+            finish_reason=finish_reason,
+            usage=usage_from(prompt_tokens, completion_tokens),
+            completion_start_time=first_chunk_at or utc_now_iso(),
+        )
+        return [AssistantReply(content="".join(pieces), meta=meta)]
+
+
+def translate_local_error(exc: BaseException, provider_id: str) -> errors.ProviderError:
+    """The taxonomy error for a failure inside ``generate``."""
+    name = type(exc).__name__
+    if name == "OutOfMemoryError":
+        return errors.Overloaded(f"{provider_id}: out of GPU memory")
+    if isinstance(exc, errors.ProviderError):
+        return exc
+    return errors.ServerError(f"{provider_id}: generation failed: {name}: {exc}")

@@ -1,0 +1,1 @@
+"""OpenAI-family providers: Chat Completions, Responses, Azure OpenAI, and their error table."""

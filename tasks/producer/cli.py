@@ -1,0 +1,171 @@
+"""``cascade``: submit a request and follow its stream, show a reply, cancel, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable
+from typing import Any, TextIO
+
+from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer.client import CascadeClient
+
+
+def print_stream(events: Iterable[StreamEvent], out: TextIO = sys.stdout) -> ChatReply | None:
+    """Print deltas as they arrive, and a note for each fallback, in order; return the reply."""
+    reply = None
+    for event in events:
+        if event.type == "chunk" and event.delta:
+            out.write(event.delta)
+            out.flush()
+        elif event.type == "fallback":
+            out.write(
+                f"\n[attempt {event.attempt} of {event.provider} failed ({event.error_type}); "
+                "its text is void, falling back]\n"
+            )
+            out.flush()
+        elif event.is_terminal:
+            out.write("\n")
+            reply = event.reply if isinstance(event.reply, ChatReply) else None
+    return reply
+
+
+def describe_reply(reply: ChatReply) -> str:
+    """A short human summary of a reply's outcome and meta."""
+    meta = reply.meta
+    lines = [f"status: {reply.status}"]
+    if reply.error:
+        lines.append(f"error: {reply.error.type}: {reply.error.message}")
+    if meta.provider:
+        lines.append(f"provider: {meta.provider} (chain index {meta.successful_chat_generator_index})")
+    attempts = ", ".join(f"{a.provider}:{a.outcome}{'/' + a.error_type if a.error_type else ''}" for a in meta.attempts)
+    lines.append(f"attempts ({meta.total_attempts}): {attempts or '-'}")
+    timings = meta.timings
+    lines.append(f"timings: queued {timings.queued_ms} ms, ttft {timings.ttft_ms} ms, total {timings.total_ms} ms")
+    for item in reply.replies:
+        usage = item.meta.usage
+        lines.append(
+            f"model: {item.meta.model}, finish: {item.meta.finish_reason}, "
+            f"tokens: {usage.prompt_tokens} in / {usage.completion_tokens} out"
+        )
+    return "\n".join(lines)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    kwargs: dict[str, Any] = {}
+    if args.max_tokens is not None:
+        kwargs["max_tokens"] = args.max_tokens
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    fields: dict[str, Any] = {
+        "chain": args.chain,
+        "request_id": args.id,
+        "timeout_s": args.timeout,
+        "stream": not args.no_stream,
+        "generation_kwargs": kwargs,
+    }
+    if args.messages:
+        fields["messages"] = json.loads(sys.stdin.read() if args.messages == "-" else args.messages)
+    else:
+        fields["prompt"] = args.prompt if args.prompt != "-" else sys.stdin.read()
+        fields["system_prompt"] = args.system
+    with CascadeClient(args.redis_url) as client:
+        request_id = client.submit(queue=args.queue, **fields)
+        print(f"request {request_id}", file=sys.stderr)
+        if args.no_follow:
+            print(request_id)
+            return 0
+        reply = print_stream(client.events(request_id, timeout_s=args.wait)) or client.reply(request_id)
+    if reply is None:
+        print("no reply", file=sys.stderr)
+        return 1
+    print(reply.model_dump_json(indent=2) if args.json else describe_reply(reply), file=sys.stderr)
+    return 0 if reply.status == "succeeded" else 1
+
+
+def _reply(args: argparse.Namespace) -> int:
+    with CascadeClient(args.redis_url) as client:
+        reply = client.reply(args.request_id)
+    if reply is None:
+        print(f"no reply stored for {args.request_id}", file=sys.stderr)
+        return 1
+    print(reply.model_dump_json(indent=2) if args.json else describe_reply(reply))
+    return 0
+
+
+def _follow(args: argparse.Namespace) -> int:
+    with CascadeClient(args.redis_url) as client:
+        reply = print_stream(client.events(args.request_id, timeout_s=args.wait))
+    if reply is not None:
+        print(describe_reply(reply), file=sys.stderr)
+    return 0
+
+
+def _cancel(args: argparse.Namespace) -> int:
+    with CascadeClient(args.redis_url) as client:
+        client.cancel(args.request_id)
+    print(f"cancel requested for {args.request_id}", file=sys.stderr)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from worker.demo.walkthrough import run_demo
+
+    return run_demo(prompt=args.prompt, chain=args.chain)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``cascade``."""
+    parser = argparse.ArgumentParser(prog="cascade", description=__doc__)
+    parser.add_argument("--redis-url", help="default: $CASCADE_REDIS_URL or redis://127.0.0.1:6379/0")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    submit = commands.add_parser("submit", help="enqueue a request and print its tokens as they stream")
+    source = submit.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", "-p", help="the user message ('-' reads stdin)")
+    source.add_argument("--messages", help="a JSON list of {role, content} ('-' reads stdin)")
+    submit.add_argument("--system", help="system prompt (with --prompt)")
+    submit.add_argument("--chain", default="default")
+    submit.add_argument("--id", help="request id (default: a new UUID)")
+    submit.add_argument("--max-tokens", type=int)
+    submit.add_argument("--temperature", type=float)
+    submit.add_argument("--timeout", type=float, help="the request's deadline in seconds")
+    submit.add_argument("--queue", help="queue to send to (default: chat)")
+    submit.add_argument("--no-stream", action="store_true", help="ask for the reply only, no chunk events")
+    submit.add_argument("--no-follow", action="store_true", help="print the id and return at once")
+    submit.add_argument("--wait", type=float, default=600.0, help="give up following after this many seconds")
+    submit.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+    submit.set_defaults(handler=_submit)
+
+    reply = commands.add_parser("reply", help="show a stored reply")
+    reply.add_argument("request_id")
+    reply.add_argument("--json", action="store_true")
+    reply.set_defaults(handler=_reply)
+
+    follow = commands.add_parser("follow", help="replay and follow a request's stream")
+    follow.add_argument("request_id")
+    follow.add_argument("--wait", type=float, default=600.0)
+    follow.set_defaults(handler=_follow)
+
+    cancel = commands.add_parser("cancel", help="cancel a running request")
+    cancel.add_argument("request_id")
+    cancel.set_defaults(handler=_cancel)
+
+    demo = commands.add_parser("demo", help="start Redis and a worker locally and stream one answer")
+    demo.add_argument("--prompt", default="What is Natural Language Processing? Answer in two sentences.")
+    demo.add_argument("--chain", default="default", help="default: SmolLM2 on the CPU; rehearsal: scripted")
+    demo.set_defaults(handler=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``cascade`` command."""
+    args = build_parser().parse_args(argv)
+    handler = args.handler
+    result: int = handler(args)
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The demo: an embedded redis-server, local workers, and ``cascade demo``."""

@@ -1,0 +1,286 @@
+"""Requests sent and not answered yet: the record that closes the gap in kombu's Redis transport.
+
+kombu's Redis transport takes a message off its queue (BRPOP) before it records the message as
+unacknowledged (the ``unacked`` hash). A worker killed between the two, or with the BRPOP reply
+still unread in its socket, leaves the message nowhere in Redis: no queue entry, no unacked
+entry, no lease — and the broker's visibility timeout cannot restore what it never recorded.
+
+So whoever sends a ``cascade.chat`` message records it: the producer client after each submit,
+a worker before it hands a request to another queue. ``cascade:pending`` (sorted set: request
+id -> when its message was last sent, in ms) indexes ``cascade:pending:{id}`` (the queue and the
+task's keyword arguments). The Lua script that stores the reply (``worker.state.publisher``) removes
+both, so a request is pending exactly until it is answered.
+
+One reaper at a time sweeps (``lead_sweep``); each of its passes (``resend_lost``) looks at
+requests pending for longer than ``older_than_s``.
+One with no lease and no reply whose message is neither on its queue nor in ``unacked`` (one
+atomic read of both) is a suspect; still a suspect at the next pass with nothing sent for it
+meanwhile, it was lost and is sent again (the reaper that wins a compare-and-set on its score).
+A second pass is asked for because a message in flight between BRPOP and ``unacked`` looks lost
+for an instant. A copy delivered twice runs once: the lease and the stored reply drop the other.
+
+Requests enqueued by producers that do not write this record (other languages, plain Celery)
+keep the other guards (leases, the unacked sweep) and the broker's visibility timeout.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import redis
+
+from tasks.contract import keys
+from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
+from worker.state.lease import INFLIGHT_KEY, lease_key
+
+logger = logging.getLogger(__name__)
+
+PENDING_SET = "cascade:pending"
+PENDING_KEY = "cascade:pending:{request_id}"
+# How long a record outlives a request that never ends (a queue nobody consumes).
+PENDING_TTL_S = 7 * 86_400
+# kombu's default names for delivered, unacknowledged messages (tag -> [message, exchange, key]).
+UNACKED = "unacked"
+
+Resend = Callable[[str, dict[str, Any]], None]
+
+# A request resent this many times and lost again is not sent again: it is dead-lettered.
+MAX_RESENDS = 5
+
+# Claim a lost request for resending: its score is still what this reaper saw (nobody sent it
+# since), and no lease, reply or in-flight record exists. The new score marks the resend, and
+# the record counts it. Returns the record.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) ~= tonumber(ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[5]) > 0 then return false end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
+redis.call('EXPIRE', KEYS[6], ARGV[4])
+return {redis.call('GET', KEYS[4]), redis.call('HGET', KEYS[6], ARGV[1])}
+"""
+# Resend counts per request id (a hash, so the record itself stays what its sender wrote).
+# Outside ``cascade:pending:{request_id}``: no request id may name a key of Cascade's own.
+RESENDS = "cascade:resends"
+# The token of the reaper that sweeps pending records: one at a time, so a backlog is scanned
+# once per pass, not once per worker, and a suspect is seen twice by the same reaper.
+SWEEPER = "cascade:sweeper"
+# Take or keep the sweeper's role: free, or already ours, it is ours for ARGV[2] ms more.
+_LEAD = """
+local holder = redis.call('GET', KEYS[1])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+GiveUp = Callable[[str, dict[str, Any]], None]
+
+
+def record_key(request_id: str) -> str:
+    """The key holding the queue and keyword arguments of ``request_id``'s last message."""
+    return PENDING_KEY.format(request_id=request_id)
+
+
+def note_sent(
+    client: redis.Redis, request_id: str, queue: str, kwargs: dict[str, Any], *, keep_existing: bool = False
+) -> None:
+    """Record that a ``cascade.chat`` message for ``request_id`` was sent to ``queue`` (one
+    round trip). ``keep_existing``: leave a record that is there already alone (the producer
+    writes after its send, and a worker may already have handed the request on)."""
+    pipe = client.pipeline(transaction=True)
+    record = json.dumps({"queue": queue, "kwargs": kwargs})
+    pipe.set(record_key(request_id), record, ex=PENDING_TTL_S, nx=keep_existing)
+    pipe.zadd(PENDING_SET, {request_id: _now_ms()}, nx=keep_existing)
+    pipe.execute()
+
+
+def task_kwargs(message: Any) -> dict[str, Any] | None:
+    """The keyword arguments of a kombu message (as stored in Redis, decoded from JSON) if it
+    is a ``cascade.chat`` message with a readable body; else None."""
+    try:
+        headers = message.get("headers") or {}
+        if headers.get("task") != TASK_NAME:
+            return None
+        body = message["body"]
+        if message.get("properties", {}).get("body_encoding") == "base64":
+            body = base64.b64decode(body)
+        _args, kwargs, _embed = json.loads(body)
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        return None
+    return kwargs if isinstance(kwargs, dict) else None
+
+
+def request_id_in(kwargs: dict[str, Any] | None) -> str | None:
+    """The request id in a ``cascade.chat`` message's keyword arguments (its ``request`` an
+    object or JSON text), or None."""
+    request = (kwargs or {}).get("request")
+    try:
+        request = json.loads(request) if isinstance(request, str) else request
+    except (ValueError, RecursionError):
+        return None
+    found = request.get("request_id") if isinstance(request, dict) else None
+    return found if isinstance(found, str) else None
+
+
+def _ids_in(raw_messages: Iterable[Any], *, unacked: bool) -> set[str]:
+    """The request ids of the messages of a queue (``LRANGE``) or of ``unacked`` (``HVALS``):
+    from the header Cascade's senders set, else from the decoded body."""
+    found = set()
+    for raw in raw_messages:
+        try:
+            decoded = json.loads(raw)
+            message = decoded[0] if unacked else decoded
+        except (ValueError, TypeError, KeyError, IndexError):
+            continue
+        headers = message.get("headers") if isinstance(message, dict) else None
+        header = headers.get(REQUEST_ID_HEADER) if isinstance(headers, dict) else None
+        request_id = header if isinstance(header, str) else request_id_in(task_kwargs(message))
+        if request_id is not None:
+            found.add(request_id)
+    return found
+
+
+def resend_lost(
+    client: redis.Redis,
+    resend: Resend,
+    *,
+    older_than_s: float,
+    suspects: dict[str, float],
+    give_up: GiveUp | None = None,
+    batch: int = 200,
+    max_batches: int = 10,
+    scan_limit: int = 1_000,
+) -> list[str]:
+    """One pass (see the module docstring): resend requests found lost at this pass and the
+    last one, update ``suspects`` (request id -> pending score) for the next, and return the
+    ids resent. Records are read oldest first, up to ``max_batches`` of ``batch``. A queue
+    longer than ``scan_limit`` is read only at its head (the end BRPOP takes from, where old
+    messages are); a request not seen there is left alone. A request lost again after
+    ``MAX_RESENDS`` resends goes to ``give_up`` (a dead letter) instead, and stops being pending."""
+    candidates = _unleased(client, _now_ms() - older_than_s * 1000, batch, max_batches)
+    lost = _not_queued(client, candidates, scan_limit) if candidates else {}
+    resent = []
+    for request_id, (score, record) in lost.items():
+        if suspects.get(request_id) != score:
+            continue  # first sighting: a message can be between BRPOP and unacked for an instant
+        keys_ = (
+            PENDING_SET,
+            lease_key(request_id),
+            keys.reply_key(request_id),
+            record_key(request_id),
+            INFLIGHT_KEY.format(request_id=request_id),
+            RESENDS,
+        )
+        claimed = client.eval(_CLAIM, len(keys_), *keys_, request_id, score, _now_ms(), PENDING_TTL_S)
+        if claimed is None:
+            continue  # it started, ended, or another reaper sent it
+        if int(claimed[1]) > MAX_RESENDS:
+            logger.error("request %s: lost %d times; giving up on it", request_id, MAX_RESENDS + 1)
+            forget(client, request_id)
+            if give_up is not None:
+                give_up(request_id, record)
+            continue
+        logger.warning(
+            "request %s: its message was lost before any worker recorded it; sending it to %s again",
+            request_id,
+            record["queue"],
+        )
+        resend(record["queue"], record["kwargs"])
+        resent.append(request_id)
+    suspects.clear()
+    suspects.update({request_id: score for request_id, (score, _r) in lost.items() if request_id not in resent})
+    return resent
+
+
+def lead_sweep(client: redis.Redis, token: str, hold_s: float) -> bool:
+    """True if the reaper with ``token`` is (or now becomes) the one sweeping pending records,
+    for ``hold_s`` from now; a sweeper that stops renewing is replaced once that passes."""
+    return bool(client.eval(_LEAD, 1, SWEEPER, token, int(hold_s * 1000)))
+
+
+def forget(client: redis.Redis, *request_ids: str) -> None:
+    """Stop tracking ``request_ids`` (they ended, or were given up on); one round trip."""
+    if not request_ids:
+        return
+    pipe = client.pipeline(transaction=True)
+    pipe.zrem(PENDING_SET, *request_ids)
+    pipe.delete(*(record_key(request_id) for request_id in request_ids))
+    pipe.hdel(RESENDS, *request_ids)
+    pipe.execute()
+
+
+def _unleased(
+    client: redis.Redis, ceil_ms: float, batch: int, max_batches: int
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """Pending requests sent before ``ceil_ms`` with no lease and no reply, with their score and
+    record; records of answered (or expired) requests are dropped on the way."""
+    candidates: dict[str, tuple[float, dict[str, Any]]] = {}
+    for first in range(0, batch * max_batches, batch):
+        entries: list[tuple[bytes, float]] = client.zrangebyscore(  # type: ignore[assignment]
+            PENDING_SET, "-inf", ceil_ms, start=first, num=batch, withscores=True
+        )
+        pipe = client.pipeline(transaction=False)
+        for raw_id, _score in entries:
+            request_id = raw_id.decode()
+            pipe.exists(lease_key(request_id))
+            pipe.exists(keys.reply_key(request_id))
+            pipe.get(record_key(request_id))
+        checks = pipe.execute() if entries else []
+        ended = []
+        for number, (raw_id, score) in enumerate(entries):
+            leased, replied, raw = checks[3 * number : 3 * number + 3]
+            record = _read_record(raw)
+            if replied or record is None:
+                ended.append(raw_id.decode())  # answered (the record came after the reply), expired, unreadable
+            elif not leased:
+                candidates[raw_id.decode()] = (score, record)
+        forget(client, *ended)
+        if len(entries) < batch:
+            break
+    return candidates
+
+
+def _read_record(raw: Any) -> dict[str, Any] | None:
+    """A pending record, or None if it is missing or unreadable."""
+    try:
+        record = json.loads(raw) if raw else None
+    except (ValueError, TypeError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("queue"), str):
+        return None
+    return record if isinstance(record.get("kwargs"), dict) else None
+
+
+def _not_queued(
+    client: redis.Redis, candidates: dict[str, tuple[float, dict[str, Any]]], scan_limit: int
+) -> dict[str, tuple[float, dict[str, Any]]]:
+    """The candidates whose message is neither in ``unacked`` nor on its queue, read in one
+    MULTI so a message moving from one to the other is seen in exactly one of them."""
+    by_queue: dict[str, list[str]] = defaultdict(list)
+    for request_id, (_score, record) in candidates.items():
+        by_queue[str(record["queue"])].append(request_id)
+    pipe = client.pipeline(transaction=True)
+    pipe.hvals(UNACKED)
+    for queue in by_queue:
+        pipe.lrange(queue, -scan_limit, -1)
+        pipe.llen(queue)
+    results = pipe.execute()
+    present = _ids_in(results[0], unacked=True)
+    lost = {}
+    for number, (_queue, request_ids) in enumerate(by_queue.items()):
+        queued, length = results[1 + 2 * number], results[2 + 2 * number]
+        if length > scan_limit:
+            continue  # part of the queue unread: nothing can be called lost
+        present |= _ids_in(queued, unacked=False)
+        lost.update({r: candidates[r] for r in request_ids if r not in present})
+    return lost
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)

@@ -1,0 +1,233 @@
+"""The reaper: every worker's main process looks for requests whose lease expired (their
+worker died) and sends their task message again, so another worker picks them up within
+seconds. See ``worker.state.lease``. Each such resend is a death of the request: one that keeps
+killing its worker process is ended instead, and a resumed run keeps the first run's deadline
+(``worker.state.deaths``).
+
+It also puts back orphans: a message a worker took from the queue but never started (the worker
+died in the few milliseconds before the task took its lease) has no lease and no in-flight
+record, only kombu's unacked entry, which the broker would restore only after its visibility
+timeout (longer than the longest request). An unacked ``cascade.chat`` message that has waited
+``orphan_after_s`` and whose request never started — no lease, no in-flight record, no reply,
+no event since the message was sent — goes back to its queue. A copy delivered twice runs once:
+the lease and the stored reply drop the other.
+
+Last, it resends requests whose message was lost before kombu recorded it anywhere
+(``worker.state.pending``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import redis
+
+from tasks.contract import keys
+from tasks.contract.schemas import StreamEvent
+from tasks.intake import usable_request_id
+from worker.state.deaths import DEATHS_TTL_S, RunEnds, deaths_key, keep_window, read_record
+from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
+from worker.state.pending import UNACKED, GiveUp, lead_sweep, note_sent, request_id_in, resend_lost, task_kwargs
+
+logger = logging.getLogger(__name__)
+
+# Claim one expired request: exactly one reaper wins the ZREM; a live lease means no claim. The
+# claim counts a death of the request (worker.state.deaths). Returns the record and the deaths so far.
+_CLAIM = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
+if redis.call('EXISTS', KEYS[2]) == 1 then return false end
+redis.call('ZREM', KEYS[1], ARGV[1])
+local record = redis.call('GET', KEYS[3])
+redis.call('DEL', KEYS[3])
+local deaths = redis.call('HINCRBY', KEYS[4], 'deaths', 1)
+redis.call('EXPIRE', KEYS[4], ARGV[3])
+return {record, deaths}
+"""
+
+Resend = Callable[[str, dict[str, Any]], None]
+
+# kombu's Redis transport keeps each delivered, unacknowledged message in the hash ``unacked``
+# (tag -> [message, exchange, routing key]) indexed by delivery time in ``unacked_index``
+# (kombu's default names; the Celery app does not change them).
+UNACKED_INDEX = "unacked_index"
+# Put one orphan back on its queue, unless its request started meanwhile (a lease, an in-flight
+# record or a reply exists) or another reaper already did.
+_RESTORE = """
+local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
+if redis.call('EXISTS', KEYS[3], KEYS[4], KEYS[5]) > 0 then return 0 end
+redis.call('ZREM', KEYS[1], ARGV[1])
+if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('RPUSH', KEYS[6], ARGV[3])
+return 1
+"""
+
+
+def reclaim_expired(client: redis.Redis, resend: Resend, *, ends: RunEnds | None = None, batch: int = 100) -> list[str]:
+    """Resend the message of every request whose lease expired; return their ids.
+
+    Each one is a death of its request (``worker.state.deaths``): with ``ends``, a request that died
+    ``ends.max_deaths`` times, or whose first run's deadline passed, is ended instead of resent.
+    """
+    now_ms = int(time.time() * 1000)
+    reclaimed = []
+    expired: list[bytes] = client.zrangebyscore(INFLIGHT_SET, "-inf", now_ms, start=0, num=batch)  # type: ignore[assignment]
+    for raw_id in expired:
+        request_id = raw_id.decode()
+        inflight = INFLIGHT_KEY.format(request_id=request_id)
+        claim_keys = (INFLIGHT_SET, lease_key(request_id), inflight, deaths_key(request_id))
+        claimed = client.eval(_CLAIM, len(claim_keys), *claim_keys, request_id, now_ms, DEATHS_TTL_S)
+        if not claimed:
+            continue
+        if client.exists(keys.reply_key(request_id)):
+            continue  # it finished after all (the reply landed just before the worker died)
+        raw_record, deaths = claimed
+        record = read_record(raw_record)
+        if record is None:
+            logger.error("request %s lost its worker and left no readable record to resend", request_id)
+            continue
+        window = keep_window(client, request_id, record)
+        if ends is not None and int(deaths) >= ends.max_deaths:
+            ends.worker_lost(request_id, record, int(deaths))
+            continue
+        if ends is not None and window is not None and window[1] <= time.time():
+            ends.deadline_passed(request_id, record)
+            continue
+        logger.warning(
+            "request %s lost its worker (%d time(s)); sending it to %s again", request_id, int(deaths), record["queue"]
+        )
+        resend(record["queue"], record["kwargs"])
+        note_sent(client, request_id, record["queue"], record["kwargs"])  # what is in flight now
+        reclaimed.append(request_id)
+    return reclaimed
+
+
+def restore_orphans(client: redis.Redis, *, orphan_after_s: float, page: int = 200, max_pages: int = 50) -> list[str]:
+    """Put back on its queue every ``cascade.chat`` message a worker took and never started
+    (see the module docstring); return the request ids. Two round trips per page of unacked
+    messages older than ``orphan_after_s`` (most are long requests still running)."""
+    ceil = time.time() - orphan_after_s
+    restored = []
+    for first in range(0, page * max_pages, page):
+        tags: list[bytes] = client.zrangebyscore(UNACKED_INDEX, "-inf", ceil, start=first, num=page)  # type: ignore[assignment]
+        if not tags:
+            break
+        parsed = [(tag, _parse(raw)) for tag, raw in zip(tags, client.hmget(UNACKED, tags), strict=True)]
+        candidates = [(tag, found) for tag, found in parsed if found is not None]
+        pipe = client.pipeline(transaction=False)
+        for _tag, (request_id, _queue, _message, _handoff) in candidates:
+            pipe.exists(*_guards(request_id))
+            pipe.xrevrange(keys.events_stream(request_id), count=1)
+        checks = pipe.execute() if candidates else []
+        for number, (tag, (request_id, queue, message, handoff)) in enumerate(candidates):
+            running, last = checks[2 * number], checks[2 * number + 1]
+            if running or (last and not _unstarted_since_handoff(last, handoff)):
+                continue  # it started: the lease and the in-flight record cover it from there
+            if client.eval(_RESTORE, 6, UNACKED_INDEX, UNACKED, *_guards(request_id), queue, tag, ceil, message):
+                logger.warning("request %s: its worker died before starting it; back to %s", request_id, queue)
+                restored.append(request_id)
+        if len(tags) < page:
+            break
+    return restored
+
+
+def _guards(request_id: str) -> tuple[str, str, str]:
+    """Keys that exist once a request started (or ended): lease, reply, in-flight record."""
+    return lease_key(request_id), keys.reply_key(request_id), INFLIGHT_KEY.format(request_id=request_id)
+
+
+def _unstarted_since_handoff(last: Any, handoff: dict[str, Any] | None) -> bool:
+    """True if a hand-off message's request published nothing since it was handed off."""
+    if handoff is None:
+        return False
+    try:
+        seq = StreamEvent.model_validate_json(last[0][1][keys.EVENT_FIELD.encode()]).seq
+        return seq + 1 <= int(handoff.get("next_seq", 0))
+    except (ValueError, TypeError, KeyError, IndexError):
+        return False  # unreadable: leave it to the visibility timeout
+
+
+def _parse(raw: Any) -> tuple[str, str, str, dict[str, Any] | None] | None:
+    """(request id, queue, message to push back, hand-off state) of an unacked message if it is
+    a ``cascade.chat`` message the task can run; else None (the visibility timeout deals with it)."""
+    if not isinstance(raw, bytes):
+        return None
+    try:
+        message, _exchange, queue = json.loads(raw)
+        headers = message.get("headers") or {}
+        kwargs = task_kwargs(message)
+        if kwargs is None or headers.get("eta"):
+            return None
+        candidates = (request_id_in(kwargs), headers.get("id"))
+        request_id = next(filter(None, (usable_request_id(c) if isinstance(c, str) else None for c in candidates)))
+        handoff = kwargs.get("handoff")
+    except (ValueError, TypeError, KeyError, AttributeError, StopIteration, RecursionError):
+        return None
+    for entry in (headers, message.get("properties", {}).get("delivery_info")):
+        if isinstance(entry, dict):
+            entry["redelivered"] = True
+    message["headers"] = headers
+    return request_id, str(queue), json.dumps(message), handoff if isinstance(handoff, dict) else None
+
+
+class Reaper:
+    """A daemon thread running ``reclaim_expired``, ``restore_orphans`` and
+    ``worker.state.pending.resend_lost`` every ``interval_s``. Orphans and lost messages are those
+    unstarted for ``orphan_after_s`` (by default 20 intervals, at least 10 s: far longer than a
+    live worker takes to start a message)."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        resend: Resend,
+        interval_s: float,
+        orphan_after_s: float | None = None,
+        give_up: GiveUp | None = None,
+        ends: RunEnds | None = None,
+    ) -> None:
+        self._client = client
+        self._resend = resend
+        self._give_up = give_up
+        self._ends = ends
+        self._interval_s = interval_s
+        self._orphan_after_s = orphan_after_s if orphan_after_s is not None else max(10.0, 20 * interval_s)
+        self._suspects: dict[str, float] = {}
+        self._token = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cascade-reaper", daemon=True)
+
+    def start(self) -> None:
+        """Start reaping."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop after the current pass."""
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            try:
+                reclaim_expired(self._client, self._resend, ends=self._ends)
+                restore_orphans(self._client, orphan_after_s=self._orphan_after_s)
+                if lead_sweep(self._client, self._token, hold_s=3 * self._interval_s):
+                    resend_lost(
+                        self._client,
+                        self._resend,
+                        older_than_s=self._orphan_after_s,
+                        suspects=self._suspects,
+                        give_up=self._give_up,
+                    )
+                else:
+                    self._suspects.clear()  # another reaper sweeps; its suspects are its own
+            except redis.RedisError as exc:  # Redis restarting: try again next pass
+                logger.info("reaper pass skipped: %s", type(exc).__name__)
+            except Exception:
+                logger.exception("reaper pass failed")
