@@ -36,10 +36,10 @@ from bench.overhead import CHUNK_SIZE, FIRST_MS, PACE_MS, TEXT, Subscriber, meas
 from settings import ScriptedConfig, Settings
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.producer import pending
 from tasks.producer.client import CascadeClient
 from worker.demo.local import LocalRedis
 from worker.runtime import build_runtime, redis_client
-from worker.state import pending
 
 CHAIN = "scripted"
 

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settings.providers import PROVIDER_CONFIG_TYPES, ProviderConfigBase
-from tasks.contract.schemas import DEFAULT_QUEUE
+from tasks.contract.schemas import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     max_timeout_s: float = Field(default=900.0, gt=0)
     max_messages: int = Field(default=256, ge=1)
     max_input_chars: int = Field(default=200_000, ge=1)
-    max_message_bytes: int = Field(default=2_000_000, ge=1_000)
+    max_message_bytes: int = Field(default=DEFAULT_MAX_MESSAGE_BYTES, ge=1_000)
     # Operator limits win over request fields: a request asking for more choices (``n``) or
     # beams (``num_beams``, local models) than this is refused (request_too_large, naming the
     # field). Generated tokens are capped per provider instead (``max_output_tokens``, and

@@ -23,8 +23,9 @@ from tasks.contract.schemas import (
     TASK_NAME,
     ChatRequest,
     HandOff,
+    usable_request_id,
 )
-from tasks.intake import read_request, usable_request_id
+from tasks.intake import read_request
 from tasks.runner import RequestRunner, TaskContext, checked_handoff
 from worker.boundary import rejection
 from worker.runtime import WorkerRuntime, get_runtime

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge, UnknownChain
 from settings import Settings
-from tasks.contract.schemas import REQUEST_ID_PATTERN, ChatRequest
+from tasks.contract.schemas import REQUEST_ID_PATTERN, ChatRequest, usable_request_id
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _MAX_ERRORS_SHOWN = 5
@@ -72,10 +72,6 @@ def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
         # decoder refuses such a message before it gets here.
         return Intake(request_id=request_id, error=InvalidRequest("request is nested too deeply"))
     return Intake(request_id=request.request_id, request=request)
-
-
-def usable_request_id(candidate: str | None) -> str | None:
-    return candidate if candidate and _REQUEST_ID.fullmatch(candidate) else None
 
 
 def _parse_json(raw: str | bytes) -> Any:

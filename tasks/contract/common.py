@@ -7,6 +7,7 @@ else of Cascade's.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Annotated, Any, Literal, NoReturn
 
@@ -22,6 +23,15 @@ CHAIN_PATTERN = r"^[A-Za-z0-9._-]{1,64}$"
 MAX_METADATA_KEYS = 64
 
 RequestId = Annotated[str, Field(pattern=REQUEST_ID_PATTERN)]
+_REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+# The default cap on a task message's body, shared by workers (``max_message_bytes``) and the
+# Python client, which refuses what a worker would.
+DEFAULT_MAX_MESSAGE_BYTES = 2_000_000
+
+
+def usable_request_id(candidate: object) -> str | None:
+    """``candidate`` if it is a valid request id (usable in a Redis key, a span, a log line), else None."""
+    return candidate if isinstance(candidate, str) and _REQUEST_ID.fullmatch(candidate) else None
 
 
 def field_error(title: str, loc: Sequence[str | int], message: str, value: Any = None) -> NoReturn:

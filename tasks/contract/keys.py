@@ -15,6 +15,10 @@ CANCEL = "cascade:cancel:{request_id}"
 DEAD_LETTERS = "cascade:dead"
 # Hash: chain name -> the queue of its first provider, written by workers at start.
 ROUTES = "cascade:routes"
+# Sorted set: request id -> when its message was last sent (ms), until it is answered; each
+# member's record (queue and task kwargs) sits at PENDING_RECORD.
+PENDING_SET = "cascade:pending"
+PENDING_RECORD = "cascade:pending:{request_id}"
 
 # The field of each entry of the events stream that holds the JSON StreamEvent.
 EVENT_FIELD = "event"
@@ -47,3 +51,8 @@ IMAGE = "cascade:image:{request_id}:{index}"
 def image_key(request_id: str, index: int) -> str:
     """Key of the bytes of image ``index`` of an image request."""
     return IMAGE.format(request_id=request_id, index=index)
+
+
+def pending_record(request_id: str) -> str:
+    """String key of the queue and keyword arguments of ``request_id``'s last message."""
+    return PENDING_RECORD.format(request_id=request_id)

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from tasks.contract.common import (
     CHAIN_PATTERN,
+    DEFAULT_MAX_MESSAGE_BYTES,
     REQUEST_ID_PATTERN,
     AttemptOutcome,
     AttemptRecord,
@@ -29,6 +30,7 @@ from tasks.contract.common import (
     also_required,
     check_metadata,
     field_error,
+    usable_request_id,
 )
 from tasks.contract.images import IMAGE_TASK_NAME, GeneratedImage, ImageReply, ImageRequest
 from tasks.contract.messages import (
@@ -55,6 +57,8 @@ from tasks.contract.messages import (
 )
 
 __all__ = [
+    "CHAIN_PATTERN",
+    "DEFAULT_MAX_MESSAGE_BYTES",
     "IMAGE_TASK_NAME",
     "MAX_CHOICES",
     "MAX_CONTENT_CHARS",
@@ -104,6 +108,7 @@ __all__ = [
     "ToolDefinition",
     "Usage",
     "check_json_schema",
+    "usable_request_id",
 ]
 
 SCHEMA_VERSION = 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable
 from typing import Any, TextIO
@@ -110,9 +111,11 @@ def _cancel(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from worker.demo.walkthrough import run_demo
-
-    return run_demo(prompt=args.prompt, chain=args.chain)
+    # The demo starts Redis and a worker: a program of the worker's side, run as one, so the
+    # producer's command loads no worker code (``python -m worker.demo``).
+    command = [sys.executable, "-m", "worker.demo", "--prompt", args.prompt, "--chain", args.chain]
+    os.execv(sys.executable, command)  # noqa: S606 - our own interpreter and module, no shell
+    return 0  # not reached: execv replaces this process
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,9 +20,9 @@ import redis.asyncio as aioredis
 from celery import Celery
 from kombu.utils.json import dumps as kombu_dumps
 
-from settings import Settings
 from tasks.contract import keys
 from tasks.contract.schemas import (
+    DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_QUEUE,
     REQUEST_ID_HEADER,
     SUBMITTED_AT_HEADER,
@@ -31,10 +31,7 @@ from tasks.contract.schemas import (
     ChatRequest,
     StreamEvent,
 )
-from worker import (
-    pending,
-    tracing,  # noqa: F401 - connects the publish hook that puts the trace context in each message
-)
+from tasks.producer import pending, tracing  # noqa: F401 - tracing connects the publish hook that puts the trace context in each message
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CANCEL_TTL_S = 86_400
@@ -42,7 +39,6 @@ ROUTE_CACHE_S = 30.0
 _BLOCK_MS = 1_000
 _READ_COUNT = 500
 # The worker's default cap on a task message's body (``CASCADE_MAX_MESSAGE_BYTES``).
-DEFAULT_MAX_MESSAGE_BYTES: int = Settings.model_fields["max_message_bytes"].default
 # The body Celery sends is [args, kwargs, embed]; embed holds these canvas fields, all null.
 _EMBED = {"callbacks": None, "errbacks": None, "chain": None, "chord": None}
 

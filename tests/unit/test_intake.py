@@ -14,8 +14,8 @@ from pydantic import ValidationError
 
 from providers import errors
 from settings import Settings
-from tasks.contract.schemas import ChatRequest
-from tasks.intake import read_request, usable_request_id
+from tasks.contract.schemas import ChatRequest, usable_request_id
+from tasks.intake import read_request
 
 SettingsFactory = Callable[..., Settings]  # the make_settings fixture of conftest.py
 

@@ -31,7 +31,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge
-from tasks.intake import usable_request_id
+from tasks.contract.schemas import usable_request_id
 from worker.boundary import envelope, rejection
 from worker.runtime import get_runtime
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -37,14 +36,14 @@ import redis
 
 from tasks.contract import keys
 from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
+from tasks.producer.pending import PENDING_TTL_S as PENDING_TTL_S
+from tasks.producer.pending import note_sent as note_sent
+from tasks.producer.pending import now_ms
 from worker.state.lease import INFLIGHT_KEY, lease_key
 
 logger = logging.getLogger(__name__)
 
-PENDING_SET = "cascade:pending"
-PENDING_KEY = "cascade:pending:{request_id}"
-# How long a record outlives a request that never ends (a queue nobody consumes).
-PENDING_TTL_S = 7 * 86_400
+PENDING_SET = keys.PENDING_SET
 # kombu's default names for delivered, unacknowledged messages (tag -> [message, exchange, key]).
 UNACKED = "unacked"
 
@@ -82,22 +81,7 @@ return 1
 GiveUp = Callable[[str, dict[str, Any]], None]
 
 
-def record_key(request_id: str) -> str:
-    """The key holding the queue and keyword arguments of ``request_id``'s last message."""
-    return PENDING_KEY.format(request_id=request_id)
-
-
-def note_sent(
-    client: redis.Redis, request_id: str, queue: str, kwargs: dict[str, Any], *, keep_existing: bool = False
-) -> None:
-    """Record that a ``cascade.chat`` message for ``request_id`` was sent to ``queue`` (one
-    round trip). ``keep_existing``: leave a record that is there already alone (the producer
-    writes after its send, and a worker may already have handed the request on)."""
-    pipe = client.pipeline(transaction=True)
-    record = json.dumps({"queue": queue, "kwargs": kwargs})
-    pipe.set(record_key(request_id), record, ex=PENDING_TTL_S, nx=keep_existing)
-    pipe.zadd(PENDING_SET, {request_id: _now_ms()}, nx=keep_existing)
-    pipe.execute()
+record_key = keys.pending_record
 
 
 def task_kwargs(message: Any) -> dict[str, Any] | None:
@@ -163,7 +147,7 @@ def resend_lost(
     longer than ``scan_limit`` is read only at its head (the end BRPOP takes from, where old
     messages are); a request not seen there is left alone. A request lost again after
     ``MAX_RESENDS`` resends goes to ``give_up`` (a dead letter) instead, and stops being pending."""
-    candidates = _unleased(client, _now_ms() - older_than_s * 1000, batch, max_batches)
+    candidates = _unleased(client, now_ms() - older_than_s * 1000, batch, max_batches)
     lost = _not_queued(client, candidates, scan_limit) if candidates else {}
     resent = []
     for request_id, (score, record) in lost.items():
@@ -177,7 +161,7 @@ def resend_lost(
             INFLIGHT_KEY.format(request_id=request_id),
             RESENDS,
         )
-        claimed = client.eval(_CLAIM, len(keys_), *keys_, request_id, score, _now_ms(), PENDING_TTL_S)
+        claimed = client.eval(_CLAIM, len(keys_), *keys_, request_id, score, now_ms(), PENDING_TTL_S)
         if claimed is None:
             continue  # it started, ended, or another reaper sent it
         if int(claimed[1]) > MAX_RESENDS:
@@ -280,7 +264,3 @@ def _not_queued(
         present |= _ids_in(queued, unacked=False)
         lost.update({r: candidates[r] for r in request_ids if r not in present})
     return lost
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)

@@ -29,11 +29,11 @@ from typing import Any
 import redis
 
 from tasks.contract import keys
-from tasks.contract.schemas import StreamEvent
-from tasks.intake import usable_request_id
+from tasks.contract.schemas import StreamEvent, usable_request_id
+from tasks.producer.pending import note_sent
 from worker.state.deaths import DEATHS_TTL_S, RunEnds, deaths_key, keep_window, read_record
 from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
-from worker.state.pending import UNACKED, GiveUp, lead_sweep, note_sent, request_id_in, resend_lost, task_kwargs
+from worker.state.pending import UNACKED, GiveUp, lead_sweep, request_id_in, resend_lost, task_kwargs
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,7 @@
 
 How the context travels: every process that sends ``cascade.chat`` — the producer client, a
 worker handing a request off to another queue — runs ``on_before_task_publish`` (Celery's
-``before_task_publish`` signal, connected when this module is imported). It opens a PRODUCER
+``before_task_publish`` signal, connected by ``tasks.producer.tracing``, which this module imports). It opens a PRODUCER
 span ``publish {queue}`` and injects its context (W3C ``traceparent``/``tracestate``, or
 whatever ``OTEL_PROPAGATORS`` selects) into the Celery message headers, which Celery hands to
 the worker as attributes of ``task.request``. ``start_hop`` (``task_prerun``) extracts it and
@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass, field
 from typing import Any
 
-from celery.signals import before_task_publish
 from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.context import Context
@@ -37,21 +35,13 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from settings import ProviderConfigBase
 from tasks.contract.schemas import AttemptRecord, ChatReply, ChatRequest, HandOff
-from tasks.intake import usable_request_id
+from tasks.producer.tracing import get_tracer as get_tracer
+from tasks.producer.tracing import message_chain, message_id, message_request_id, without_none
 from worker.telemetry import genai
 
-TRACER_NAME = "cascade"
 # The switch OpenTelemetry's GenAI instrumentations use: prompt and reply text go into spans
 # only when it is "true".
 CAPTURE_CONTENT_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
-# The longest message id (a header its producer chose) a span records; Celery's own are 36.
-MAX_MESSAGE_ID_CHARS = 128
-_CHAIN_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")  # ChatRequest.chain's pattern
-
-
-def get_tracer() -> trace.Tracer:
-    """Cascade's tracer from the global provider (a no-op one until an SDK is set up)."""
-    return trace.get_tracer(TRACER_NAME)
 
 
 def capture_content_enabled() -> bool:
@@ -64,68 +54,7 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def _without_none(attributes: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in attributes.items() if value is not None}
-
-
 # --- carrying the context in Celery messages ----------------------------------------------
-
-
-def message_request_id(kwargs: Any, task_id: Any) -> str | None:
-    """The request id of a ``cascade.chat`` message: the request's own, else the task id, and
-    only one that is a valid request id (``tasks.intake.usable_request_id``). Spans and log
-    records get it before the request is validated: a producer's text of any length or
-    alphabet must not reach them."""
-    request = kwargs.get("request") if isinstance(kwargs, Mapping) else None
-    request_id = request.get("request_id") if isinstance(request, Mapping) else None
-    if request_id is not None:  # the producer named one: the reply goes there or nowhere
-        return usable_request_id(request_id) if isinstance(request_id, str) else None
-    return usable_request_id(task_id) if isinstance(task_id, str) else None
-
-
-def message_chain(request: Any) -> str | None:
-    """The chain a message's request names, if it is a valid chain name (else None)."""
-    chain = request.get("chain", "default") if isinstance(request, Mapping) else None
-    return chain if isinstance(chain, str) and _CHAIN_NAME.fullmatch(chain) else None
-
-
-def message_id(task_id: Any) -> str | None:
-    """A message's task id as a span records it: a string, cut to ``MAX_MESSAGE_ID_CHARS``."""
-    return task_id[:MAX_MESSAGE_ID_CHARS] if isinstance(task_id, str) else None
-
-
-def on_before_task_publish(
-    sender: str | None = None,
-    body: Any = None,
-    routing_key: str | None = None,
-    headers: dict[str, Any] | None = None,
-    **_: Any,
-) -> None:
-    """Open a ``publish`` span and put its context into the outgoing message's headers.
-
-    A message whose headers already carry a context (set by its sender) is left alone.
-    """
-    if not isinstance(headers, dict) or any(key in headers for key in propagate.get_global_textmap().fields):
-        return
-    kwargs = body[1] if isinstance(body, (list, tuple)) and len(body) == 3 else None
-    request = kwargs.get("request") if isinstance(kwargs, Mapping) else None
-    task_id = headers.get("id") if isinstance(headers.get("id"), str) else None
-    attributes = {
-        "messaging.operation.type": "send",
-        "messaging.destination.name": routing_key,
-        "messaging.message.id": message_id(task_id),
-        "cascade.task": sender,
-        "cascade.request_id": message_request_id(kwargs, task_id),
-        "cascade.chain": message_chain(request),
-        "cascade.handoff": isinstance(kwargs, Mapping) and "handoff" in kwargs,
-    }
-    with get_tracer().start_as_current_span(
-        f"publish {routing_key}", kind=SpanKind.PRODUCER, attributes=_without_none(attributes)
-    ):
-        propagate.inject(headers)
-
-
-before_task_publish.connect(on_before_task_publish, weak=False)
 
 
 def extract_context(task_request: Any) -> Context:
@@ -186,7 +115,7 @@ def start_hop(task_request: Any, task_id: str | None, kwargs: Any) -> Hop:
         f"process {queue}",
         context=extract_context(task_request),
         kind=SpanKind.CONSUMER,
-        attributes=_without_none(attributes),
+        attributes=without_none(attributes),
         start_time=started,
     )
     hop = Hop(span, request_id, len(prior) if isinstance(prior, list) else 0, started)
@@ -307,7 +236,7 @@ def record_attempts(
         span = tracer.start_span(
             f"{genai.CHAT} {model}" if model else genai.CHAT,
             kind=SpanKind.CLIENT,
-            attributes=_without_none(attributes),
+            attributes=without_none(attributes),
             start_time=start,
         )
         if record.outcome == "failed":  # a skip (cooldown) or a stop (deadline, cancel) is no call that failed
