@@ -72,7 +72,7 @@ def request_id_making(template: str, key: str) -> str | None:
 
 def test_the_scan_finds_the_keys_of_every_kind() -> None:
     values = set(CONSTANTS.values())
-    assert {keys.EVENTS_STREAM, keys.REPLY, pending.PENDING_KEY, lease.LEASE_KEY, lease.INFLIGHT_KEY} <= values
+    assert {keys.EVENTS_STREAM, keys.REPLY, keys.PENDING_RECORD, lease.LEASE_KEY, lease.INFLIGHT_KEY} <= values
     assert {keys.DEAD_LETTERS, keys.ROUTES, pending.PENDING_SET, pending.RESENDS, pending.SWEEPER} <= values
 
 

@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from settings import ScriptedConfig, Settings
 from tasks.contract.schemas import TASK_NAME, AttemptRecord, ChatReply, ChatRequest, HandOff
+from tasks.producer import tracing as producer_tracing
 from tasks.runner import RequestRunner, TaskContext
 from tests.support.spans import global_spans
 from worker.runtime import WorkerRuntime, build_runtime
@@ -385,7 +386,7 @@ def test_spans_and_log_records_carry_only_a_valid_request_id(spans: InMemorySpan
     (process,) = named(list(spans.get_finished_spans()), "process chat")
     attributes = dict(process.attributes or {})
     assert {"cascade.request_id", "cascade.chain", "cascade.queue_hops"}.isdisjoint(attributes), attributes
-    assert attributes["messaging.message.id"] == task_id[: tracing.MAX_MESSAGE_ID_CHARS]
+    assert attributes["messaging.message.id"] == task_id[: producer_tracing.MAX_MESSAGE_ID_CHARS]
     assert "evil id" not in all_text([process])
 
     # A valid id in the request wins; without one, a valid task id stands in for it.

@@ -16,7 +16,7 @@ from tasks.producer.cli import describe_reply, print_stream
 from tasks.producer.client import CascadeClient
 from worker.demo.local import LocalRedis, start_worker, stop_process
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "settings" / "demo.toml"
+DEMO_CONFIG = Path(__file__).resolve().parents[2] / "settings" / "demo.toml"
 
 
 def prepare_local_models(config: Path, chain: str) -> None:
