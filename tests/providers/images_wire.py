@@ -11,6 +11,7 @@ image files by ``GET``, as a storage account behind a DALL-E URL does.
 from __future__ import annotations
 
 import base64
+import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler
 from typing import Any
@@ -104,11 +105,13 @@ def image_stream(*events: dict[str, Any], cut_after: int | None = None) -> Reply
 
 @dataclass
 class ImageFile:
-    """A file ``ImageServer`` serves by ``GET``: its bytes, whether it says its length, its status."""
+    """A file ``ImageServer`` serves by ``GET``: its bytes, whether it says its length (else it
+    is sent in 4 KiB chunks, ``piece_delay_s`` apart), its status."""
 
     data: bytes
     content_length: bool = True
     status: int = 200
+    piece_delay_s: float = 0.0
 
 
 class ImageServer(FakeHTTPServer):
@@ -150,8 +153,11 @@ class ImageServer(FakeHTTPServer):
                         self.wfile.write(found.data)
                         return
                     for start in range(0, len(found.data), 4096):
+                        if start and found.piece_delay_s:
+                            time.sleep(found.piece_delay_s)
                         piece = found.data[start : start + 4096]
                         self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+                        self.wfile.flush()
                     self.wfile.write(b"0\r\n\r\n")
                 except (BrokenPipeError, ConnectionResetError):  # the client stopped reading: an oversize refusal
                     self.close_connection = True

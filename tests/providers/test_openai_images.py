@@ -461,3 +461,11 @@ def test_a_missing_key_fails_the_call_naming_the_variable(
     error = failing(make_provider(model="dall-e-3"))
     assert isinstance(error, errors.AuthenticationFailed)
     assert "OPENAI_API_KEY" in error.message
+
+
+def test_a_download_that_drips_past_timeout_s_is_stopped(server: ImageServer, make_provider: Factory) -> None:
+    # 16 pieces 0.25 s apart: each read is quick, the whole download is not.
+    url = server.serve("/blob/drip.png", png(16 * 4096), content_length=False, piece_delay_s=0.25)
+    server.queue(images_answer(url_item(url)))
+    error = failing(make_provider(model="dall-e-2", response_format="url", timeout_s=1.0))
+    assert isinstance(error, errors.ProviderTimeout)
