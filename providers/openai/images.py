@@ -14,7 +14,8 @@ Partial images: with ``partial_images`` set on the entry, a model that streams t
 (gpt-image-1, or a model outside the table) and a request for one image, the call is sent
 with ``stream=True`` and each ``image_generation.partial_image`` event goes to ``on_image``
 as a partial image before the ``image_generation.completed`` one. A stream that ends or fails
-after partial images went out is a ``StreamInterrupted``. With ``n`` > 1 nothing is streamed:
+after partial images went out is a ``StreamInterrupted``, as is any failure after an earlier
+image of the call went to ``on_image`` (a retry would show it again). With ``n`` > 1 nothing is streamed:
 the stream's events do not say which image a partial belongs to.
 
 Errors cross the same boundary as the chat providers' (``translate_openai_error``): a 400
@@ -154,13 +155,20 @@ class OpenAIImageProvider(ImageProvider):
         declared = answer.output_format or params.get("output_format")
         images: list[GeneratedImageData] = []
         for index, item in enumerate(answer.data or []):
-            if item.b64_json:
-                data = self._decoded(item.b64_json, index)
-            elif item.url:
-                data = self._downloaded(downloads, item.url, index, call, guard)
-            else:
-                raise self._unreadable(f"image {index} has neither b64_json nor url")
-            image = self._image(index, data, declared, item.revised_prompt)
+            try:
+                if item.b64_json:
+                    data = self._decoded(item.b64_json, index)
+                elif item.url:
+                    data = self._downloaded(downloads, item.url, index, call, guard)
+                else:
+                    raise self._unreadable(f"image {index} has neither b64_json nor url")
+                image = self._image(index, data, declared, item.revised_prompt)
+            except errors.ProviderError as exc:
+                # Subscribers may have seen the images before this one: a retry would show them again.
+                failure = self._interrupted(exc, len(images))
+                if failure is exc:
+                    raise
+                raise failure from exc
             images.append(image)
             on_image(image)
         if not images:

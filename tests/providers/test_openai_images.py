@@ -469,3 +469,14 @@ def test_a_download_that_drips_past_timeout_s_is_stopped(server: ImageServer, ma
     server.queue(images_answer(url_item(url)))
     error = failing(make_provider(model="dall-e-2", response_format="url", timeout_s=1.0))
     assert isinstance(error, errors.ProviderTimeout)
+
+
+def test_a_failure_after_an_image_was_passed_on_is_interrupted(server: ImageServer, make_provider: Factory) -> None:
+    first = server.serve("/blob/one.png", png())
+    second = server.serve("/blob/two.png", b"", status=500)
+    server.queue(images_answer(url_item(first), url_item(second)))
+    seen: list[GeneratedImageData] = []
+    with pytest.raises(errors.StreamInterrupted) as caught:
+        make_provider(model="dall-e-2", response_format="url").run(image_call(n=2), seen.append)
+    assert isinstance(caught.value.__cause__, errors.ServerError)
+    assert [image.index for image in seen] == [0]
