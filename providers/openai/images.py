@@ -15,8 +15,8 @@ Partial images: with ``partial_images`` set on the entry, a model that streams t
 with ``stream=True`` and each ``image_generation.partial_image`` event goes to ``on_image``
 as a partial image before the ``image_generation.completed`` one. A stream that ends or fails
 after partial images went out is a ``StreamInterrupted``, as is any failure after an earlier
-image of the call went to ``on_image`` (a retry would show it again). With ``n`` > 1 nothing is streamed:
-the stream's events do not say which image a partial belongs to.
+image of the call went to ``on_image`` (a retry would show it again). With ``n`` > 1 nothing
+is streamed: the stream's events do not say which image a partial belongs to.
 
 Errors cross the same boundary as the chat providers' (``translate_openai_error``): a 400
 ``content_policy_violation`` / ``moderation_blocked`` is ``ContentFiltered`` (provider-fatal),
