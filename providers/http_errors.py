@@ -70,6 +70,7 @@ FILTER_CODES = frozenset(
         "content_policy_violation",
         "responsibleaipolicyviolation",
         "image_content_policy_violation",
+        "moderation_blocked",  # the GPT image models' refusal of a prompt
         "bio_policy",
         "misalignment_policy_violation",
     }

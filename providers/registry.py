@@ -22,6 +22,9 @@ PROVIDER_CLASSES: dict[str, str] = {
     "azure_openai_responses": "providers.openai.azure:AzureOpenAIResponsesProvider",
     "hf_api": "providers.huggingface.api:HfApiProvider",
     "hf_local": "providers.huggingface.local:HfLocalProvider",
+    # Image providers (providers.images.ImageProvider): they serve cascade.image, not chat chains.
+    "openai_image": "providers.openai.images:OpenAIImageProvider",
+    "azure_openai_image": "providers.openai.images:AzureOpenAIImageProvider",
 }
 
 

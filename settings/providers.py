@@ -185,3 +185,60 @@ PROVIDER_CONFIG_TYPES: dict[str, type[ProviderConfigBase]] = {
     "hf_api": HfApiConfig,
     "hf_local": HfLocalConfig,
 }
+
+
+# --- image providers (cascade.image) --------------------------------------------------------
+
+# Fields of the chat entries an image entry inherits but has no use for: setting one is a mistake.
+_CHAT_ONLY_FIELDS = ("generation_kwargs", "stop_words", "max_output_tokens")
+DEFAULT_MAX_IMAGE_BYTES = 20 * 1024 * 1024
+
+
+class ImageProviderFields(BaseModel):
+    """Fields every image provider type has, on top of its chat counterpart's connection fields.
+
+    ``max_image_bytes`` bounds each image (decoded or downloaded) before it is kept;
+    ``max_images`` is the operator's cap on a request's ``n`` (a request asking for more is
+    refused); ``partial_images`` (1-3) streams that many partial images from a model that
+    can (gpt-image-1) when a request asks for one image.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1, le=256 * 1024 * 1024)
+    max_images: int = Field(default=10, ge=1, le=10)
+    partial_images: int = Field(default=0, ge=0, le=3)
+    response_format: Literal["b64_json", "url"] = Field(
+        default="b64_json", description="what a DALL-E model is asked to answer with"
+    )
+
+    @model_validator(mode="after")
+    def _no_chat_fields(self) -> ImageProviderFields:
+        misplaced = [name for name in _CHAT_ONLY_FIELDS if name in self.model_fields_set]
+        if misplaced:
+            raise ValueError(f"{', '.join(misplaced)}: not a setting of an image provider")
+        return self
+
+
+class OpenAIImageConfig(ImageProviderFields, OpenAIConfig):
+    """``type = "openai_image"``: the Images API (DALL-E 2, DALL-E 3, gpt-image-1) on OpenAI or
+    a compatible server; each known model's parameters are checked before a call."""
+
+    type: Literal["openai_image"] = "openai_image"  # type: ignore[assignment]
+    timeout_s: float = Field(default=120.0, gt=0, description="whole-call wall-clock limit")
+
+
+class AzureOpenAIImageConfig(ImageProviderFields, AzureOpenAIConfig):
+    """``type = "azure_openai_image"``: the Images API on an Azure OpenAI deployment.
+
+    ``model`` names the deployed model (``dall-e-3``, ``gpt-image-1``) so that its parameters
+    are checked; without it the deployment's name is used, and a name that is no known model
+    sends the request's parameters unchecked.
+    """
+
+    type: Literal["azure_openai_image"] = "azure_openai_image"  # type: ignore[assignment]
+    api_version: str = "2025-04-01-preview"
+    timeout_s: float = Field(default=120.0, gt=0, description="whole-call wall-clock limit")
+
+
+PROVIDER_CONFIG_TYPES.update({"openai_image": OpenAIImageConfig, "azure_openai_image": AzureOpenAIImageConfig})

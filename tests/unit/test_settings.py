@@ -234,3 +234,67 @@ def test_worker_redis_clients_time_out_and_keep_alive(monkeypatch: pytest.Monkey
     }
     with pytest.raises(ValueError, match="redis_socket_timeout_s"):
         Settings(redis_socket_timeout_s=1)
+
+
+IMAGE_TOML = """
+[providers.dalle]
+type = "openai_image"
+model = "dall-e-3"
+response_format = "url"
+max_image_bytes = 10485760
+
+[providers.azure_images]
+type = "azure_openai_image"
+azure_endpoint = "https://example.openai.azure.com"
+azure_deployment = "gpt-image-1-prod"
+model = "gpt-image-1"
+partial_images = 2
+
+[chains]
+images = ["azure_images", "dalle"]
+"""
+
+
+def test_image_provider_types_load_from_toml(tmp_path: Path) -> None:
+    from settings.providers import AzureOpenAIImageConfig, OpenAIImageConfig
+
+    settings = load_settings(_write(tmp_path, IMAGE_TOML))
+    dalle, azure = settings.providers["dalle"], settings.providers["azure_images"]
+    assert isinstance(dalle, OpenAIImageConfig) and isinstance(azure, AzureOpenAIImageConfig)
+    assert (dalle.model, dalle.response_format, dalle.max_image_bytes, dalle.api_key_env) == (
+        "dall-e-3",
+        "url",
+        10 * 1024 * 1024,
+        "OPENAI_API_KEY",
+    )
+    assert (azure.model_name, azure.partial_images, azure.api_version, azure.max_image_bytes) == (
+        "gpt-image-1",
+        2,
+        "2025-04-01-preview",
+        20 * 1024 * 1024,
+    )
+    assert settings.chains["images"] == ["azure_images", "dalle"]
+
+
+@pytest.mark.parametrize(
+    ("line", "key"),
+    [
+        ('stop_words = ["x"]', "stop_words"),
+        ("max_output_tokens = 10", "max_output_tokens"),
+        ("partial_images = 4", "partial_images"),
+        ("max_images = 11", "max_images"),
+        ("max_image_bytes = 0", "max_image_bytes"),
+        ('response_format = "png"', "response_format"),
+    ],
+)
+def test_a_bad_image_provider_field_names_its_key(tmp_path: Path, line: str, key: str) -> None:
+    message = _config_error(tmp_path, f'[providers.dalle]\ntype = "openai_image"\nmodel = "dall-e-2"\n{line}\n')
+    assert key in message
+    assert "providers.dalle" in message
+
+
+def test_every_provider_type_has_a_provider_class() -> None:
+    from providers.registry import PROVIDER_CLASSES
+    from settings.providers import PROVIDER_CONFIG_TYPES
+
+    assert set(PROVIDER_CONFIG_TYPES) == set(PROVIDER_CLASSES)

@@ -1,0 +1,124 @@
+"""The image provider contract: what the chain hands an image provider and what it gets back.
+
+It mirrors the chat contract of ``providers.base``: an ``ImageProvider`` is one configured
+``[providers.<id>]`` entry; ``run`` takes an ``ImageCall`` (the request's prompt and image
+parameters, its deadline) and calls ``on_image`` with each image as it is ready - partial
+images first where the provider streams them - then returns the finished images. It raises
+only the taxonomy of ``providers.errors``; transient errors are retried by the chain.
+
+A parameter the provider's model does not take (a size, ``n`` past its limit, ``style`` on a
+model without styles) is refused before any call with ``UnsupportedParameter``, a
+``BadProviderRequest`` that names the field: the chain falls through to the next provider,
+which may take it.
+"""
+
+from __future__ import annotations
+
+import abc
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from providers import errors
+from settings.providers import ProviderConfigBase
+from tasks.contract.images import ImageRequest
+
+
+@dataclass(frozen=True)
+class ImageCall:
+    """One call of an image provider.
+
+    The image parameters are the request's (``None``: the model's default). ``deadline``,
+    ``provider_attempt`` and ``wait`` are as in ``providers.base.ProviderCall``.
+    """
+
+    prompt: str
+    deadline: float
+    size: str | None = None
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    output_format: str | None = None
+    n: int | None = None
+    provider_attempt: int = 1
+    wait: Callable[[float], None] = time.sleep
+
+    @classmethod
+    def from_request(
+        cls,
+        request: ImageRequest,
+        deadline: float,
+        provider_attempt: int = 1,
+        wait: Callable[[float], None] = time.sleep,
+    ) -> ImageCall:
+        """The call for ``request`` (its image parameters as sent by the producer)."""
+        return cls(
+            prompt=request.prompt,
+            deadline=deadline,
+            size=request.size,
+            quality=request.quality,
+            style=request.style,
+            background=request.background,
+            output_format=request.output_format,
+            n=request.n,
+            provider_attempt=provider_attempt,
+            wait=wait,
+        )
+
+    def time_left(self) -> float:
+        """Seconds until the request's deadline."""
+        return self.deadline - time.monotonic()
+
+
+@dataclass(frozen=True)
+class GeneratedImageData:
+    """One generated image (or a partial image of one), with its bytes.
+
+    ``index`` is the image of the call it belongs to (0 unless ``n`` > 1). A partial image has
+    ``partial`` set and ``partial_index`` counting from 0; the finished image follows it.
+    ``revised_prompt`` is the prompt the model actually used, where it rewrites prompts.
+    """
+
+    index: int
+    data: bytes
+    mime_type: str
+    model: str
+    revised_prompt: str | None = None
+    partial: bool = False
+    partial_index: int | None = None
+
+
+OnImage = Callable[[GeneratedImageData], None]
+
+
+class UnsupportedParameter(errors.BadProviderRequest):
+    """The provider's model does not take a request parameter; ``field`` names it."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class ImageProvider(abc.ABC):
+    """A configured image provider: one ``[providers.<id>]`` entry, built once per worker process."""
+
+    def __init__(self, provider_id: str, config: ProviderConfigBase) -> None:
+        self.provider_id = provider_id
+        self.config = config
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue whose workers may call this provider."""
+        return self.config.queue
+
+    def warm_up(self) -> None:  # noqa: B027 - optional hook, most providers need nothing
+        """Prepare expensive state before the first request."""
+
+    @abc.abstractmethod
+    def run(self, call: ImageCall, on_image: OnImage) -> list[GeneratedImageData]:
+        """Generate the images for ``call``, calling ``on_image`` with each (partial ones first).
+
+        Returns the finished images, ordered by ``index``. Raises a ``ProviderError`` subclass
+        on failure (``UnsupportedParameter`` before any call for a parameter the model does not
+        take). Exceptions raised by ``on_image`` (cancel, deadline) must propagate unchanged.
+        """
