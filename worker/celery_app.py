@@ -12,7 +12,6 @@ import sys
 from typing import Any
 
 from celery import Celery
-from celery.signals import before_task_publish
 from kombu.entity import Queue
 
 from settings import ConfigError, Settings
@@ -25,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
-    app = Celery("cascade", include=["tasks.chat", "worker.signals", "worker.telemetry.signals"])
+    app = Celery("cascade", include=["tasks.chat", "worker.signals"])
     queues = sorted(settings.task_queues)
     _OWN_TIME_LIMITS.add((settings.hard_time_limit_s, settings.task_soft_time_limit_s))
     app.conf.update(
@@ -91,7 +90,7 @@ def create_app(settings: Settings) -> Celery:
 _OWN_TIME_LIMITS: set[tuple[float, float]] = set()
 
 
-def _no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: Any) -> None:
+def no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: Any) -> None:
     """Celery writes a sending app's ``task_time_limit`` into every message it sends of a task
     it has registered (a worker's hand-offs and resends); workers refuse a message that carries
     time limits (``worker.boundary.envelope``), since the consuming worker's configuration decides them.
@@ -102,9 +101,6 @@ def _no_time_limits_in_messages(sender: Any = None, headers: Any = None, **_: An
     limits = headers.get("timelimit")
     if isinstance(limits, (list, tuple)) and len(limits) == 2 and tuple(limits) in _OWN_TIME_LIMITS:
         headers["timelimit"] = [None, None]
-
-
-before_task_publish.connect(_no_time_limits_in_messages, weak=False)
 
 
 def _load() -> Settings:

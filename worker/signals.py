@@ -1,5 +1,17 @@
-"""Worker start-up hooks: warm up the providers of the queues this worker consumes, and
-publish each chain's entry queue so producers can route requests straight to it.
+"""Every Celery signal a Cascade worker answers, connected in one place (the Celery app
+includes this module):
+
+- ``worker_process_init`` (each pool process): warm up the providers of the queues this worker
+  consumes (below); set up the telemetry SDK (``worker.telemetry.hooks``).
+- ``worker_ready`` (main process): publish each chain's entry queue so producers can route
+  requests straight to it; start the reaper.
+- ``worker_init`` / ``worker_shutdown`` (main process), ``worker_process_shutdown``: the metrics
+  endpoint, queue gauges and the SDK's flush.
+- ``task_prerun`` / ``task_postrun``: the hop span and the request id of log records around
+  each task, then the process's metrics snapshot.
+- ``setup_logging`` / ``celeryd_init`` (with ``CASCADE_LOG_FORMAT=json``): JSON lines, no banner.
+- ``before_task_publish``: the limits of this process's own app stay out of the messages it
+  sends (``worker.celery_app``); the trace context goes in (``tasks.producer.tracing``).
 
 Providers are built in ``worker_process_init``, i.e. in each pool process after the fork: the
 parent never imports torch or initialises CUDA, which forked children could not use. A local
@@ -14,14 +26,27 @@ import logging
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init, worker_ready
+from celery.signals import (
+    before_task_publish,
+    celeryd_init,
+    setup_logging,
+    task_postrun,
+    task_prerun,
+    worker_init,
+    worker_process_init,
+    worker_process_shutdown,
+    worker_ready,
+    worker_shutdown,
+)
 
 from tasks.contract.keys import ROUTES
 from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
+from worker.celery_app import no_time_limits_in_messages
 from worker.runtime import get_runtime
 from worker.state.deaths import RunEnds
 from worker.state.pending import request_id_in
 from worker.state.reaper import Reaper
+from worker.telemetry import hooks
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +120,13 @@ def publish_chain_routes(**_: Any) -> None:
 worker_process_init.connect(warm_up_providers, weak=False)
 worker_ready.connect(publish_chain_routes, weak=False)
 worker_ready.connect(start_reaper, weak=False)
+before_task_publish.connect(no_time_limits_in_messages, weak=False)
+if hooks.prepare_logging():
+    setup_logging.connect(hooks.configure_logging, weak=False)
+    celeryd_init.connect(hooks.quiet_banner, weak=False)
+worker_init.connect(hooks.start_main_process, weak=False)
+worker_shutdown.connect(hooks.stop_main_process, weak=False)
+worker_process_init.connect(hooks.setup_task_process, weak=False)
+worker_process_shutdown.connect(hooks.shutdown_task_process, weak=False)
+task_prerun.connect(hooks.task_started, weak=False)
+task_postrun.connect(hooks.task_finished, weak=False)

@@ -1,4 +1,4 @@
-"""Telemetry (worker/telemetry/observer.py, tracing.py, metrics.py, prometheus.py, observability.py) on real
+"""Telemetry (worker/telemetry/observer.py, tracing.py, metrics.py, prometheus.py, hooks.py) on real
 requests run by RequestRunner over fakeredis: spans from the SDK's in-memory exporter, metrics
 from its in-memory reader. A hand-off travels through a real Celery publish (memory broker), so
 the trace context rides in the message headers exactly as between two workers."""
@@ -31,9 +31,9 @@ from tasks.producer import tracing as producer_tracing
 from tasks.runner import RequestRunner, TaskContext
 from tests.support.spans import global_spans
 from worker.runtime import WorkerRuntime, build_runtime
+from worker.telemetry import hooks
 from worker.telemetry import logs
 from worker.telemetry import sdk as otel_sdk
-from worker.telemetry import signals as observability
 from worker.telemetry.metrics import CascadeMetrics, fallbacks, observe_redis
 from worker.telemetry.observer import TelemetryConfig, TelemetryObserver, telemetry_observer
 from worker.telemetry.prometheus import MergedCollector, SnapshotWriter
@@ -92,11 +92,11 @@ def run_hop(
     kwargs: dict[str, Any] = {"request": request.model_dump(mode="json")}
     if handoff is not None:
         kwargs["handoff"] = handoff.model_dump(mode="json")
-    observability.task_started(task_id=task_id, task=as_task(headers, queue), kwargs=kwargs)
+    hooks.task_started(task_id=task_id, task=as_task(headers, queue), kwargs=kwargs)
     context = TaskContext(task_id=task_id, queue=queue, local_queues=frozenset({queue}))
     outcome = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff).run()
     result = outcome.model_dump(mode="json") if isinstance(outcome, ChatReply) else {"status": "handed_off"}
-    observability.task_finished(task_id=task_id, retval=result)
+    hooks.task_finished(task_id=task_id, retval=result)
     return outcome
 
 
@@ -378,11 +378,11 @@ def test_spans_and_log_records_carry_only_a_valid_request_id(spans: InMemorySpan
     hostile = "evil id\nwith spaces " + "x" * 5_000
     kwargs = {"request": {"request_id": hostile, "chain": "c" * 5_000, "prompt": "hi"}, "handoff": {"queue_hops": "9"}}
     task_id = "t" * 5_000
-    observability.task_started(task_id=task_id, task=as_task({}, "chat"), kwargs=kwargs)
+    hooks.task_started(task_id=task_id, task=as_task({}, "chat"), kwargs=kwargs)
     try:
         assert logs.current_request_id() is None
     finally:
-        observability.task_finished(task_id=task_id, retval={"status": "failed", "error": {"type": "invalid_request"}})
+        hooks.task_finished(task_id=task_id, retval={"status": "failed", "error": {"type": "invalid_request"}})
     (process,) = named(list(spans.get_finished_spans()), "process chat")
     attributes = dict(process.attributes or {})
     assert {"cascade.request_id", "cascade.chain", "cascade.queue_hops"}.isdisjoint(attributes), attributes
@@ -391,11 +391,11 @@ def test_spans_and_log_records_carry_only_a_valid_request_id(spans: InMemorySpan
 
     # A valid id in the request wins; without one, a valid task id stands in for it.
     kwargs = {"request": {"prompt": "hi", "chain": "default"}}
-    observability.task_started(task_id="task-42", task=as_task({}, "chat"), kwargs=kwargs)
+    hooks.task_started(task_id="task-42", task=as_task({}, "chat"), kwargs=kwargs)
     try:
         assert logs.current_request_id() == "task-42"
     finally:
-        observability.task_finished(task_id="task-42", retval={"status": "succeeded"})
+        hooks.task_finished(task_id="task-42", retval={"status": "succeeded"})
     process = named(list(spans.get_finished_spans()), "process chat")[-1]
     assert process.attributes is not None and process.attributes["cascade.request_id"] == "task-42"
     assert process.attributes["cascade.chain"] == "default"

@@ -1,4 +1,4 @@
-"""Celery signal wiring for logs, traces and metrics (imported by the worker's Celery app).
+"""The receivers of Celery's signals for logs, traces and metrics; ``worker.signals`` connects them.
 
 - ``setup_logging`` (only with ``CASCADE_LOG_FORMAT=json``): JSON lines on stderr instead of
   Celery's format; Celery then leaves logging alone. ``celeryd_init`` drops the text banner.
@@ -14,17 +14,6 @@ from __future__ import annotations
 import logging
 from contextvars import Token
 from typing import Any
-
-from celery.signals import (
-    celeryd_init,
-    setup_logging,
-    task_postrun,
-    task_prerun,
-    worker_init,
-    worker_process_init,
-    worker_process_shutdown,
-    worker_shutdown,
-)
 
 from worker.telemetry import logs, tracing
 from worker.telemetry import observer as telemetry
@@ -102,16 +91,12 @@ def task_finished(task_id: str | None = None, retval: Any = None, **_: Any) -> N
         telemetry.write_snapshot()
 
 
-if logs.json_logs_requested():
-    # Now, not only when Celery sets logging up: warnings printed before that (running as
-    # root, deprecations) are JSON lines too.
+def prepare_logging() -> bool:
+    """Install the task-data filter on Celery's task records, always, and switch to JSON lines
+    now (not only when Celery sets logging up, so warnings printed before that are JSON too)
+    when ``CASCADE_LOG_FORMAT=json``; True in that case."""
+    logs.install_task_data_filter()
+    if not logs.json_logs_requested():
+        return False
     logs.configure_json_logging()
-    setup_logging.connect(configure_logging, weak=False)
-    celeryd_init.connect(quiet_banner, weak=False)
-logs.install_task_data_filter()
-worker_init.connect(start_main_process, weak=False)
-worker_shutdown.connect(stop_main_process, weak=False)
-worker_process_init.connect(setup_task_process, weak=False)
-worker_process_shutdown.connect(shutdown_task_process, weak=False)
-task_prerun.connect(task_started, weak=False)
-task_postrun.connect(task_finished, weak=False)
+    return True
