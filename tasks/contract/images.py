@@ -1,4 +1,4 @@
-"""Request and reply of ``cascade.image`` (DESIGN.md, "Image generation: cascade.image").
+"""Request and reply of ``cascade.image`` (the README's "Image generation").
 
 Part of the wire contract (``tasks.contract.schemas`` re-exports every public name); it imports nothing
 of Cascade's but the contract's own modules.

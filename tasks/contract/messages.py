@@ -1,5 +1,5 @@
 """Messages, content parts, tool calls and tool definitions, in OpenAI Chat Completions' shape
-(DESIGN.md, "Messages v2").
+(the README's "Messages v2").
 
 A reply's message (minus its ``meta``) validates as a request message, so an agent loop
 appends it to the next request as it is. Part of the wire contract (``tasks.contract.schemas``

@@ -1,7 +1,7 @@
 """Wire schemas: what producers send and what subscribers and reply readers get back.
 
-These pydantic models are the public contract of ``cascade.chat`` and ``cascade.image`` (see
-DESIGN.md). The JSON Schema files in ``schemas/`` are generated from them
+These pydantic models are the public contract of ``cascade.chat`` and ``cascade.image`` (the
+README's "The contract in short"). The JSON Schema files in ``schemas/`` are generated from them
 (``python -m tasks.schema_export``) and a test fails when the two drift apart. Messages and
 tools live in ``tasks.contract.messages``, the image task's models in ``tasks.contract.images`` and the parts both
 tasks share in ``tasks.contract.common``; this module re-exports them all, so ``tasks.contract.schemas`` is
@@ -115,7 +115,7 @@ SCHEMA_VERSION = 1
 
 # The Celery task every producer sends, whatever its language.
 TASK_NAME = "cascade.chat"
-# The queue a request goes to when its chain starts with an API provider (DESIGN.md, "Queues").
+# The queue a request goes to when its chain starts with an API provider.
 DEFAULT_QUEUE = "chat"
 # Optional message header (unix time) a producer may set so replies report time spent queued.
 SUBMITTED_AT_HEADER = "cascade_submitted_at"
@@ -176,7 +176,7 @@ class GenerationKwargs(BaseModel):
 
 class HallucinationScoreRequest(BaseModel):
     """The ``hallucination_score`` option of a chat request: score each reply's risk of being a
-    hallucination (DESIGN.md, "Hallucination risk scoring"). Each field left out takes the
+    hallucination (the README's "Hallucination risk scoring"). Each field left out takes the
     default of Haystack's ``HallucinationScoreConfig``."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
