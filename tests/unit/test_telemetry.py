@@ -31,8 +31,7 @@ from tasks.producer import tracing as producer_tracing
 from tasks.runner import RequestRunner, TaskContext
 from tests.support.spans import global_spans
 from worker.runtime import WorkerRuntime, build_runtime
-from worker.telemetry import hooks
-from worker.telemetry import logs
+from worker.telemetry import hooks, logs
 from worker.telemetry import sdk as otel_sdk
 from worker.telemetry.metrics import CascadeMetrics, fallbacks, observe_redis
 from worker.telemetry.observer import TelemetryConfig, TelemetryObserver, telemetry_observer
