@@ -7,18 +7,32 @@ import json
 import os
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, TextIO
 
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
+from tasks.producer.conversation import user_message
 
 
 def print_stream(events: Iterable[StreamEvent], out: TextIO = sys.stdout) -> ChatReply | None:
-    """Print deltas as they arrive, and a note for each fallback, in order; return the reply."""
+    """Print deltas and tool-call fragments as they arrive, and a note for each fallback, in
+    order; a line ``[choice i]`` marks where the text of another choice (``n`` > 1) continues.
+    Return the reply."""
     reply = None
+    choice = 0
     for event in events:
-        if event.type == "chunk" and event.delta:
-            out.write(event.delta)
+        if event.type == "chunk":
+            if (event.index or 0) != choice:
+                choice = event.index or 0
+                out.write(f"\n[choice {choice}] ")
+            if event.tool_call is not None:
+                fragment = event.tool_call
+                if fragment.name is not None:
+                    out.write(f"\n[tool call {fragment.index}: {fragment.name} {fragment.id or ''}] ")
+                out.write(fragment.arguments_delta)
+            elif event.delta:
+                out.write(event.delta)
             out.flush()
         elif event.type == "fallback":
             out.write(
@@ -47,18 +61,42 @@ def describe_reply(reply: ChatReply) -> str:
     for item in reply.replies:
         usage = item.meta.usage
         lines.append(
-            f"model: {item.meta.model}, finish: {item.meta.finish_reason}, "
+            f"choice {item.meta.index}: model {item.meta.model}, finish: {item.meta.finish_reason}, "
             f"tokens: {usage.prompt_tokens} in / {usage.completion_tokens} out"
         )
+        lines.extend(
+            f"  tool call {call.id}: {call.function.name}({call.function.arguments})" for call in item.tool_calls or []
+        )
+        if item.meta.hallucination_decision is not None:
+            lines.append(
+                f"  hallucination risk: {item.meta.hallucination_decision}, bound {item.meta.hallucination_risk:.3f}"
+            )
+        elif item.meta.hallucination_error is not None:
+            lines.append(f"  hallucination risk: not scored ({item.meta.hallucination_error})")
     return "\n".join(lines)
 
 
-def _submit(args: argparse.Namespace) -> int:
+def _json_argument(value: str) -> Any:
+    """A JSON argument given inline, as ``@file``, or as ``-`` (stdin)."""
+    if value == "-":
+        return json.loads(sys.stdin.read())
+    if value.startswith("@"):
+        return json.loads(Path(value[1:]).read_text())
+    return json.loads(value)
+
+
+def request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request ``cascade submit`` sends, from its parsed arguments."""
     kwargs: dict[str, Any] = {}
     if args.max_tokens is not None:
         kwargs["max_tokens"] = args.max_tokens
     if args.temperature is not None:
         kwargs["temperature"] = args.temperature
+    if args.n is not None:
+        kwargs["n"] = args.n
+    if args.response_format is not None:
+        shorthand = {"json_object": {"type": "json_object"}, "text": {"type": "text"}}
+        kwargs["response_format"] = shorthand.get(args.response_format) or _json_argument(args.response_format)
     fields: dict[str, Any] = {
         "chain": args.chain,
         "request_id": args.id,
@@ -66,11 +104,28 @@ def _submit(args: argparse.Namespace) -> int:
         "stream": not args.no_stream,
         "generation_kwargs": kwargs,
     }
+    if args.tools is not None:
+        fields["tools"] = _json_argument(args.tools)
+    if args.tool_choice is not None:
+        named = args.tool_choice not in ("auto", "none", "required")
+        fields["tool_choice"] = (
+            {"type": "function", "function": {"name": args.tool_choice}} if named else args.tool_choice
+        )
     if args.messages:
-        fields["messages"] = json.loads(sys.stdin.read() if args.messages == "-" else args.messages)
+        fields["messages"] = _json_argument(args.messages)
     else:
-        fields["prompt"] = args.prompt if args.prompt != "-" else sys.stdin.read()
-        fields["system_prompt"] = args.system
+        prompt = args.prompt if args.prompt != "-" else sys.stdin.read()
+        if args.image:
+            system = [{"role": "system", "content": args.system}] if args.system else []
+            fields["messages"] = [*system, user_message(prompt, args.image)]
+        else:
+            fields["prompt"] = prompt
+            fields["system_prompt"] = args.system
+    return fields
+
+
+def _submit(args: argparse.Namespace) -> int:
+    fields = request_fields(args)
     with CascadeClient(args.redis_url) as client:
         request_id = client.submit(queue=args.queue, **fields)
         print(f"request {request_id}", file=sys.stderr)
@@ -127,8 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit = commands.add_parser("submit", help="enqueue a request and print its tokens as they stream")
     source = submit.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", "-p", help="the user message ('-' reads stdin)")
-    source.add_argument("--messages", help="a JSON list of {role, content} ('-' reads stdin)")
+    source.add_argument(
+        "--messages", help="the conversation as a JSON list of messages (inline, @file, or - for stdin)"
+    )
     submit.add_argument("--system", help="system prompt (with --prompt)")
+    submit.add_argument("--image", action="append", help="an image file to send with --prompt (repeatable)")
+    submit.add_argument("--tools", help="tool definitions as a JSON list (inline, @file, or -)")
+    submit.add_argument("--tool-choice", help="auto, none, required, or the name of one tool")
+    submit.add_argument("--response-format", help="json_object, text, or a JSON response_format (inline or @file)")
+    submit.add_argument("-n", type=int, help="number of choices")
     submit.add_argument("--chain", default="default")
     submit.add_argument("--id", help="request id (default: a new UUID)")
     submit.add_argument("--max-tokens", type=int)
