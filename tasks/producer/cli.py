@@ -1,4 +1,4 @@
-"""``cascade``: submit a request and follow its stream, show a reply, cancel, run the demo."""
+"""``cascade``: submit a chat or image request and follow its stream, show a reply, cancel, run the demo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.contract.schemas import ChatReply, ImageReply, StreamEvent
 from tasks.producer.client import CascadeClient
 from tasks.producer.conversation import user_message
 
@@ -140,6 +140,56 @@ def _submit(args: argparse.Namespace) -> int:
     return 0 if reply.status == "succeeded" else 1
 
 
+def _image(args: argparse.Namespace) -> int:
+    fields = {
+        "prompt": args.prompt if args.prompt != "-" else sys.stdin.read(),
+        "chain": args.chain,
+        "request_id": args.id,
+        "size": args.size,
+        "quality": args.quality,
+        "style": args.style,
+        "background": args.background,
+        "output_format": args.format,
+        "n": args.n,
+        "timeout_s": args.timeout,
+    }
+    out_dir = Path(args.out)
+    with CascadeClient(args.redis_url) as client:
+        request_id = client.submit_image(queue=args.queue, **fields)
+        print(f"request {request_id}", file=sys.stderr)
+        for event in client.events(request_id, timeout_s=args.wait):
+            if event.type == "image":
+                print(f"image {event.index}{' (partial)' if event.partial else ''} ready", file=sys.stderr)
+            elif event.type == "fallback":
+                print(f"attempt {event.attempt} of {event.provider} failed ({event.error_type})", file=sys.stderr)
+        reply = client.image_reply(request_id)
+        if reply is None:
+            print("no reply", file=sys.stderr)
+            return 1
+        saved = save_images(client, reply, out_dir)
+    for path in saved:
+        print(path)
+    if reply.error is not None:
+        print(f"status: {reply.status}, error: {reply.error.type}: {reply.error.message}", file=sys.stderr)
+    return 0 if reply.status == "succeeded" else 1
+
+
+def save_images(client: CascadeClient, reply: ImageReply, out_dir: Path) -> list[Path]:
+    """Write each image of ``reply`` to ``out_dir`` as ``{request_id}-{index}.{ext}``; return the
+    paths (an image whose bytes expired is skipped)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for index, image in enumerate(reply.images):
+        data = client.image_bytes(image.key)
+        if data is None:
+            continue
+        extension = image.mime_type.rpartition("/")[2].replace("jpeg", "jpg")
+        path = out_dir / f"{reply.request_id}-{index}.{extension}"
+        path.write_bytes(data)
+        saved.append(path)
+    return saved
+
+
 def _reply(args: argparse.Namespace) -> int:
     with CascadeClient(args.redis_url) as client:
         reply = client.reply(args.request_id)
@@ -202,6 +252,22 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--wait", type=float, default=600.0, help="give up following after this many seconds")
     submit.add_argument("--json", action="store_true", help="print the whole reply as JSON")
     submit.set_defaults(handler=_submit)
+
+    image = commands.add_parser("image", help="enqueue an image request (cascade.image) and save the images")
+    image.add_argument("--prompt", "-p", required=True, help="what to draw ('-' reads stdin)")
+    image.add_argument("--chain", default="images")
+    image.add_argument("--id", help="request id (default: a new UUID)")
+    image.add_argument("--size", help="e.g. 1024x1024, or auto")
+    image.add_argument("--quality", help="standard, hd, low, medium, high, auto (per model)")
+    image.add_argument("--style", help="vivid or natural (dall-e-3)")
+    image.add_argument("--background", help="transparent, opaque or auto (gpt-image-1)")
+    image.add_argument("--format", help="png, jpeg or webp (gpt-image-1)")
+    image.add_argument("-n", type=int, help="number of images")
+    image.add_argument("--timeout", type=float, help="the request's deadline in seconds")
+    image.add_argument("--queue", help="queue to send to (default: the chain's route)")
+    image.add_argument("--out", default=".", help="folder to save the images in")
+    image.add_argument("--wait", type=float, default=600.0, help="give up after this many seconds")
+    image.set_defaults(handler=_image)
 
     reply = commands.add_parser("reply", help="show a stored reply")
     reply.add_argument("request_id")

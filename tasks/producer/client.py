@@ -13,26 +13,31 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 import redis.asyncio as aioredis
 from celery import Celery
 from kombu.utils.json import dumps as kombu_dumps
+from pydantic import BaseModel
 
 from tasks.contract import keys
 from tasks.contract.schemas import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_QUEUE,
+    IMAGE_TASK_NAME,
     REQUEST_ID_HEADER,
     SUBMITTED_AT_HEADER,
     TASK_NAME,
     ChatReply,
     ChatRequest,
+    ImageReply,
+    ImageRequest,
     StreamEvent,
 )
 from tasks.producer import pending, tracing  # noqa: F401 - tracing connects the publish hook that puts the trace context in each message
 
+_Request = TypeVar("_Request", ChatRequest, ImageRequest)
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 CANCEL_TTL_S = 86_400
 ROUTE_CACHE_S = 30.0
@@ -54,13 +59,22 @@ def _redis_url(redis_url: str | None) -> str:
 
 def build_request(request: ChatRequest | dict[str, Any] | None = None, **fields: Any) -> ChatRequest:
     """A validated ``ChatRequest`` with a ``request_id`` (a new UUID when none is given)."""
-    data: dict[str, Any] = request.model_dump(exclude_none=True) if isinstance(request, ChatRequest) else {}
+    return _with_id(ChatRequest, request, fields)
+
+
+def build_image_request(request: ImageRequest | dict[str, Any] | None = None, **fields: Any) -> ImageRequest:
+    """A validated ``ImageRequest`` with a ``request_id`` (a new UUID when none is given)."""
+    return _with_id(ImageRequest, request, fields)
+
+
+def _with_id(model: type[_Request], request: _Request | dict[str, Any] | None, fields: dict[str, Any]) -> _Request:
+    data: dict[str, Any] = request.model_dump(exclude_none=True) if isinstance(request, model) else {}
     if isinstance(request, dict):
         data.update(request)
     data.update({k: v for k, v in fields.items() if v is not None})
     if data.get("request_id") is None:  # absent, or given as None
         data["request_id"] = uuid.uuid4().hex
-    return ChatRequest.model_validate(data)
+    return model.model_validate(data)
 
 
 def _max_message_bytes(given: int | None) -> int:
@@ -125,26 +139,36 @@ class CascadeClient:
     def submit(
         self, request: ChatRequest | dict[str, Any] | None = None, *, queue: str | None = None, **fields: Any
     ) -> str:
-        """Enqueue a request (a ChatRequest, a dict, or its fields as keywords); return its id.
+        """Enqueue a chat request (a ChatRequest, a dict, or its fields as keywords); return its id.
 
         Raises ``RequestTooLargeError`` (nothing sent) for a request whose message would exceed
         ``max_message_bytes``."""
         chat_request = build_request(request, **fields)
-        request_id = chat_request.request_id or ""
-        kwargs = {"request": chat_request.model_dump(mode="json", exclude_none=True)}
+        return self._send(TASK_NAME, chat_request.request_id or "", chat_request, chat_request.chain, queue)
+
+    def submit_image(
+        self, request: ImageRequest | dict[str, Any] | None = None, *, queue: str | None = None, **fields: Any
+    ) -> str:
+        """Enqueue an image request (``cascade.image``); return its id. The images land at
+        ``cascade:image:{id}:{index}`` (``image_bytes``), the reply at ``cascade:reply:{id}``."""
+        image_request = build_image_request(request, **fields)
+        return self._send(IMAGE_TASK_NAME, image_request.request_id or "", image_request, image_request.chain, queue)
+
+    def _send(self, task: str, request_id: str, request: BaseModel, chain: str, queue: str | None) -> str:
+        kwargs = {"request": request.model_dump(mode="json", exclude_none=True)}
         size = message_bytes(kwargs)
         if size > self.max_message_bytes:
             raise RequestTooLargeError(
                 f"request {request_id}: its message would be {size} bytes, over the workers' limit of "
                 f"{self.max_message_bytes} (max_message_bytes)"
             )
-        target = queue or self.queue or self.route(chat_request.chain)
+        target = queue or self.queue or self.route(chain)
         headers = {SUBMITTED_AT_HEADER: time.time(), REQUEST_ID_HEADER: request_id}
-        self._celery.send_task(TASK_NAME, kwargs=kwargs, queue=target, task_id=request_id, headers=headers)
+        self._celery.send_task(task, kwargs=kwargs, queue=target, task_id=request_id, headers=headers)
         # After the send, off the path to the first token: a reply stored before this record
         # lands ends it at the next reaper pass, and a record a worker wrote meanwhile (handing
         # the request on) is kept. Submitting again with the same id is safe.
-        pending.note_sent(self.redis, request_id, target, kwargs, keep_existing=True)
+        pending.note_sent(self.redis, request_id, target, kwargs, keep_existing=True, task=task)
         return request_id
 
     def route(self, chain: str) -> str:
@@ -200,6 +224,26 @@ class CascadeClient:
         if reply is None:
             raise TimeoutError(f"request {request_id}: no reply")
         return reply
+
+    def image_reply(self, request_id: str) -> ImageReply | None:
+        """The stored reply of an image request, or None while it runs (or is unknown)."""
+        raw = self.redis.get(keys.reply_key(request_id))
+        return ImageReply.model_validate_json(raw) if raw else None
+
+    def wait_image(self, request_id: str, *, timeout_s: float | None = None) -> ImageReply:
+        """Block until the image request has a reply; raise ``TimeoutError`` after ``timeout_s``."""
+        for event in self.events(request_id, timeout_s=timeout_s):
+            if event.is_terminal and isinstance(event.reply, ImageReply):
+                return event.reply
+        reply = self.image_reply(request_id)
+        if reply is None:
+            raise TimeoutError(f"request {request_id}: no reply")
+        return reply
+
+    def image_bytes(self, key: str) -> bytes | None:
+        """The bytes of a generated image (``GeneratedImage.key``), or None once they expired."""
+        raw = self.redis.get(key)
+        return raw if isinstance(raw, bytes) else None
 
     def cancel(self, request_id: str) -> None:
         """Ask the worker to stop the request at its next chunk (reply ``cancelled``)."""

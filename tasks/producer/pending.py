@@ -17,19 +17,26 @@ from typing import Any
 import redis
 
 from tasks.contract import keys
+from tasks.contract.schemas import TASK_NAME
 
 # How long a record outlives a request that never ends (a queue nobody consumes).
 PENDING_TTL_S = 7 * 86_400
 
 
 def note_sent(
-    client: redis.Redis, request_id: str, queue: str, kwargs: dict[str, Any], *, keep_existing: bool = False
+    client: redis.Redis,
+    request_id: str,
+    queue: str,
+    kwargs: dict[str, Any],
+    *,
+    keep_existing: bool = False,
+    task: str = TASK_NAME,
 ) -> None:
-    """Record that a ``cascade.chat`` message for ``request_id`` was sent to ``queue`` (one
-    round trip). ``keep_existing``: leave a record that is there already alone (the producer
-    writes after its send, and a worker may already have handed the request on)."""
+    """Record that a ``task`` message for ``request_id`` was sent to ``queue`` (one round trip).
+    ``keep_existing``: leave a record that is there already alone (the producer writes after its
+    send, and a worker may already have handed the request on)."""
     pipe = client.pipeline(transaction=True)
-    record = json.dumps({"queue": queue, "kwargs": kwargs})
+    record = json.dumps({"queue": queue, "kwargs": kwargs, "task": task})
     pipe.set(keys.pending_record(request_id), record, ex=PENDING_TTL_S, nx=keep_existing)
     pipe.zadd(keys.PENDING_SET, {request_id: now_ms()}, nx=keep_existing)
     pipe.execute()
