@@ -73,6 +73,41 @@ def chat_chunk(
     }
 
 
+def tool_call_chunk(
+    call_index: int,
+    arguments: str,
+    *,
+    call_id: str | None = None,
+    name: str | None = None,
+    index: int = 0,
+    model: str = MODEL,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` holding one fragment of a tool call, as OpenAI streams it:
+    the call's first fragment has its ``id``, ``type`` and ``function.name`` (and arguments
+    ``""``), the next ones only ``index`` and a piece of ``function.arguments``."""
+    fragment: dict[str, Any] = {"index": call_index, "function": {"arguments": arguments}}
+    if call_id is not None:
+        fragment.update(id=call_id, type="function")
+        fragment["function"]["name"] = name
+    chunk = chat_chunk(index=index, model=model)
+    delta = chunk["choices"][0]["delta"]
+    if call_id is not None and call_index == 0:
+        delta.update(role="assistant", content=None, refusal=None)
+    delta["tool_calls"] = [fragment]
+    return chunk
+
+
+def tool_call_stream(*calls: tuple[str, str, list[str]], index: int = 0) -> list[dict[str, Any]]:
+    """The chunks of one choice calling ``calls`` (id, name, argument fragments) one after the
+    other, ending with finish_reason ``tool_calls`` (no usage chunk, no ``[DONE]``)."""
+    chunks: list[dict[str, Any]] = []
+    for call_index, (call_id, name, fragments) in enumerate(calls):
+        chunks.append(tool_call_chunk(call_index, "", call_id=call_id, name=name, index=index))
+        chunks += [tool_call_chunk(call_index, fragment, index=index) for fragment in fragments]
+    chunks.append(chat_chunk(index=index, finish_reason="tool_calls"))
+    return chunks
+
+
 def usage_chunk(prompt_tokens: int, completion_tokens: int, model: str = MODEL) -> dict[str, Any]:
     """The last chunk when ``include_usage`` is set: empty ``choices``, the request's usage."""
     chunk = chat_chunk(model=model)
@@ -115,6 +150,18 @@ def chat_completion(*texts: str, finish_reason: str = "stop", model: str = MODEL
         ],
         "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15},
     }
+
+
+def chat_completion_calling(*calls: tuple[str, str, str], content: str | None = None) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` whose one choice calls ``calls`` (id, name, arguments)."""
+    completion = chat_completion("", finish_reason="tool_calls")
+    message = completion["choices"][0]["message"]
+    message["content"] = content
+    message["tool_calls"] = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        for call_id, name, arguments in calls
+    ]
+    return completion
 
 
 # --- Responses API ---------------------------------------------------------------------------
