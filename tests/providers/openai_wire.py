@@ -175,8 +175,10 @@ def response_object(
     error: dict[str, Any] | None = None,
     incomplete_reason: str | None = None,
     usage: tuple[int, int] | None = (20, 7),
+    function_calls: list[tuple[str, str, str]] | None = None,
 ) -> dict[str, Any]:
-    """A ``response`` object as the Responses API returns (or embeds in its events)."""
+    """A ``response`` object as the Responses API returns (or embeds in its events);
+    ``function_calls`` (call_id, name, arguments) are ``function_call`` items after the others."""
     output: list[dict[str, Any]] = []
     if reasoning is not None:
         summary = [{"type": "summary_text", "text": part} for part in reasoning]
@@ -186,6 +188,8 @@ def response_object(
         output.append(
             {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant", "content": content}
         )
+    for number, (call_id, name, arguments) in enumerate(function_calls or []):
+        output.append(function_call_item(call_id, name, arguments, item_id=f"fc_{number}"))
     return {
         "id": "resp_67ccd2bed1ec8190b14f964abc054267",
         "object": "response",
@@ -231,6 +235,51 @@ def summary_delta(delta: str, summary_index: int = 0) -> dict[str, Any]:
         "summary_index": summary_index,
         "delta": delta,
     }
+
+
+def function_call_item(
+    call_id: str, name: str, arguments: str, *, item_id: str = "fc_0", status: str = "completed"
+) -> dict[str, Any]:
+    """A ``function_call`` output item: ``id`` is the item's, ``call_id`` the one a
+    ``function_call_output`` answers."""
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def function_call_events(
+    call_id: str, name: str, fragments: list[str], *, output_index: int, item_id: str
+) -> list[dict[str, Any]]:
+    """How the API streams one function call: ``response.output_item.added`` (empty arguments),
+    ``response.function_call_arguments.delta`` per fragment, then ``...arguments.done`` and
+    ``response.output_item.done`` with the whole call."""
+    arguments = "".join(fragments)
+    added = function_call_item(call_id, name, "", item_id=item_id, status="in_progress")
+    done = function_call_item(call_id, name, arguments, item_id=item_id)
+    return [
+        {"type": "response.output_item.added", "output_index": output_index, "item": added},
+        *(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item_id,
+                "output_index": output_index,
+                "delta": piece,
+            }
+            for piece in fragments
+        ),
+        {
+            "type": "response.function_call_arguments.done",
+            "item_id": item_id,
+            "output_index": output_index,
+            "arguments": arguments,
+        },
+        {"type": "response.output_item.done", "output_index": output_index, "item": done},
+    ]
 
 
 def lifecycle(kind: str, response: dict[str, Any]) -> dict[str, Any]:
