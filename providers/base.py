@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from settings.providers import ProviderConfigBase
 from tasks.contract.schemas import (
     AssistantReply,
@@ -62,8 +64,9 @@ class ProviderCall:
     within the request, 2 for its first retry...
 
     ``response_format`` and ``n`` are the request's (typed); given in ``generation_kwargs``
-    instead, they are taken out of it into these fields, so ``generation_kwargs`` never holds
-    them and each provider maps them its own way. ``n`` is None when the request named none.
+    instead, they are taken out of it into these fields, so ``generation_kwargs`` does not hold
+    them and each provider maps them its own way (a ``response_format`` that is not Cascade's
+    shape, a vendor's own, stays in ``generation_kwargs``). ``n`` is None when none is named.
     """
 
     messages: Sequence[ChatMessage]
@@ -80,11 +83,17 @@ class ProviderCall:
 
     def __post_init__(self) -> None:
         kwargs = dict(self.generation_kwargs)
-        response_format = kwargs.pop("response_format", None)
-        n = kwargs.pop("n", None)
         # A frozen dataclass: its own normalisation goes through object.__setattr__.
-        if self.response_format is None and response_format is not None:
-            object.__setattr__(self, "response_format", ResponseFormat.model_validate(response_format))
+        if "response_format" in kwargs:
+            try:
+                response_format = ResponseFormat.model_validate(kwargs["response_format"])
+            except ValidationError:
+                pass  # a vendor's own shape (TGI's grammar): it passes through, unchecked
+            else:
+                del kwargs["response_format"]
+                if self.response_format is None:
+                    object.__setattr__(self, "response_format", response_format)
+        n = kwargs.pop("n", None)
         if self.n is None and isinstance(n, int) and not isinstance(n, bool):
             object.__setattr__(self, "n", n)
         object.__setattr__(self, "generation_kwargs", kwargs)
