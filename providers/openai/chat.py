@@ -73,7 +73,7 @@ class OpenAIChatProvider(OpenAIFamilyProvider):
             ),
         )
         with stream:  # closed at once on any exit, a cancel from on_chunk included
-            return self._from_stream(stream, call, guard, on_chunk)
+            return self._from_stream(stream, call, guard, on_chunk, expected=_choice_count(params))
 
     def chat_params(self, call: ProviderCall) -> dict[str, Any]:
         """The request's parameters besides ``model`` and ``messages``."""
@@ -94,6 +94,7 @@ class OpenAIChatProvider(OpenAIFamilyProvider):
         call: ProviderCall,
         guard: CallGuard,
         on_chunk: OnChunk,
+        expected: int,
     ) -> list[AssistantReply]:
         assembler = ReplyAssembler(on_chunk, self.wire_model)
         usage = Usage()
@@ -123,7 +124,7 @@ class OpenAIChatProvider(OpenAIFamilyProvider):
                         arguments=function.arguments if function else None,
                     )
                 emitted.chunks = assembler.emitted
-        if not all(assembler.finish_reason(index) for index in range(call.choices)):
+        if not all(assembler.finish_reason(index) for index in range(expected)):
             raise self.ended_early(assembler.emitted)
         finish_reasons = {index: assembler.finish_reason(index) for index in assembler.indexes}
         self._check_filtered(finish_reasons, assembler.emitted)
@@ -155,3 +156,9 @@ class OpenAIChatProvider(OpenAIFamilyProvider):
         if filtered:
             message = f"choice {filtered[0]} finished with finish_reason content_filter"
             raise self.translate(OpenAIPayloadError(message, code="content_filter"), emitted)
+
+
+def _choice_count(params: dict[str, Any]) -> int:
+    """The choices a request asks for (``n`` sent, the entry's default included)."""
+    n = params.get("n")
+    return n if isinstance(n, int) and n > 0 else 1

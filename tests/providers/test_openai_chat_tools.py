@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from providers import errors
 from providers.base import ChatProvider, ProviderCall
 from providers.chain import ChainRun
 from providers.openai.azure import AzureOpenAIChatProvider
@@ -286,3 +287,21 @@ def test_a_provider_without_tools_is_skipped_without_a_request(
     assert [(r.outcome, r.error_type) for r in run.attempts] == [("skipped", "unsupported"), ("succeeded", None)]
     assert len(server.received) == 1
     assert outcome.replies[0].tool_calls is not None
+
+
+def test_a_stream_that_ends_before_every_choice_finished_is_cut(
+    server: FakeHTTPServer, make_provider: ProviderFactory
+) -> None:
+    events = [
+        chat_chunk("Par", index=0),
+        tool_call_stream(("call_1", "get_time", ["{"]), index=1)[0],
+        chat_chunk("is", index=0, finish_reason="stop"),
+        "[DONE]",  # choice 1 never finished
+    ]
+    server.queue(Reply(events=events))
+    collect = ChunkCollector()
+
+    with pytest.raises(errors.StreamInterrupted):
+        make_provider().run(call_with(tools=TOOLS, n=2), collect)
+
+    assert [chunk.index for chunk in collect.chunks] == [0, 1, 0]
