@@ -85,7 +85,9 @@ class ChainRun:
     """One request's walk down a chain; ``attempts`` stays readable if the run is stopped.
 
     ``start_index`` and ``attempts`` let a run resume a chain (after a hand-off to another
-    queue) with the history of the attempts made so far.
+    queue) with the history of the attempts made so far. ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls`` are the request's; its ``response_format`` and ``n`` come in
+    ``generation_kwargs`` (``ProviderCall`` takes them out into fields of its own).
     """
 
     providers: Sequence[ChatProvider]
