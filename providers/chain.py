@@ -11,6 +11,11 @@ The semantics follow DESIGN.md's table:
 - ``RequestStopped`` (deadline, time limit, cancel) and anything outside the taxonomy: the
   chain stops and the exception propagates; it is never a reason to fall back.
 - A provider in cooldown is skipped and the skip recorded.
+- A provider that lacks what the request needs (tools, images, a JSON schema, ``n`` > 1:
+  ``providers.requirements``) is skipped (``skipped``, ``unsupported``), never counted as a
+  failure; when no provider of the chain can take the request, the run ends ``unsupported``.
+- An answer that fails the request's ``response_format`` (``InvalidOutput``) is a failed
+  attempt: the listener is told (its chunks are void), no retry, the next provider goes on.
 
 Reply meta mirrors Haystack's ``FallbackChatGenerator`` keys, with ``total_attempts``
 counting every call (retries included) and ``failed_chat_generators`` naming provider ids.
@@ -29,7 +34,8 @@ from tenacity.stop import stop_base
 
 from providers import errors
 from providers.base import ChatProvider, ProviderCall, StreamingChunk
-from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo
+from providers.requirements import OutputCheck, needs_of
+from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo, ToolChoice, ToolDefinition
 
 
 class stop_when(stop_base):
@@ -46,7 +52,8 @@ class ChainListener(Protocol):
     """Receives what happens during a run (the task turns it into stream events)."""
 
     def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
-        """A chunk of ``attempt``; may raise ``Cancelled`` or ``DeadlineExceeded``."""
+        """A chunk of ``attempt`` for choice ``chunk.index``: text (``chunk.content``) or a
+        tool-call fragment (``chunk.tool_call``); may raise ``Cancelled`` or ``DeadlineExceeded``."""
 
     def on_attempt_failed(self, record: AttemptRecord) -> None:
         """An attempt failed; its chunks, if any, are void."""
@@ -78,7 +85,9 @@ class ChainRun:
     """One request's walk down a chain; ``attempts`` stays readable if the run is stopped.
 
     ``start_index`` and ``attempts`` let a run resume a chain (after a hand-off to another
-    queue) with the history of the attempts made so far.
+    queue) with the history of the attempts made so far. ``tools``, ``tool_choice`` and
+    ``parallel_tool_calls`` are the request's; its ``response_format`` and ``n`` come in
+    ``generation_kwargs`` (``ProviderCall`` takes them out into fields of its own).
     """
 
     providers: Sequence[ChatProvider]
@@ -94,6 +103,14 @@ class ChainRun:
     attempts: list[AttemptRecord] = field(default_factory=list)
     local_queues: frozenset[str] | None = None
     rng: random.Random = field(default_factory=random.Random)
+    tools: Sequence[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def __post_init__(self) -> None:
+        self._template = self._provider_call(provider_attempt=1)
+        self._needs = needs_of(self._template)
+        self._output_check = OutputCheck(self._template.response_format)
 
     def execute(self) -> ChainOutcome:
         """Walk the chain from ``start_index``; raise ``RequestStopped`` when told to stop.
@@ -105,6 +122,11 @@ class ChainRun:
             provider = self.providers[index]
             if time.monotonic() >= self.deadline:
                 raise errors.DeadlineExceeded("the request's deadline passed")
+            lacking = self._needs.missing(provider.config.capabilities())
+            if lacking:
+                reason = errors.Unsupported(f"{provider.provider_id} does not take {', '.join(lacking)}")
+                self._record(provider, index, "skipped", reason, 0.0, 0)
+                continue
             if self.cooldowns is not None and self.cooldowns.is_cooling_down(provider):
                 self._record(provider, index, "skipped", errors.ProviderUnavailable("in cooldown"), 0.0, 0)
                 continue
@@ -165,14 +187,7 @@ class ChainRun:
             chunks += 1
             self.listener.on_chunk(provider.provider_id, attempt, chunk)
 
-        call = ProviderCall(
-            messages=self.messages,
-            generation_kwargs=self.generation_kwargs,
-            stream=self.stream,
-            deadline=self.deadline,
-            provider_attempt=provider_attempt,
-            wait=self.wait,
-        )
+        call = self._provider_call(provider_attempt)
         started = time.monotonic()
         try:
             replies = provider.run(call, on_chunk)
@@ -189,8 +204,28 @@ class ChainRun:
         except BaseException as exc:
             self._record(provider, index, "stopped", exc, started, chunks)
             raise
+        try:
+            self._output_check.check(provider.provider_id, replies)
+        except errors.InvalidOutput as invalid:
+            # The answer came whole but is unusable: its chunks are void; another call of the same
+            # model is no likelier to comply than the next provider.
+            self.listener.on_attempt_failed(self._record(provider, index, "failed", invalid, started, chunks))
+            raise
         self._record(provider, index, "succeeded", None, started, chunks)
         return replies
+
+    def _provider_call(self, provider_attempt: int) -> ProviderCall:
+        return ProviderCall(
+            messages=self.messages,
+            generation_kwargs=self.generation_kwargs,
+            stream=self.stream,
+            deadline=self.deadline,
+            provider_attempt=provider_attempt,
+            wait=self.wait,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
+        )
 
     def _record(
         self,
@@ -245,8 +280,13 @@ class ChainRun:
 
     def _final_error(self) -> ErrorInfo:
         tried = [r for r in self.attempts if r.outcome != "skipped"]
+        unsupported = [r for r in self.attempts if r.error_type == errors.Unsupported.code]
+        if not tried and unsupported and len(unsupported) == len(self.attempts):
+            reasons = "; ".join(r.error_message or r.provider for r in unsupported)
+            return ErrorInfo(type=errors.Unsupported.code, message=f"no provider of the chain can take it ({reasons})")
         if not tried:
-            return ErrorInfo(type="all_providers_failed", message="every provider of the chain is cooling down")
+            message = "every provider of the chain is cooling down" + (" or lacks what it needs" if unsupported else "")
+            return ErrorInfo(type="all_providers_failed", message=message)
         summary = "; ".join(f"{r.provider}: {r.error_type}" for r in self.attempts)
         return ErrorInfo(
             type="all_providers_failed",

@@ -29,7 +29,9 @@ replies.
         │   ├── ContextLengthExceeded    context_length
         │   ├── ContentFiltered          content_filter
         │   ├── BadProviderRequest       bad_request
-        │   └── ProviderUnavailable      provider_unavailable (in cooldown, not configured)
+        │   ├── ProviderUnavailable      provider_unavailable (in cooldown, not configured)
+        │   ├── Unsupported              unsupported         (lacks tools / images / a JSON schema / n)
+        │   └── InvalidOutput            invalid_output      (the answer fails its response_format)
         └── StreamInterrupted ········ failed after chunks were streamed: fallback event,
                                          the next provider starts from scratch   stream_interrupted
 
@@ -206,6 +208,20 @@ class ProviderUnavailable(FatalProviderError):
     code = "provider_unavailable"
 
 
+class Unsupported(FatalProviderError):
+    """The provider cannot take what the request needs (tools, images, a JSON schema, several
+    choices): the chain skips it, which is never a cooldown failure."""
+
+    code = "unsupported"
+
+
+class InvalidOutput(FatalProviderError):
+    """The answer does not meet the request's ``response_format`` (not JSON, not an object, or
+    not valid against the schema): its text is void and the chain goes on."""
+
+    code = "invalid_output"
+
+
 class StreamInterrupted(ProviderError):
     """The provider failed after it had streamed chunks (cut connection, error event inside
     a 200 stream, stream ended without its end marker)."""
@@ -226,7 +242,14 @@ def counts_against_provider(exc: BaseException) -> bool:
 
     Failures caused by the request itself (too long, filtered, rejected) do not count.
     """
-    request_specific = (ContextLengthExceeded, ContentFiltered, BadProviderRequest, ProviderUnavailable)
+    request_specific = (
+        ContextLengthExceeded,
+        ContentFiltered,
+        BadProviderRequest,
+        ProviderUnavailable,
+        Unsupported,
+        InvalidOutput,
+    )
     return isinstance(exc, ProviderError) and not isinstance(exc, request_specific)
 
 

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from providers import errors
-from tasks.contract.schemas import ChatMessage, Usage
+from tasks.contract.schemas import ChatMessage, ResponseFormat, ToolChoice, ToolDefinition, Usage
 
 # Finish reasons normalised as Haystack does (TGI and HF report their own words).
 FINISH_REASONS: dict[str, str] = {
@@ -30,6 +30,27 @@ def to_chat_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
     """Messages in the shape of the OpenAI and HF chat APIs (OpenAI's own: content parts, tool
     calls and tool results pass as they are)."""
     return [message.model_dump(mode="json", exclude_none=True) for message in messages]
+
+
+def chat_tool_params(
+    tools: Sequence[ToolDefinition] | None, tool_choice: ToolChoice | None, parallel_tool_calls: bool | None
+) -> dict[str, Any]:
+    """``tools``, ``tool_choice`` and ``parallel_tool_calls`` in Chat Completions' shape (the
+    request's own). Without tools neither of the others is sent: OpenAI refuses
+    ``parallel_tool_calls`` without ``tools``, and a ``tool_choice`` of none is the default."""
+    if not tools:
+        return {}
+    params: dict[str, Any] = {"tools": [tool.model_dump(mode="json", exclude_none=True) for tool in tools]}
+    if tool_choice is not None:
+        params["tool_choice"] = tool_choice if isinstance(tool_choice, str) else tool_choice.model_dump(mode="json")
+    if parallel_tool_calls is not None:
+        params["parallel_tool_calls"] = parallel_tool_calls
+    return params
+
+
+def response_format_param(response_format: ResponseFormat) -> dict[str, Any]:
+    """``response_format`` in Chat Completions' shape (``json_schema.schema`` by its wire name)."""
+    return response_format.model_dump(mode="json", exclude_none=True, by_alias=True)
 
 
 # The names a request may give the cap on generated tokens (Cascade's, then each vendor's).

@@ -7,10 +7,18 @@ in chunks of ``chunk_size`` characters, waits ``first_chunk_delay_ms`` before th
 provider does; ``fail_times = N`` makes it fail the first N calls of each request, then succeed.
 ``fail = "crash"`` ends the whole process mid-call (``os._exit``), as an OOM kill or a segfault
 would: after ``fail_after_chunks`` chunks (like ``cut``), or before any chunk when that is 0.
+
+With ``tool_calls`` configured, a request that offers tools (and whose last message is not a
+tool result: the loop's next turn gets the text; an entry with no text always calls) is
+answered with those calls instead of the text, finish_reason ``tool_calls``: each call's
+arguments stream as fragments of ``chunk_size`` characters, its first fragment with its id and
+name. With ``n`` > 1 every choice
+streams the same answer under its own index, a piece of each in turn; usage is per reply.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -18,9 +26,10 @@ import time
 from typing import NoReturn
 
 from providers import errors
-from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
+from providers.base import ChatProvider, OnChunk, ProviderCall
+from providers.replies import ReplyAssembler
 from settings.providers import ScriptedConfig
-from tasks.contract.schemas import AssistantReply, ReplyMeta, Usage
+from tasks.contract.schemas import AssistantReply, Usage
 
 logger = logging.getLogger(__name__)
 
@@ -64,13 +73,13 @@ class ScriptedProvider(ChatProvider):
             self._pace(call, cfg.fail_delay_ms / 1000, give_up_at)
             raise self._failure()
 
-        pieces = [cfg.text[i : i + cfg.chunk_size] for i in range(0, len(cfg.text), cfg.chunk_size)]
+        pieces = self._pieces(call)
+        finish_reason = "tool_calls" if pieces and isinstance(pieces[0], tuple) else "stop"
         max_tokens = call.generation_kwargs.get("max_tokens")
-        finish_reason = "stop"
-        if isinstance(max_tokens, int) and max_tokens < len(pieces):
+        if finish_reason == "stop" and isinstance(max_tokens, int) and max_tokens < len(pieces):
             pieces, finish_reason = pieces[:max_tokens], "length"
 
-        first_chunk_at: str | None = None
+        assembler = ReplyAssembler(on_chunk, cfg.model)
         for number, piece in enumerate(pieces):
             if failing and number >= cfg.fail_after_chunks:
                 raise self._failure()
@@ -79,13 +88,15 @@ class ScriptedProvider(ChatProvider):
             if number == 0 and cfg.first_chunk_timeout_s is not None:
                 limit = min(limit, started + cfg.first_chunk_timeout_s)
             self._pace(call, delay_ms / 1000, limit)
-            first_chunk_at = first_chunk_at or utc_now_iso()
-            last = number == len(pieces) - 1
-            on_chunk(
-                StreamingChunk(
-                    content=piece, meta={"model": cfg.model, "finish_reason": finish_reason if last else None}
-                )
-            )
+            for index in range(call.choices):
+                if number == len(pieces) - 1:
+                    assembler.finish(index, finish_reason)
+                if isinstance(piece, str):
+                    assembler.text(index, piece)
+                else:
+                    call_index, fragment = piece
+                    tool = cfg.tool_calls[call_index]
+                    assembler.tool_call(index, call_index, call_id=tool.id, name=tool.name, arguments=fragment)
         if failing:  # "cut" with fail_after_chunks beyond the text: the end marker never came
             raise self._failure()
 
@@ -95,13 +106,25 @@ class ScriptedProvider(ChatProvider):
             completion_tokens=len(pieces),
             total_tokens=prompt_tokens + len(pieces),
         )
-        meta = ReplyMeta(
-            model=cfg.model,
-            finish_reason=finish_reason,
-            usage=usage,
-            completion_start_time=first_chunk_at or utc_now_iso(),
-        )
-        return [AssistantReply(content="".join(pieces), meta=meta)]
+        for index in range(call.choices):
+            assembler.finish(index, finish_reason)
+            assembler.usage(index, usage)
+        return assembler.replies()
+
+    def _pieces(self, call: ProviderCall) -> list[str | tuple[int, str]]:
+        """The answer in the pieces it streams in: the text's, or the tool calls' fragments
+        (each a call's position and a piece of its arguments)."""
+        cfg, size = self.config, self.config.chunk_size
+        last_is_result = bool(call.messages) and call.messages[-1].role == "tool"
+        if not (cfg.tool_calls and call.offers_tools and not last_is_result) and cfg.text:
+            return [cfg.text[i : i + size] for i in range(0, len(cfg.text), size)]
+        fragments: list[str | tuple[int, str]] = []
+        for call_index, tool in enumerate(cfg.tool_calls):
+            arguments = tool.arguments if isinstance(tool.arguments, str) else json.dumps(tool.arguments)
+            fragments += [(call_index, arguments[i : i + size]) for i in range(0, len(arguments), size)] or [
+                (call_index, "")
+            ]
+        return fragments
 
     def _crash(self) -> NoReturn:
         """End this process now, with no cleanup, as the kernel would."""

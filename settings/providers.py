@@ -7,9 +7,11 @@ settings loader can report an unknown type by name.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tasks.contract.common import field_error
 
 ScriptedFailure = Literal[
     "rate_limit",
@@ -47,13 +49,67 @@ class ProviderConfigBase(BaseModel):
     cooldown_failures: int = Field(default=5, ge=0)
     cooldown_window_s: float = Field(default=60.0, gt=0)
     cooldown_s: float = Field(default=30.0, gt=0)
+    # Capabilities: None takes the type's default (TYPE_CAPABILITIES).
+    supports_tools: bool | None = Field(default=None, description="takes tools and tool messages")
+    supports_images: bool | None = Field(default=None, description="takes image parts in user messages")
+    supports_json_schema: bool | None = Field(default=None, description="takes response_format json_schema")
+    supports_n: bool | None = Field(default=None, description="answers n > 1 choices in one call")
+
+    def capabilities(self) -> Capabilities:
+        """What this provider can take: the entry's own ``supports_*``, else its type's defaults."""
+        defaults = TYPE_CAPABILITIES.get(self.type, NO_CAPABILITIES)
+        return Capabilities(
+            tools=defaults.tools if self.supports_tools is None else self.supports_tools,
+            images=defaults.images if self.supports_images is None else self.supports_images,
+            json_schema=defaults.json_schema if self.supports_json_schema is None else self.supports_json_schema,
+            n=defaults.n if self.supports_n is None else self.supports_n,
+        )
+
+
+class Capabilities(NamedTuple):
+    """What a provider can take (see the module docstring)."""
+
+    tools: bool
+    images: bool
+    json_schema: bool
+    n: bool
+
+
+NO_CAPABILITIES = Capabilities(tools=False, images=False, json_schema=False, n=False)
+_ALL = Capabilities(tools=True, images=True, json_schema=True, n=True)
+# The defaults of each type. The Responses API has no ``n``. TGI ignores ``n`` and many models
+# served by ``hf_api`` read no images, so an ``hf_api`` entry for a vision model says
+# ``supports_images = true``. ``hf_local`` takes text only for now (its chat template is not
+# given tools or images). ``scripted`` stands in for a capable model: an entry that plays one
+# lacking something says so.
+TYPE_CAPABILITIES: dict[str, Capabilities] = {
+    "scripted": _ALL,
+    "openai": _ALL,
+    "azure_openai": _ALL,
+    "openai_responses": _ALL._replace(n=False),
+    "azure_openai_responses": _ALL._replace(n=False),
+    "hf_api": Capabilities(tools=True, images=False, json_schema=True, n=False),
+    "hf_local": NO_CAPABILITIES,
+}
+
+
+class ScriptedToolCall(BaseModel):
+    """A tool call the scripted provider answers with; ``arguments`` is JSON text (an object
+    is written as JSON); ``id`` defaults to a fresh ``call_...`` for each answer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    arguments: str | dict[str, Any] = "{}"
+    id: str | None = Field(default=None, min_length=1, max_length=512)
 
 
 class ScriptedConfig(ProviderConfigBase):
-    """``type = "scripted"``: replays ``text`` in chunks at a set pace, failing on request."""
+    """``type = "scripted"``: replays ``text`` in chunks at a set pace, failing on request;
+    with ``tool_calls``, answers a request that offers tools with those calls."""
 
     type: Literal["scripted"] = "scripted"
-    text: str = Field(min_length=1)
+    text: str = ""
     model: str = "scripted"
     chunk_size: int = Field(default=4, ge=1)
     first_chunk_delay_ms: float = Field(default=0.0, ge=0)
@@ -65,6 +121,13 @@ class ScriptedConfig(ProviderConfigBase):
     retry_after_s: float | None = Field(default=1.0, ge=0, description="Retry-After of rate_limit")
     # Scripted failures are deliberate, so they do not trip a cooldown unless asked to.
     cooldown_failures: int = Field(default=0, ge=0)
+    tool_calls: list[ScriptedToolCall] = Field(default_factory=list, max_length=128)
+
+    @model_validator(mode="after")
+    def _something_to_say(self) -> ScriptedConfig:
+        if not self.text and not self.tool_calls:
+            field_error("ScriptedConfig", ["text"], "text (or tool_calls) is required", self.text)
+        return self
 
 
 class ApiProviderConfig(ProviderConfigBase):

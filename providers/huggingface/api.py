@@ -12,6 +12,17 @@ shuts the socket down when a limit passes. Before the headers (and for a non-str
 there is nothing to shut down: the client's timeout, just past the guard's next limit, ends
 that wait, and the guard, having fired first, names the limit.
 
+Messages v2: the messages go in OpenAI's shape (content parts with ``image_url``, assistant
+``tool_calls``, ``tool`` messages), which the router, TGI and Inference Endpoints all read;
+``tools`` and ``tool_choice`` as chat completion's own (OpenAI's shape), ``parallel_tool_calls``
+in the body when the request sets it, ``n`` as is. ``response_format`` goes in OpenAI's shape;
+for a ``url`` (TGI, Inference Endpoints) huggingface_hub turns a ``json_schema`` into TGI's
+grammar ``{type: "json_object", value: <schema>}``, and a ``json_object`` gets the object schema
+as its ``value`` here, since TGI's grammar needs one. Streamed
+``delta.tool_calls`` fragments (a list, or the single object older TGI versions send) go to
+``on_chunk`` as tool-call fragments; TGI sends no call ids (``""``), so such a call gets a
+fresh ``call_...`` id.
+
 Credentials: a Hugging Face token (``HF_API_TOKEN``, ``HF_TOKEN``, huggingface_hub's own login)
 goes only to Hugging Face: the serverless router and endpoints on Hugging Face hosts
 (``HF_HOST_SUFFIXES``). A self-hosted URL (TGI, an endpoint anywhere else) gets a key only
@@ -21,6 +32,7 @@ header at all, not even the token huggingface_hub would add by itself.
 
 from __future__ import annotations
 
+import json
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack
@@ -32,18 +44,20 @@ import httpx2
 from huggingface_hub import ChatCompletionInputStreamOptions, ChatCompletionStreamOutput, InferenceClient
 
 from providers import errors
-from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
+from providers.base import ChatProvider, OnChunk, ProviderCall
 from providers.guard import CallGuard
 from providers.huggingface.errors import HF_FAILURES, TIMEOUT_ERRORS, translate_hf_error
 from providers.messages import (
+    chat_tool_params,
     merge_generation_kwargs,
-    normalise_finish_reason,
     read_secret,
+    response_format_param,
     to_chat_messages,
     usage_from,
 )
+from providers.replies import ReplyAssembler
 from settings.providers import HfApiConfig
-from tasks.contract.schemas import AssistantReply, ReplyMeta, Usage
+from tasks.contract.schemas import AssistantReply, ResponseFormat
 
 __all__ = ["HfApiProvider", "translate_hf_error"]
 
@@ -125,7 +139,23 @@ class HfApiProvider(ChatProvider):
             kwargs["stop"] = stop
         if self.config.api_type != "serverless_inference_api" and self.config.model:
             kwargs["model"] = self.config.model  # the payload's "model"; the URL still picks the server
+        tools = chat_tool_params(call.tools, call.tool_choice, None)
+        kwargs.update(tools)
+        if tools and call.parallel_tool_calls is not None:
+            # chat_completion has no such argument: it goes in the body as it is.
+            kwargs["extra_body"] = {"parallel_tool_calls": call.parallel_tool_calls}
+        if call.response_format is not None:
+            kwargs["response_format"] = self._response_format(call.response_format)
+        if call.n is not None:
+            kwargs["n"] = call.n
         return kwargs
+
+    def _response_format(self, response_format: ResponseFormat) -> dict[str, Any]:
+        """``response_format`` as the target reads it (see the module docstring)."""
+        param = response_format_param(response_format)
+        if self.config.api_type != "serverless_inference_api" and response_format.type == "json_object":
+            param["value"] = {"type": "object"}  # TGI's grammar needs a schema, any object here
+        return param
 
     def _client(self, token: str | None, guard: CallGuard) -> InferenceClient:
         cfg = self.config
@@ -141,51 +171,42 @@ class HfApiProvider(ChatProvider):
         return client
 
     def _stream(self, attempt: _Attempt, kwargs: dict[str, Any], on_chunk: OnChunk) -> list[AssistantReply]:
-        texts: dict[int, list[str]] = {}
-        finish: dict[int, str] = {}
-        model = self.config.model or "unknown"
-        usage: Usage | None = None
-        started_at: str | None = None
-        emitted = 0
+        assembler = ReplyAssembler(on_chunk, self.config.model or "unknown")
+        usage = None
         outputs = attempt.outputs(kwargs)
-        while (output := _next(outputs, emitted)) is not None:
-            model = output.model or model
+        while (output := _next(outputs, assembler.emitted)) is not None:
+            assembler.model = output.model or assembler.model
             if output.usage:  # TGI 2 puts it on the last token's chunk, TGI 3 on a chunk of its own
                 usage = usage_from(output.usage.prompt_tokens, output.usage.completion_tokens)
             for choice in output.choices or []:
                 index = choice.index or 0
-                pieces = texts.setdefault(index, [])
-                reason = normalise_finish_reason(choice.finish_reason)
-                if reason:
-                    finish[index] = reason
-                content = choice.delta.content if choice.delta else None
-                if content:
-                    started_at = started_at or utc_now_iso()
-                    pieces.append(content)
-                    on_chunk(StreamingChunk(content, index, meta={"model": model, "finish_reason": reason}))
-                    emitted += 1
+                assembler.choice(index)
+                assembler.finish(index, choice.finish_reason)
+                delta = choice.delta
+                if delta is None:
+                    continue
+                assembler.text(index, delta.content or "")
+                for fragment in _fragments(delta.tool_calls):
+                    function = fragment.function
+                    assembler.tool_call(
+                        index,
+                        fragment.index or 0,
+                        call_id=fragment.id,
+                        name=function.name if function else None,
+                        arguments=function.arguments if function else None,
+                    )
         # The hub's iterator ends quietly at "[DONE]" and at a closed connection alike: only a
         # finish_reason for every reply tells a whole answer from a cut one.
-        if not finish or any(index not in finish for index in texts):
+        finished = [index for index in assembler.indexes if assembler.finish_reason(index)]
+        if not finished or len(finished) < len(assembler.indexes):
+            emitted = assembler.emitted
             fired = attempt.guard.failure()
             if fired is not None:
                 raise _interrupted(fired, emitted) if emitted and isinstance(fired, errors.ProviderError) else fired
             if emitted:
                 raise errors.StreamInterrupted(f"{self.provider_id}: stream ended with no finish_reason")
             raise errors.ProviderConnectionError(f"{self.provider_id}: the stream ended before any chunk")
-        return [
-            AssistantReply(
-                content="".join(texts[index]),
-                meta=ReplyMeta(
-                    model=model,
-                    index=index,
-                    finish_reason=finish[index],
-                    usage=usage or usage_from(None, None),
-                    completion_start_time=started_at,
-                ),
-            )
-            for index in sorted(finish)
-        ]
+        return assembler.replies(usage or usage_from(None, None))
 
     def _complete(self, attempt: _Attempt, kwargs: dict[str, Any]) -> list[AssistantReply]:
         messages = to_chat_messages(attempt.call.messages)
@@ -195,21 +216,31 @@ class HfApiProvider(ChatProvider):
             raise attempt.failure(exc) from exc
         if not output.choices:
             raise errors.ServerError(f"{self.provider_id}: the answer holds no choices")
-        received_at = utc_now_iso()
         usage = usage_from(output.usage.prompt_tokens, output.usage.completion_tokens) if output.usage else None
-        return [
-            AssistantReply(
-                content=(choice.message.content if choice.message else None) or "",
-                meta=ReplyMeta(
-                    model=output.model or self.config.model or "unknown",
-                    index=choice.index if choice.index is not None else number,
-                    finish_reason=normalise_finish_reason(choice.finish_reason),
-                    usage=usage or usage_from(None, None),
-                    completion_start_time=received_at,
-                ),
-            )
-            for number, choice in enumerate(output.choices)
-        ]
+        # The runner publishes nothing of a non-streamed answer: it gets no chunks.
+        assembler = ReplyAssembler(lambda _chunk: None, output.model or self.config.model or "unknown")
+        for number, choice in enumerate(output.choices):
+            index = choice.index if choice.index is not None else number
+            assembler.choice(index)
+            assembler.finish(index, choice.finish_reason)
+            message = choice.message
+            if message is None:
+                continue
+            assembler.text(index, message.content or "")
+            for position, call in enumerate(message.tool_calls or []):
+                function = call.function
+                arguments = (
+                    function.arguments if isinstance(function.arguments, str) else json.dumps(function.arguments)
+                )
+                assembler.tool_call(index, position, call_id=call.id, name=function.name, arguments=arguments)
+        return assembler.replies(usage or usage_from(None, None))
+
+
+def _fragments(tool_calls: Any) -> list[Any]:
+    """The tool-call fragments of a delta: a list, or the one object older TGI versions send."""
+    if tool_calls is None:
+        return []
+    return list(tool_calls) if isinstance(tool_calls, list) else [tool_calls]
 
 
 @dataclass(frozen=True)
@@ -228,7 +259,10 @@ class _Attempt:
         options = ChatCompletionInputStreamOptions(include_usage=True)
         try:
             for output in self.client.chat_completion(messages, stream=True, stream_options=options, **kwargs):
-                if any(choice.delta and choice.delta.content for choice in output.choices or []):
+                if any(
+                    choice.delta and (choice.delta.content or choice.delta.tool_calls)
+                    for choice in output.choices or []
+                ):
                     self.guard.chunk_received()  # raises the limit that fired, if one did
                 yield output
         except HF_FAILURES as exc:

@@ -73,6 +73,41 @@ def chat_chunk(
     }
 
 
+def tool_call_chunk(
+    call_index: int,
+    arguments: str,
+    *,
+    call_id: str | None = None,
+    name: str | None = None,
+    index: int = 0,
+    model: str = MODEL,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` holding one fragment of a tool call, as OpenAI streams it:
+    the call's first fragment has its ``id``, ``type`` and ``function.name`` (and arguments
+    ``""``), the next ones only ``index`` and a piece of ``function.arguments``."""
+    fragment: dict[str, Any] = {"index": call_index, "function": {"arguments": arguments}}
+    if call_id is not None:
+        fragment.update(id=call_id, type="function")
+        fragment["function"]["name"] = name
+    chunk = chat_chunk(index=index, model=model)
+    delta = chunk["choices"][0]["delta"]
+    if call_id is not None and call_index == 0:
+        delta.update(role="assistant", content=None, refusal=None)
+    delta["tool_calls"] = [fragment]
+    return chunk
+
+
+def tool_call_stream(*calls: tuple[str, str, list[str]], index: int = 0) -> list[dict[str, Any]]:
+    """The chunks of one choice calling ``calls`` (id, name, argument fragments) one after the
+    other, ending with finish_reason ``tool_calls`` (no usage chunk, no ``[DONE]``)."""
+    chunks: list[dict[str, Any]] = []
+    for call_index, (call_id, name, fragments) in enumerate(calls):
+        chunks.append(tool_call_chunk(call_index, "", call_id=call_id, name=name, index=index))
+        chunks += [tool_call_chunk(call_index, fragment, index=index) for fragment in fragments]
+    chunks.append(chat_chunk(index=index, finish_reason="tool_calls"))
+    return chunks
+
+
 def usage_chunk(prompt_tokens: int, completion_tokens: int, model: str = MODEL) -> dict[str, Any]:
     """The last chunk when ``include_usage`` is set: empty ``choices``, the request's usage."""
     chunk = chat_chunk(model=model)
@@ -117,6 +152,18 @@ def chat_completion(*texts: str, finish_reason: str = "stop", model: str = MODEL
     }
 
 
+def chat_completion_calling(*calls: tuple[str, str, str], content: str | None = None) -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` whose one choice calls ``calls`` (id, name, arguments)."""
+    completion = chat_completion("", finish_reason="tool_calls")
+    message = completion["choices"][0]["message"]
+    message["content"] = content
+    message["tool_calls"] = [
+        {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+        for call_id, name, arguments in calls
+    ]
+    return completion
+
+
 # --- Responses API ---------------------------------------------------------------------------
 
 
@@ -128,8 +175,10 @@ def response_object(
     error: dict[str, Any] | None = None,
     incomplete_reason: str | None = None,
     usage: tuple[int, int] | None = (20, 7),
+    function_calls: list[tuple[str, str, str]] | None = None,
 ) -> dict[str, Any]:
-    """A ``response`` object as the Responses API returns (or embeds in its events)."""
+    """A ``response`` object as the Responses API returns (or embeds in its events);
+    ``function_calls`` (call_id, name, arguments) are ``function_call`` items after the others."""
     output: list[dict[str, Any]] = []
     if reasoning is not None:
         summary = [{"type": "summary_text", "text": part} for part in reasoning]
@@ -139,6 +188,8 @@ def response_object(
         output.append(
             {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant", "content": content}
         )
+    for number, (call_id, name, arguments) in enumerate(function_calls or []):
+        output.append(function_call_item(call_id, name, arguments, item_id=f"fc_{number}"))
     return {
         "id": "resp_67ccd2bed1ec8190b14f964abc054267",
         "object": "response",
@@ -184,6 +235,51 @@ def summary_delta(delta: str, summary_index: int = 0) -> dict[str, Any]:
         "summary_index": summary_index,
         "delta": delta,
     }
+
+
+def function_call_item(
+    call_id: str, name: str, arguments: str, *, item_id: str = "fc_0", status: str = "completed"
+) -> dict[str, Any]:
+    """A ``function_call`` output item: ``id`` is the item's, ``call_id`` the one a
+    ``function_call_output`` answers."""
+    return {
+        "id": item_id,
+        "type": "function_call",
+        "status": status,
+        "call_id": call_id,
+        "name": name,
+        "arguments": arguments,
+    }
+
+
+def function_call_events(
+    call_id: str, name: str, fragments: list[str], *, output_index: int, item_id: str
+) -> list[dict[str, Any]]:
+    """How the API streams one function call: ``response.output_item.added`` (empty arguments),
+    ``response.function_call_arguments.delta`` per fragment, then ``...arguments.done`` and
+    ``response.output_item.done`` with the whole call."""
+    arguments = "".join(fragments)
+    added = function_call_item(call_id, name, "", item_id=item_id, status="in_progress")
+    done = function_call_item(call_id, name, arguments, item_id=item_id)
+    return [
+        {"type": "response.output_item.added", "output_index": output_index, "item": added},
+        *(
+            {
+                "type": "response.function_call_arguments.delta",
+                "item_id": item_id,
+                "output_index": output_index,
+                "delta": piece,
+            }
+            for piece in fragments
+        ),
+        {
+            "type": "response.function_call_arguments.done",
+            "item_id": item_id,
+            "output_index": output_index,
+            "arguments": arguments,
+        },
+        {"type": "response.output_item.done", "output_index": output_index, "item": done},
+    ]
 
 
 def lifecycle(kind: str, response: dict[str, Any]) -> dict[str, Any]:

@@ -97,7 +97,7 @@ def test_generation_kwargs_mapping(server: FakeHTTPServer, make_provider: Provid
         response_format={"type": "json_schema", "json_schema": schema},
         stop=["\n"],
         seed=3,
-        n=2,
+        n=1,
         store=True,  # a request cannot ask the vendor to keep the conversation
     )
 

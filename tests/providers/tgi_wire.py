@@ -68,3 +68,39 @@ def streamed(*contents: str, finish: str = "eos_token", **reply: Any) -> Reply:
     events: list[Any] = [chunk(text) for text in contents[:-1]]
     events += [chunk(contents[-1], finish), usage_chunk(21, len(contents)), "[DONE]"]
     return Reply(events=events, chunked=True, **reply)
+
+
+def tool_call_chunk(
+    call_index: int,
+    arguments: str,
+    *,
+    name: str | None = None,
+    call_id: str = "",
+    finish: str | None = None,
+    index: int = 0,
+    listed: bool = True,
+) -> dict[str, Any]:
+    """A ``chat.completion.chunk`` holding one tool-call fragment: TGI 3 sends a list of one
+    fragment with ``id`` ``""`` and the name on the first (``listed``); older versions send the
+    fragment as an object instead of a list. A router in front of another engine sends ids."""
+    fragment = {
+        "index": call_index,
+        "id": call_id,
+        "type": "function",
+        "function": {"name": name, "arguments": arguments},
+    }
+    delta = {"role": "assistant", "content": None, "tool_calls": [fragment] if listed else fragment}
+    event = _answer("chat.completion.chunk", {"delta": delta}, finish, None, MODEL)
+    event["choices"][0]["index"] = index
+    return event
+
+
+def tool_call_completion(*calls: tuple[str, dict[str, Any] | str], finish: str = "stop") -> dict[str, Any]:
+    """A non-streamed ``chat.completion`` calling ``calls`` (name, arguments); TGI writes
+    ``arguments`` as an object and ids as indexes."""
+    tool_calls = [
+        {"id": str(number), "type": "function", "function": {"name": name, "description": None, "arguments": arguments}}
+        for number, (name, arguments) in enumerate(calls)
+    ]
+    message = {"message": {"role": "assistant", "content": None, "tool_calls": tool_calls}}
+    return _answer("chat.completion", message, finish, usage(30, 12), MODEL)

@@ -14,7 +14,7 @@ from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk
 from providers.chain import ChainOutcome, ChainRun
 from providers.registry import build_provider
 from settings import ScriptedConfig
-from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage
+from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage, ReplyMeta, ToolDefinition
 from tests.support.calls import ChainRecorder
 
 TEXT = "Hello from the chain"
@@ -63,12 +63,14 @@ def make_run(
     wait: Callable[[float], None],
     *,
     deadline_s: float = 60.0,
+    messages: list[ChatMessage] | None = None,
+    generation_kwargs: dict[str, Any] | None = None,
     **kw: Any,
 ) -> ChainRun:
     return ChainRun(
         providers=providers,
-        messages=[ChatMessage(role="user", content="hi")],
-        generation_kwargs={},
+        messages=messages or [ChatMessage(role="user", content="hi")],
+        generation_kwargs=generation_kwargs or {},
         deadline=time.monotonic() + deadline_s,
         listener=listener,
         wait=wait,
@@ -290,3 +292,190 @@ def test_resuming_keeps_the_history_and_numbering() -> None:
     assert [(r.provider, r.attempt) for r in run.attempts] == [("a", 1), ("b", 2)]
     assert {attempt for _p, attempt, _c in listener.chunks} == {2}
     assert run.meta(outcome)["failed_chat_generators"] == ["a"]
+
+
+# --- Messages v2: capabilities and checked structured output -----------------------------------
+
+TOOLS = [ToolDefinition.model_validate({"type": "function", "function": {"name": "get_weather"}})]
+PNG = (
+    "data:image/png;base64,"
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYGD4DwABBAEAfbLI3wAAAABJRU5ErkJggg=="
+)
+IMAGE_MESSAGE = ChatMessage.model_validate(
+    {
+        "role": "user",
+        "content": [{"type": "text", "text": "what is it?"}, {"type": "image_url", "image_url": {"url": PNG}}],
+    }
+)
+CITY_SCHEMA = {
+    "type": "json_schema",
+    "json_schema": {
+        "name": "city",
+        "schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+class Replies(ChatProvider):
+    """Answers with fixed replies, one per choice (no chunks)."""
+
+    def __init__(self, provider_id: str, *texts: str) -> None:
+        super().__init__(provider_id, ScriptedConfig(text="unused"))
+        self.texts = texts
+        self.calls: list[ProviderCall] = []
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        self.calls.append(call)
+        return [
+            AssistantReply(content=text, meta=ReplyMeta(model="fixed", index=index))
+            for index, text in enumerate(self.texts)
+        ]
+
+
+@pytest.mark.parametrize(
+    ("need", "lacking", "kw"),
+    [
+        ("tools", "supports_tools", {"tools": TOOLS}),
+        ("images", "supports_images", {"messages": [IMAGE_MESSAGE]}),
+        ("json_schema", "supports_json_schema", {"generation_kwargs": {"response_format": CITY_SCHEMA}}),
+        ("n > 1", "supports_n", {"generation_kwargs": {"n": 2}}),
+    ],
+)
+def test_a_provider_lacking_what_the_request_needs_is_skipped(need: str, lacking: str, kw: dict[str, Any]) -> None:
+    gate, listener = Cooldowns(set()), ChainRecorder()
+    providers = [scripted("a", **{lacking: False}), scripted("b", text='{"city": "Paris"}')]
+    run = make_run(providers, listener, RecordingWait(), cooldowns=gate, **kw)
+
+    outcome = run.execute()
+
+    assert outcome.succeeded_index == 1
+    assert outcomes(run) == [("a", "skipped", "unsupported"), ("b", "succeeded", None)]
+    assert run.attempts[0].error_message == f"a does not take {need}"
+    assert listener.failed == [] and gate.failures == []  # never a failure, never a cooldown
+    assert run.meta(outcome)["total_attempts"] == 1
+    assert run.meta(outcome)["failed_chat_generators"] == []
+
+
+def test_a_conversation_with_tool_calls_needs_tools_even_without_tool_definitions() -> None:
+    history = [
+        ChatMessage(role="user", content="weather?"),
+        ChatMessage.model_validate(
+            {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": "{}"}}],
+            }
+        ),
+        ChatMessage(role="tool", tool_call_id="c1", content="21 C"),
+    ]
+    run = make_run(
+        [scripted("a", supports_tools=False), scripted("b")], ChainRecorder(), RecordingWait(), messages=history
+    )
+    assert run.execute().succeeded_index == 1
+    assert outcomes(run)[0] == ("a", "skipped", "unsupported")
+
+
+def test_no_provider_able_to_take_the_request_ends_unsupported() -> None:
+    providers = [scripted("a", supports_tools=False), scripted("b", supports_tools=False, supports_images=False)]
+    run = make_run(providers, ChainRecorder(), RecordingWait(), tools=TOOLS, messages=[IMAGE_MESSAGE])
+
+    outcome = run.execute()
+
+    assert outcome.error is not None and outcome.error.type == "unsupported"
+    assert "a does not take tools" in outcome.error.message
+    assert "b does not take tools, images" in outcome.error.message
+    assert outcomes(run) == [("a", "skipped", "unsupported"), ("b", "skipped", "unsupported")]
+
+
+def test_unsupported_and_cooling_down_together_is_not_unsupported() -> None:
+    providers = [scripted("a", supports_tools=False), scripted("b")]
+    run = make_run(providers, ChainRecorder(), RecordingWait(), tools=TOOLS, cooldowns=Cooldowns({"b"}))
+    outcome = run.execute()
+    assert outcome.error is not None and outcome.error.type == "all_providers_failed"
+    assert outcomes(run) == [("a", "skipped", "unsupported"), ("b", "skipped", "provider_unavailable")]
+
+
+def test_a_provider_on_another_queue_that_cannot_take_the_request_is_skipped_not_handed_off() -> None:
+    providers = [scripted("gpu", queue="chat.gpu", supports_tools=False), scripted("b")]
+    run = make_run(providers, ChainRecorder(), RecordingWait(), tools=TOOLS, local_queues=frozenset({"chat"}))
+    outcome = run.execute()
+    assert outcome.handoff_index is None and outcome.succeeded_index == 1
+
+
+def test_the_call_carries_the_tools_and_takes_response_format_and_n_out_of_the_kwargs() -> None:
+    provider = Replies("a", '{"city": "Paris"}', '{"city": "Lyon"}')
+    run = make_run(
+        [provider],
+        ChainRecorder(),
+        RecordingWait(),
+        tools=TOOLS,
+        tool_choice="required",
+        parallel_tool_calls=False,
+        generation_kwargs={"response_format": CITY_SCHEMA, "n": 2, "temperature": 0.5},
+    )
+    assert run.execute().succeeded_index == 0
+    (call,) = provider.calls
+    assert (call.tools, call.tool_choice, call.parallel_tool_calls) == (TOOLS, "required", False)
+    assert call.generation_kwargs == {"temperature": 0.5}
+    assert call.n == call.choices == 2
+    assert call.response_format is not None and call.response_format.json_schema is not None
+    assert call.response_format.json_schema.name == "city"
+
+
+@pytest.mark.parametrize(
+    ("response_format", "answer"),
+    [
+        (CITY_SCHEMA, "Paris is the capital."),  # not JSON
+        (CITY_SCHEMA, '{"town": "Paris"}'),  # JSON, not valid against the schema
+        (CITY_SCHEMA, '{"city": 75}'),
+        ({"type": "json_object"}, '["Paris"]'),  # JSON, not an object
+        ({"type": "json_object"}, '{"city": "Par'),  # cut short
+    ],
+)
+def test_an_answer_failing_its_response_format_falls_back_without_retry(
+    response_format: dict[str, Any], answer: str
+) -> None:
+    gate, listener = Cooldowns(set()), ChainRecorder()
+    providers = [scripted("a", text=answer, max_retries=2), scripted("b", text='{"city": "Paris"}')]
+    run = make_run(
+        providers, listener, RecordingWait(), cooldowns=gate, generation_kwargs={"response_format": response_format}
+    )
+
+    outcome = run.execute()
+
+    assert outcome.succeeded_index == 1
+    assert outcomes(run) == [("a", "failed", "invalid_output"), ("b", "succeeded", None)]
+    assert [record.error_type for record in listener.failed] == ["invalid_output"]  # a fallback event: void its text
+    assert listener.text_of(1) == answer  # what the listener must void
+    assert run.attempts[0].chunks > 0
+    assert gate.failures == []
+    assert outcome.replies[0].content == '{"city": "Paris"}'
+
+
+def test_every_choice_is_checked() -> None:
+    run = make_run(
+        [Replies("a", '{"city": "Paris"}', "Lyon"), Replies("b", '{"city": "Lyon"}')],
+        ChainRecorder(),
+        RecordingWait(),
+        generation_kwargs={"response_format": CITY_SCHEMA, "n": 2},
+    )
+    outcome = run.execute()
+    assert outcome.succeeded_index == 1
+    assert run.attempts[0].error_message is not None and "reply 1" in run.attempts[0].error_message
+
+
+def test_a_valid_answer_and_a_tool_call_pass_the_check() -> None:
+    caller = scripted("a", tool_calls=[{"name": "get_weather", "arguments": "{}"}])
+    run = make_run(
+        [caller], ChainRecorder(), RecordingWait(), tools=TOOLS, generation_kwargs={"response_format": CITY_SCHEMA}
+    )
+    outcome = run.execute()
+    assert outcome.succeeded_index == 0
+    assert outcome.replies[0].tool_calls is not None
+    run = make_run(
+        [scripted("a", text='{"city": "Paris", "extra": 1}')],
+        ChainRecorder(),
+        RecordingWait(),
+        generation_kwargs={"response_format": {"type": "json_object"}},
+    )
+    assert run.execute().succeeded_index == 0

@@ -15,7 +15,7 @@ from providers import errors
 from providers.base import ProviderCall, StreamingChunk
 from providers.scripted import CRASH_EXIT_CODE, ScriptedProvider
 from settings import ScriptedConfig
-from tasks.contract.schemas import ChatMessage
+from tasks.contract.schemas import ChatMessage, ToolDefinition
 from tests.support.calls import ChunkCollector, make_call, provider_factory
 
 TEXT = "Natural Language Processing"  # 27 characters
@@ -283,3 +283,87 @@ def test_crash_ends_the_process_mid_call(after: int, streamed: list[str]) -> Non
 
 def test_crash_is_a_failure_kind_of_the_config() -> None:
     assert ScriptedConfig(text="x", fail="crash").fail == "crash"
+
+
+# --- Messages v2: tool calls and several choices ---------------------------------------------
+
+WEATHER_TOOL = ToolDefinition.model_validate(
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+)
+CALLS = [
+    {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    {"name": "get_time", "arguments": {"tz": "CET"}, "id": "call_fixed"},
+]
+
+
+def tool_call(messages: list[ChatMessage] | None = None, **fields: Any) -> ProviderCall:
+    return ProviderCall(
+        messages=messages or [ChatMessage(role="user", content="weather in Paris?")],
+        generation_kwargs={},
+        stream=True,
+        deadline=1e12,
+        wait=RecordingWait(),
+        **{"tools": [WEATHER_TOOL], **fields},
+    )
+
+
+def test_tool_calls_stream_as_fragments_of_chunk_size() -> None:
+    sink = ChunkCollector()
+    (reply,) = provider(chunk_size=8, tool_calls=CALLS).run(tool_call(), sink)
+
+    deltas = [chunk.tool_call for chunk in sink.chunks]
+    assert all(delta is not None for delta in deltas) and sink.text == ""
+    assert [(d.index, d.name, d.arguments_delta) for d in deltas if d is not None] == [
+        (0, "get_weather", '{"city":'),
+        (0, None, ' "Paris"'),
+        (0, None, "}"),
+        (1, "get_time", '{"tz": "'),
+        (1, None, 'CET"}'),
+    ]
+    first_ids = [d.id for d in deltas if d is not None and d.name]
+    assert first_ids[0] is not None and first_ids[0].startswith("call_") and first_ids[1] == "call_fixed"
+    assert all(d.id is None for d in deltas if d is not None and d.name is None)
+    assert reply.content is None and reply.meta.finish_reason == "tool_calls"
+    assert reply.tool_calls is not None
+    assert [(c.id, c.function.name, c.function.arguments) for c in reply.tool_calls] == [
+        (first_ids[0], "get_weather", '{"city": "Paris"}'),
+        ("call_fixed", "get_time", '{"tz": "CET"}'),
+    ]
+    # The reply is the next request's assistant message as it is.
+    assert reply.to_message().tool_calls == reply.tool_calls
+
+
+def test_the_turn_after_a_tool_result_and_a_request_without_tools_get_the_text() -> None:
+    scripted = provider(tool_calls=CALLS[:1])
+    (first,) = scripted.run(tool_call(), ChunkCollector())
+    assert first.tool_calls is not None
+    conversation = [
+        ChatMessage(role="user", content="weather in Paris?"),
+        first.to_message(),
+        ChatMessage(role="tool", tool_call_id=first.tool_calls[0].id, content='{"temp_c": 21}'),
+    ]
+    (answer,) = scripted.run(tool_call(conversation), ChunkCollector())
+    assert (answer.content, answer.tool_calls, answer.meta.finish_reason) == (TEXT, None, "stop")
+    (plain,) = scripted.run(tool_call(tools=None), ChunkCollector())
+    assert plain.content == TEXT
+    (declined,) = scripted.run(tool_call(tool_choice="none"), ChunkCollector())
+    assert declined.content == TEXT
+
+
+def test_several_choices_stream_interleaved_under_their_index() -> None:
+    sink = ChunkCollector()
+    replies = provider(chunk_size=10).run(call(n=3), sink)
+
+    assert [chunk.index for chunk in sink.chunks] == [0, 1, 2] * 3
+    assert [(reply.meta.index, reply.content) for reply in replies] == [(0, TEXT), (1, TEXT), (2, TEXT)]
+    assert all(reply.meta.usage.completion_tokens == 3 for reply in replies)
+    assert [chunk.meta["finish_reason"] for chunk in sink.chunks[-3:]] == ["stop"] * 3
+
+
+def test_several_choices_of_tool_calls_each_get_their_own_ids() -> None:
+    sink = ChunkCollector()
+    replies = provider(chunk_size=64, tool_calls=CALLS[:1]).run(tool_call(n=2), sink)
+
+    assert [(chunk.index, chunk.tool_call is not None) for chunk in sink.chunks] == [(0, True), (1, True)]
+    ids = [reply.tool_calls[0].id for reply in replies if reply.tool_calls]
+    assert len(ids) == 2 and ids[0] != ids[1]

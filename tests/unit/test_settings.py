@@ -298,3 +298,75 @@ def test_every_provider_type_has_a_provider_class() -> None:
     from settings.providers import PROVIDER_CONFIG_TYPES
 
     assert set(PROVIDER_CONFIG_TYPES) == set(PROVIDER_CLASSES)
+
+
+CAPABILITY_TOML = """
+[providers.gpt]
+type = "openai"
+model = "gpt-4.1-mini"
+
+[providers.local-vllm]
+type = "openai"
+model = "qwen"
+api_base_url = "http://127.0.0.1:8000/v1"
+supports_images = false
+supports_n = false
+
+[providers.resp]
+type = "openai_responses"
+model = "o4-mini"
+
+[providers.tgi]
+type = "hf_api"
+api_type = "text_generation_inference"
+url = "http://127.0.0.1:8080"
+
+[providers.vision-tgi]
+type = "hf_api"
+api_type = "text_generation_inference"
+url = "http://127.0.0.1:8081"
+supports_images = true
+
+[providers.smol]
+type = "hf_local"
+model = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+[providers.caller]
+type = "scripted"
+tool_calls = [{ name = "get_weather", arguments = '{"city": "Paris"}' }]
+
+[chains]
+default = ["gpt"]
+"""
+
+
+def test_capabilities_default_per_type_and_are_overridden_per_entry(tmp_path: Path) -> None:
+    providers = load_settings(_write(tmp_path, CAPABILITY_TOML)).providers
+    caps = {provider_id: tuple(config.capabilities()) for provider_id, config in providers.items()}
+    # (tools, images, json_schema, n)
+    assert caps == {
+        "gpt": (True, True, True, True),
+        "local-vllm": (True, False, True, False),
+        "resp": (True, True, True, False),
+        "tgi": (True, False, True, False),
+        "vision-tgi": (True, True, True, False),
+        "smol": (False, False, False, False),
+        "caller": (True, True, True, True),
+    }
+
+
+def test_scripted_tool_calls_stand_in_for_text(tmp_path: Path) -> None:
+    caller = load_settings(_write(tmp_path, CAPABILITY_TOML)).providers["caller"]
+    assert isinstance(caller, ScriptedConfig)
+    assert caller.text == ""
+    assert [(call.name, call.arguments) for call in caller.tool_calls] == [("get_weather", '{"city": "Paris"}')]
+
+
+def test_a_capability_must_be_a_boolean(tmp_path: Path) -> None:
+    text = '[providers.a]\ntype = "scripted"\ntext = "x"\nsupports_tools = "maybe"\n'
+    assert "providers.a.supports_tools" in _config_error(tmp_path, text)
+
+
+def test_a_scripted_tool_call_needs_a_valid_name(tmp_path: Path) -> None:
+    text = '[providers.a]\ntype = "scripted"\ntool_calls = [{ name = "get weather" }]\n'
+    assert "providers.a.tool_calls.0.name" in _config_error(tmp_path, text)
