@@ -2,8 +2,8 @@
 
 A worker that starts a request takes its lease (``cascade:lease:{id}``, a random token with a
 short TTL) and records the task message it is running (``cascade:inflight:{id}``) with the
-lease's expiry in the sorted set ``cascade:inflight``. A heartbeat thread (one per process,
-for all its leases) renews both every third of the TTL while the request runs. If the worker
+lease's expiry in the sorted set ``cascade:inflight``. The process's timer thread
+(``providers.timer``) renews both every third of the TTL while the request runs. If the worker
 dies — SIGKILL, OOM, a lost machine — the heartbeat stops, the lease expires within seconds,
 and any surviving worker's reaper (``worker.state.reaper``) sends the recorded message again. The
 record also holds the run's start and deadline, which a resumed run keeps (``worker.state.deaths``).
@@ -18,15 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import secrets
-import threading
 import time
 from typing import Any
 
 import redis
 
 from providers.errors import RequestStopped
+from providers.timer import TIMER, Timer
 
 logger = logging.getLogger(__name__)
 
@@ -77,88 +76,21 @@ def lease_key(request_id: str) -> str:
     return LEASE_KEY.format(request_id=request_id)
 
 
-class _Heartbeat:
-    """One daemon thread per process renews every lease the process holds, each every third of
-    its TTL. Taking a lease starts no thread: on a busy machine a thread start can take
-    milliseconds, on the path of the request's first event.
-
-    A renewal is a Redis round trip, made outside the lock: a slow or silent Redis delays the
-    heartbeat, never a request thread taking or giving up a lease of its own."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
-        self._cond = threading.Condition()
-        self._due: dict[RequestLease, float] = {}  # lease -> monotonic time of its next renewal
-        self._renewing: RequestLease | None = None  # the lease whose renewal is in flight
-        self._thread: threading.Thread | None = None
-
-    def add(self, lease: RequestLease) -> None:
-        """Renew ``lease`` from now on."""
-        due = time.monotonic() + lease.interval_s
-        with self._cond:
-            # Wake the thread only if it must beat sooner than it planned (a wake costs a GIL
-            # switch on the request's path; leases of one process share their TTL, so it rarely must).
-            wake = not self._due or due < min(self._due.values())
-            self._due[lease] = due
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
-                self._thread.start()
-            elif wake:
-                self._cond.notify_all()  # all: a ``remove`` may be waiting on the same condition
-
-    def remove(self, lease: RequestLease) -> None:
-        """Stop renewing ``lease``; once this returns, no renewal of it is in flight (waiting,
-        if one is, for that one only)."""
-        with self._cond:
-            self._due.pop(lease, None)
-            while self._renewing is lease:
-                self._cond.wait()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                ready = [lease for lease, due in self._due.items() if due <= now]
-                if not ready:
-                    next_due = min(self._due.values(), default=None)
-                    self._cond.wait(None if next_due is None else max(0.0, next_due - now))
-                    continue
-            for lease in ready:
-                self._beat(lease)
-
-    def _beat(self, lease: RequestLease) -> None:
-        """Renew ``lease`` (unless it was removed meanwhile) with the lock released."""
-        with self._cond:
-            if lease not in self._due:
-                return
-            self._renewing = lease
-        renewed = False
-        try:
-            renewed = lease.renew()
-        except Exception:  # a bug must not stop the heartbeat of every other lease
-            logger.exception("renewing the lease of %s failed", lease.request_id)
-        finally:
-            with self._cond:
-                self._renewing = None
-                if lease in self._due:
-                    if renewed:
-                        self._due[lease] = time.monotonic() + lease.interval_s
-                    else:
-                        del self._due[lease]
-                self._cond.notify_all()
-
-
 class RequestLease:
     """The lease of one request on this worker; use ``acquire`` then ``release``."""
 
     def __init__(
-        self, client: redis.Redis, request_id: str, *, ttl_s: float, record_ttl_s: int, worker: str = ""
+        self,
+        client: redis.Redis,
+        request_id: str,
+        *,
+        ttl_s: float,
+        record_ttl_s: int,
+        worker: str = "",
+        timer: Timer = TIMER,
     ) -> None:
         self._client = client
+        self._timer = timer
         self.request_id = request_id
         self.key = lease_key(request_id)
         self._inflight = INFLIGHT_KEY.format(request_id=request_id)
@@ -194,7 +126,7 @@ class RequestLease:
     def taken(self) -> None:
         """Start renewing the lease: a script running ``ACQUIRE_LUA`` took it."""
         self.held = True
-        _HEARTBEAT.add(self)
+        self._schedule_beat()
 
     def release_keys(self) -> tuple[str, str, str]:
         """The keys a script releasing this lease deletes or edits: lease, in-flight record and
@@ -203,7 +135,7 @@ class RequestLease:
 
     def stop_renewing(self) -> None:
         """Stop the heartbeat (before a script that may release the lease runs)."""
-        _HEARTBEAT.remove(self)
+        self._timer.cancel(self)
 
     def holds(self, current: bytes | None) -> bool:
         """True if ``current`` (the lease key's value read elsewhere) is this lease's token."""
@@ -212,7 +144,7 @@ class RequestLease:
     def release(self) -> None:
         """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned, never
         taken, or released already, by this call or with the reply)."""
-        _HEARTBEAT.remove(self)
+        self._timer.cancel(self)
         if self.abandoned or self.released or not self.held:
             return
         self.released = True
@@ -225,7 +157,7 @@ class RequestLease:
         """Stop renewing the lease but keep it and the in-flight record, for a run cut off from
         Redis before its request ended: the lease lapses within its TTL and a reaper sends the
         request again. A later ``release`` does nothing."""
-        _HEARTBEAT.remove(self)
+        self._timer.cancel(self)
         self.abandoned = True
 
     def _expiry_ms(self) -> int:
@@ -250,5 +182,17 @@ class RequestLease:
             return False
         return True
 
+    def _schedule_beat(self) -> None:
+        self._timer.schedule(self, self._timer.clock() + self.interval_s, self._beat)
 
-_HEARTBEAT = _Heartbeat()
+    def _beat(self) -> None:
+        """The timer's part: renew, and renew again a third of the TTL later while the lease is
+        ours. The round trip runs on the timer's thread, never under a lock a request thread
+        taking or giving up a lease waits for."""
+        try:
+            renewed = self.renew()
+        except Exception:  # a bug: stop renewing this lease, the timer goes on with the others
+            logger.exception("renewing the lease of %s failed", self.request_id)
+            return
+        if renewed:
+            self._schedule_beat()

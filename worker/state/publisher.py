@@ -14,7 +14,8 @@ resend count (``worker.state.pending``): one round trip ends a request.
 
 Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``, 2 ms by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
-window join its ``delta``; a background flusher publishes them at the window's end, and any
+window join its ``delta``; the process's timer (``providers.timer``) publishes them at the
+window's end, and any
 other event (``fallback``, the terminal event) publishes them first. A chunk after a quiet
 window (the first one, say) still goes out at once, so the first token is not delayed, and a
 fast stream costs one round trip per window instead of one per chunk. ``seq`` stays strictly
@@ -41,10 +42,11 @@ from typing import Any, cast
 
 import redis
 
+from providers.timer import TIMER, Timer
 from tasks.contract import keys
 from tasks.contract.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
 from worker.state import pending as pending_set
-from worker.state.coalescing import FLUSHER, PendingChunk
+from worker.state.coalescing import PendingChunk
 from worker.state.lease import LeaseLost, RequestLease, lease_key
 from worker.state.store import ReplyStore
 
@@ -113,6 +115,8 @@ _EMIT_SHA = hashlib.sha1(_EMIT.encode()).hexdigest()  # noqa: S324 - Redis names
 MAX_WINDOW_S = 1.0
 # The shortest window past half the budget, even with coalescing off.
 _SLOW_WINDOW_S = 0.05
+# How soon a flush that found the request's thread publishing tries again, at least.
+_RETRY_S = 0.001
 
 
 def chunk_budget(events_maxlen: int) -> int:
@@ -136,8 +140,11 @@ class EventPublisher:
         lease: RequestLease | None = None,
         coalesce_s: float = 0.0,
         stream_ttl_set: bool = False,
+        timer: Timer = TIMER,
     ) -> None:
         self._client = client
+        self._timer = timer  # flushes a waiting chunk when its window ends
+        self._clock = timer.clock
         self.request_id = request_id
         self._store = store
         self._maxlen = events_maxlen
@@ -161,7 +168,7 @@ class EventPublisher:
         self._failure: BaseException | None = None
         # The first event sets the stream's TTL, unless it was published already with its TTL
         # (the ``start`` event of ``worker.state.opening``).
-        self._refresh_ttl_at = time.monotonic() + events_ttl_s / 4 if stream_ttl_set else -float("inf")
+        self._refresh_ttl_at = self._clock() + events_ttl_s / 4 if stream_ttl_set else -float("inf")
 
     @staticmethod
     def resume_seq(client: redis.Redis, request_id: str) -> int:
@@ -222,7 +229,7 @@ class EventPublisher:
             self._send(None)  # never merge text of two attempts
             pending = None
             window = self._window()
-        now = time.monotonic()
+        now = self._clock()
         quiet = now - self._last_sent
         if pending is None and window is not None and quiet >= window:
             return self._send(("chunk", fields))
@@ -230,22 +237,28 @@ class EventPublisher:
             due = self._last_sent + window if window is not None else math.inf
             pending = self._pending = PendingChunk(fields, due=due)
             if window is not None:
-                FLUSHER.schedule(self, due)
+                self._timer.schedule(self, due, self.flush_due)
         pending.deltas.append(str(fields.get("delta") or ""))
         if window is None and quiet >= MAX_WINDOW_S:
             self._check()  # the text waits, the lease and the cancel key are still read
         return self._cancelled
 
     def flush_due(self) -> None:
-        """Called by the flusher when a window ended: publish what waits (an error is kept for
-        the request's thread)."""
-        with self._lock:
+        """The timer's part when a window ended: publish what waits (an error is kept for the
+        request's thread). While the request's thread holds the publisher (a round trip of its
+        own) the flush tries again shortly instead of holding up the process's timer."""
+        if not self._lock.acquire(blocking=False):
+            self._timer.schedule(self, self._clock() + max(self._coalesce_s, _RETRY_S), self.flush_due)
+            return
+        try:
             if self._pending is None or self.closed or self._failure is not None or self._window() is None:
                 return
             try:
                 self._send(None)
             except Exception as exc:  # noqa: BLE001 - raised in the request's thread by its next call
                 self._failure = exc
+        finally:
+            self._lock.release()
 
     def _raise_failure(self) -> None:
         """Raise, once, what a background flush failed with (its text still waits)."""
@@ -280,7 +293,7 @@ class EventPublisher:
 
     def _write(self, payloads: list[str]) -> None:
         """Run ``_EMIT`` for ``payloads``: raise ``LeaseLost`` if the lease check refused."""
-        now = time.monotonic()
+        now = self._clock()
         ttl = 0
         if payloads and now >= self._refresh_ttl_at:  # the first event sets the TTL; a long stream renews it
             ttl = self._ttl_s
