@@ -17,11 +17,10 @@ from celery import Celery
 from celery.signals import worker_process_init, worker_ready
 
 from tasks.contract.keys import ROUTES
-from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
 from worker.runtime import get_runtime
 from worker.state.deaths import RunEnds
-from worker.state.pending import request_id_in
 from worker.state.reaper import Reaper
+from worker.state.session import CelerySender
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +55,7 @@ def start_reaper(**_: Any) -> None:
     from worker.celery_app import app
 
     runtime = get_runtime()
-
-    def resend(queue: str, kwargs: dict[str, Any]) -> None:
-        request_id = request_id_in(kwargs)
-        headers = {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
-        app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers=headers)
+    sender = CelerySender(app)  # the same sender as the task's hand-offs
 
     def give_up(request_id: str, record: dict[str, Any]) -> None:
         runtime.dead_letters.push(
@@ -71,7 +66,9 @@ def start_reaper(**_: Any) -> None:
             queue=record.get("queue"),
         )
 
-    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)).start()
+    Reaper(
+        runtime.redis, sender.send, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)
+    ).start()
 
 
 def publish_chain_routes(**_: Any) -> None:

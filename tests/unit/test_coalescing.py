@@ -19,8 +19,9 @@ from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
 from worker.runtime import build_runtime
-from worker.state.lease import LeaseLost, RequestLease
+from worker.state.lease import LeaseLost
 from worker.state.publisher import EventPublisher
+from worker.state.session import RunSession
 from worker.state.store import ReplyStore
 
 RID = "coalesce-1"
@@ -164,21 +165,17 @@ def test_a_cancel_seen_by_a_background_flush_reaches_the_next_emit(
 def test_a_lease_lost_during_a_background_flush_stops_the_request(
     fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
 ) -> None:
-    lease = RequestLease(fake_redis, RID, ttl_s=30, record_ttl_s=60, worker="w")
-    assert lease.acquire("chat", {"request": {}})
-    try:
-        pub = publisher(fake_redis, timer, lease=lease)
-        pub.emit("chunk", delta="a", provider="p", attempt=1)
-        pub.emit("chunk", delta="b", provider="p", attempt=1)
-        fake_redis.set(lease.key, "another-worker")
-        pass_time(timer, clock, WINDOW_S)
-        with pytest.raises(LeaseLost):
-            pub.emit("chunk", delta="c", provider="p", attempt=1)
-        with pytest.raises(LeaseLost):
-            pub.finish("done", reply())
-        assert not [event for event in stored_events(fake_redis) if event.is_terminal]
-    finally:
-        lease.release()
+    fake_redis.set(keys.lease_key(RID), "w:token")  # this worker's run holds the lease
+    pub = publisher(fake_redis, timer, token="w:token")
+    pub.emit("chunk", delta="a", provider="p", attempt=1)
+    pub.emit("chunk", delta="b", provider="p", attempt=1)
+    fake_redis.set(keys.lease_key(RID), "another-worker")
+    pass_time(timer, clock, WINDOW_S)
+    with pytest.raises(LeaseLost):
+        pub.emit("chunk", delta="c", provider="p", attempt=1)
+    with pytest.raises(LeaseLost):
+        pub.finish("done", reply())
+    assert not [event for event in stored_events(fake_redis) if event.is_terminal]
 
 
 def test_a_flush_due_while_the_request_publishes_tries_again_later(
@@ -228,14 +225,15 @@ def test_a_request_streams_the_same_text_with_coalescing_on_or_off(
     runtime = build_runtime(settings, fake_redis, worker_name="unit-worker")
     request = ChatRequest.model_validate({"request_id": RID, "prompt": "say it"})
     context = TaskContext(task_id=RID, queue="chat")
-    result = RequestRunner(runtime, request, context).run()
+    session = RunSession.of(runtime, RID, timer=Timer(clock=lambda: 1_000.0, threaded=False))  # time stands still
+    result = RequestRunner(runtime, request, context, session=session).run()
     assert isinstance(result, ChatReply) and result.status == "succeeded"
     events = stored_events(fake_redis)
     assert_contract(events)
     assert chunk_text(events) == text == result.replies[0].content
     chunks = [event for event in events if event.type == "chunk"]
     if coalesce_ms:
-        assert len(chunks) < len(text)  # a zero-delay stream is coalesced
+        assert [len(chunk.delta or "") for chunk in chunks] == [1, len(text) - 1]  # the first at once, then one window
     else:
         assert len(chunks) == len(text)
 

@@ -23,7 +23,7 @@ class StallingRedis:
         self.release = threading.Event()
         self.renewing = threading.Event()
 
-    def eval(self, *_args: Any) -> int:
+    def evalsha(self, *_args: Any) -> int:
         self.renewing.set()
         self.release.wait(HANG_S)
         return 1
@@ -40,13 +40,13 @@ def test_a_stalled_renewal_does_not_hold_up_other_leases() -> None:
     give up its lease: the renewal runs outside the timer's lock."""
     timer = Timer()
     stalling = StallingRedis()
-    stalled = RequestLease(stalling, "stalled", ttl_s=0.03, record_ttl_s=60, timer=timer)  # type: ignore[arg-type]
-    other = RequestLease(fakeredis.FakeRedis(), "other", ttl_s=60, record_ttl_s=60, timer=timer)
+    stalled = RequestLease(stalling, "stalled", ttl_s=0.03, timer=timer)  # type: ignore[arg-type]
+    other = RequestLease(fakeredis.FakeRedis(), "other", ttl_s=60, timer=timer)
     try:
-        stalled.taken()
+        stalled.start_renewing()
         assert stalling.renewing.wait(HANG_S), "the timer never renewed"
 
-        taking = run_in_thread(lambda: (other.taken(), other.stop_renewing()))
+        taking = run_in_thread(lambda: (other.start_renewing(), other.stop_renewing()))
         taking.join(HANG_S)
         assert not taking.is_alive(), "taking a lease waited for another lease's renewal"
         assert not stalling.release.is_set(), "the renewal was still in flight meanwhile"
@@ -58,8 +58,8 @@ def test_a_stalled_renewal_does_not_hold_up_other_leases() -> None:
 def test_stopping_the_renewals_waits_for_its_own_renewal_in_flight() -> None:
     timer = Timer()
     stalling = StallingRedis()
-    lease = RequestLease(stalling, "slow", ttl_s=0.03, record_ttl_s=60, timer=timer)  # type: ignore[arg-type]
-    lease.taken()
+    lease = RequestLease(stalling, "slow", ttl_s=0.03, timer=timer)  # type: ignore[arg-type]
+    lease.start_renewing()
     assert stalling.renewing.wait(HANG_S)
     stopped = threading.Event()
     stopper = run_in_thread(lambda: (lease.stop_renewing(), stopped.set()))
@@ -84,9 +84,9 @@ def test_a_lease_is_renewed_every_third_of_its_ttl_until_it_is_taken_over() -> N
     client = fakeredis.FakeRedis()
     clock = Clock()
     timer = Timer(clock=clock, threaded=False)
-    lease = RequestLease(client, "r-1", ttl_s=3.0, record_ttl_s=60, timer=timer)
-    client.set(lease.key, lease.token, px=3_000)
-    lease.taken()
+    lease = RequestLease(client, "r-1", ttl_s=3.0, timer=timer)
+    client.set(lease.key, lease.token, px=3_000)  # as the run's opening took it
+    lease.start_renewing()
     assert timer.due(lease) == 51.0
     clock.now = 51.0
     timer.run_due()
