@@ -43,7 +43,7 @@ class Resends:
 
 def run_dies(client: fakeredis.FakeRedis, window: tuple[float, float], *, chunks: int = 2) -> None:
     """A run takes the lease (recording the message and its window), streams, and dies: its
-    heartbeat stops, the lease lapses and its in-flight entry is past due."""
+    renewals stop, the lease lapses and its in-flight entry is past due."""
     opened(client, REQUEST_ID, KWARGS, window=window, lease_ttl_s=60, record_ttl_s=600).abandon()
     publisher = EventPublisher(
         client,
