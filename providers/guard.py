@@ -7,13 +7,13 @@ first chunk, its ``timeout_s`` for the whole call, and the request's deadline â€
 read fails at once; the provider then asks ``guard.failure()`` which limit fired and raises
 that instead of the read error the close caused.
 
-One watchdog thread per process serves every open guard: a call starts no thread of its own,
-which on a busy machine can take milliseconds on the path of the first token.
+The process's one timer thread (``providers.timer``) fires every open guard's limit: a call
+starts no thread of its own, which on a busy machine can take milliseconds on the path of the
+first token.
 """
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,59 +21,8 @@ from types import TracebackType
 
 from providers import errors
 from providers.base import ProviderCall
+from providers.timer import TIMER
 from settings.providers import ProviderConfigBase
-
-
-class _Watchdog:
-    """The process's watchdog thread: fires the limit of every open guard when it passes."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
-        self.lock = threading.Condition()
-        self._guards: set[CallGuard] = set()
-        self._thread: threading.Thread | None = None
-
-    def watch(self, guard: CallGuard) -> None:
-        """Start watching ``guard``."""
-        with self.lock:
-            self._guards.add(guard)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="cascade-guard", daemon=True)
-                self._thread.start()
-            else:
-                self.lock.notify()
-
-    def forget(self, guard: CallGuard) -> None:
-        """Stop watching ``guard`` (its limit can no longer fire)."""
-        with self.lock:
-            self._guards.discard(guard)
-
-    def _run(self) -> None:
-        while True:
-            with self.lock:
-                now = time.monotonic()
-                fired: list[tuple[CallGuard, Callable[[], None] | None]] = []
-                next_limit: float | None = None
-                for guard in list(self._guards):
-                    limit, error = guard._next_limit()
-                    if limit <= now:
-                        guard._fired = error
-                        fired.append((guard, guard._closer))
-                        self._guards.discard(guard)
-                    elif next_limit is None or limit < next_limit:
-                        next_limit = limit
-                if not fired:
-                    self.lock.wait(None if next_limit is None else next_limit - now)
-                    continue
-            for guard, closer in fired:  # outside the lock: closing a stream may block a while
-                guard._close(closer)
-
-
-_WATCHDOG = _Watchdog()
 
 
 class CallGuard:
@@ -89,20 +38,19 @@ class CallGuard:
         self._closer: Callable[[], None] | None = None
         self._got_chunk = False
         self._fired: errors.CascadeError | None = None
-        self._closed = threading.Event()  # set once the watchdog is done closing a fired call
+        # Orders the first chunk against the limit firing: either the timer sees the chunk (and
+        # waits for the later limit), or the reader sees the limit that fired.
+        self._lock = threading.Lock()
 
     def __enter__(self) -> CallGuard:
-        _WATCHDOG.watch(self)
+        TIMER.schedule(self, self._next_limit()[0], self._expire)
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        _WATCHDOG.forget(self)
-        with _WATCHDOG.lock:
-            fired = self._fired is not None
-        if fired:
-            self._closed.wait()  # never return while the watchdog is still closing this call
+        # Waits while the timer is closing this call: the guard never returns mid-close.
+        TIMER.cancel(self)
 
     @property
     def first_read_timeout_s(self) -> float:
@@ -112,7 +60,7 @@ class CallGuard:
 
     def attach(self, closer: Callable[[], None]) -> None:
         """Register how to abort the call (e.g. ``stream.close``); runs at once if time is up."""
-        with _WATCHDOG.lock:
+        with self._lock:
             self._closer = closer
             fired = self._fired is not None
         if fired:
@@ -121,8 +69,8 @@ class CallGuard:
     def chunk_received(self) -> None:
         """Mark the first chunk: from now on only the whole-call limit applies."""
         if not self._got_chunk:
-            with _WATCHDOG.lock:
-                self._got_chunk = True  # the watchdog's next look sees the later limit
+            with self._lock:
+                self._got_chunk = True  # the timer, when it fires, moves on to the later limit
         self.raise_if_fired()
 
     def failure(self) -> errors.CascadeError | None:
@@ -147,12 +95,20 @@ class CallGuard:
             )
         return limit, error
 
-    def _close(self, closer: Callable[[], None] | None) -> None:
-        """The watchdog's part once the limit fired: abort the call."""
+    def _expire(self) -> None:
+        """The timer's part: fire the limit that passed and abort the call, or, once the first
+        chunk came, wait for the later limit."""
+        with self._lock:
+            if self._fired is not None:
+                return
+            limit, error = self._next_limit()
+            if limit > time.monotonic():
+                TIMER.schedule(self, limit, self._expire)
+                return
+            self._fired = error
+            closer = self._closer
         try:
             if closer is not None:
                 closer()
         except Exception:  # noqa: BLE001, S110 - closing a stream the reader is still using may fail; the reader sees it
             pass
-        finally:
-            self._closed.set()

@@ -1,13 +1,15 @@
 """Running one validated request: events out, chain through, reply stored.
 
-``RequestRunner`` is the seam between Celery (``tasks.chat``) and the rest: it owns the
-request's event stream, turns chain callbacks into ``chunk`` and ``fallback`` events, applies
-the deadline and cancel, and ends with exactly one terminal event and one stored reply — or,
-when the chain continues on another queue, hands the request off with its history.
+``RequestRunner`` drives the chain for one run: it turns chain callbacks into ``chunk`` and
+``fallback`` events, applies the deadline and cancel, and ends with exactly one terminal event
+and one stored reply — or, when the chain continues on another queue, hands the request off
+with its history. Everything it writes or reads in Redis goes through the run's
+``worker.state.session.RunSession``.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -21,23 +23,26 @@ from celery.exceptions import SoftTimeLimitExceeded
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun, CooldownGate
-from tasks.contract import keys
-from tasks.contract.schemas import AttemptRecord, ChainMeta, ChatReply, ChatRequest, ErrorInfo, HandOff, Timings
-from tasks.recovery import WORKER_LOST, read_lost_run
+from tasks.contract.schemas import (
+    DEFAULT_QUEUE,
+    AttemptRecord,
+    ChainMeta,
+    ChatReply,
+    ChatRequest,
+    ErrorInfo,
+    HandOff,
+    Timings,
+)
 from worker.runtime import RequestObserver, WorkerRuntime
 from worker.state.cooldown import ReadAhead, RedisCooldowns
-from worker.state.deaths import carried_window
-from worker.state.lease import LeaseLost, RequestLease
-from worker.state.opening import Opening, open_run
-from worker.state.publisher import EventPublisher, start_event
+from worker.state.lease import LeaseLost
+from worker.state.recovery import WORKER_LOST
+from worker.state.session import RunSession, TaskSender
 
 logger = logging.getLogger(__name__)
 
 # How often a wait (first-chunk delay, retry backoff) looks for a cancel.
 _WAIT_SLICE_S = 0.05
-
-# Sends the request to a queue with the hand-off state.
-HandOffSender = Callable[[str, HandOff], None]
 
 
 @dataclass
@@ -64,8 +69,22 @@ def checked_handoff(handoff: HandOff, chain: list[str]) -> HandOff:
     return handoff
 
 
+def task_message(request: ChatRequest, handoff: HandOff | None = None) -> dict[str, Any]:
+    """The keyword arguments of a ``cascade.chat`` message for ``request`` (and its hand-off
+    state). Raises ValueError for a request that cannot be written as JSON."""
+    message: dict[str, Any] = {"request": json.loads(request.model_dump_json(exclude_none=True))}
+    if handoff is not None:
+        message["handoff"] = handoff.model_dump(mode="json")
+    return message
+
+
 class RequestRunner:
-    """Runs one request (or its continuation after a hand-off) on this worker."""
+    """Runs one request (or its continuation after a hand-off) on this worker.
+
+    ``session`` is the run's state in Redis; without one, a session of ``runtime`` is built,
+    handing off through ``sender`` (none: the chain never leaves this worker). ``message`` is
+    the task's keyword arguments, recorded to resend the request if this worker dies (built
+    from the request when not given)."""
 
     def __init__(
         self,
@@ -74,15 +93,17 @@ class RequestRunner:
         context: TaskContext,
         *,
         handoff: HandOff | None = None,
-        send_handoff: HandOffSender | None = None,
-        lease: RequestLease | None = None,
+        session: RunSession | None = None,
+        sender: TaskSender | None = None,
+        message: dict[str, Any] | None = None,
     ) -> None:
         self.runtime = runtime
         self.request = request
         self.context = context
         self.handoff = handoff
-        self._send_handoff = send_handoff
         self.request_id: str = request.request_id or ""
+        self.session = session or RunSession.of(runtime, self.request_id, sender=sender)
+        self._message = message
         settings = runtime.settings
         if handoff is not None:
             # A hand-off's deadline is the first run's, never past what the configuration allows.
@@ -95,83 +116,47 @@ class RequestRunner:
             self.started_at_wall = context.started_at_wall
             self.first_chunk_at = None
         self.deadline = context.started_at + (self.deadline_at - context.started_at_wall)
-        self._lease = lease
-        if lease is not None:  # recorded with the message: a resumed run keeps it (worker.state.deaths)
-            lease.window = (self.started_at_wall, self.deadline_at)
         first_id = settings.chains[request.chain][handoff.start_index if handoff else 0]
         self._first_id = first_id
         self._cooldown_key = RedisCooldowns.key_of(first_id, settings.providers[first_id].cooldown_failures)
-        self._opening: Opening | None = None
+        self._cooldowns: CooldownGate = runtime.cooldowns
         self._last_cancel_check = 0.0
 
-    def open(self, record: tuple[str, dict[str, Any]] | None = None) -> bool:
-        """The run's first round trip (``worker.state.opening``): take the lease, recording ``record``
-        (the queue and kwargs to resend the request with), read where the request stands and
-        publish its ``start`` event if it is new. False if another worker holds the lease.
-        Without a lease (tests, tools) only the read happens; ``run`` opens by itself then."""
-        settings = self.runtime.settings
-        client = self.runtime.redis
-        if self._lease is not None and record is not None:
-            start = None if self.handoff else start_event(self.request_id, self.request.chain, self.runtime.worker_name)
-            opening = open_run(
-                client,
-                self._lease,
-                record,
+    def run(self) -> ChatReply | HandOff | None:
+        """Open the run, run the request to its terminal event and return the stored reply, or
+        return the hand-off state if the chain continues on another queue; None if another
+        worker runs the request (this copy is a duplicate). Raises ``LeaseLost`` if another
+        worker took the request over meanwhile. The session's lease is let go on the way out
+        (kept to lapse if Redis was cut off)."""
+        with self.session:
+            opening = self.session.open(
+                self.context.queue or DEFAULT_QUEUE,
+                self._message if self._message is not None else task_message(self.request, self.handoff),
+                window=(self.started_at_wall, self.deadline_at),
+                start_chain=None if self.handoff else self.request.chain,
                 cooldown_key=self._cooldown_key,
-                start_event=start,
-                events_maxlen=settings.events_maxlen,
-                events_ttl_s=settings.events_ttl_s,
+                next_seq=self.handoff.next_seq if self.handoff else 0,
             )
             if opening is None:
-                return False
-        else:
-            pipe = client.pipeline(transaction=False)
-            pipe.xrevrange(keys.events_stream(self.request_id), count=1)
-            pipe.get(keys.reply_key(self.request_id))
-            pipe.exists(keys.cancel_key(self.request_id))
-            if self._cooldown_key is not None:
-                pipe.exists(self._cooldown_key)
-            last, reply, cancelled, *cooling = pipe.execute()
-            opening = Opening(last, reply, bool(cancelled), bool(cooling[0]) if cooling else None, started=False)
-        self._opening = opening
-        self._cooldowns: CooldownGate = self.runtime.cooldowns
-        if opening.cooling is not None:
-            self._cooldowns = ReadAhead(self.runtime.cooldowns, self._first_id, opening.cooling)
-        next_seq = 1 if opening.started else EventPublisher.seq_after(opening.last_event)
-        self.publisher = EventPublisher(
-            client,
-            self.request_id,
-            store=self.runtime.replies,
-            events_maxlen=settings.events_maxlen,
-            events_ttl_s=settings.events_ttl_s,
-            next_seq=max(next_seq, self.handoff.next_seq if self.handoff else 0),
-            lease=self._lease,
-            coalesce_s=settings.coalesce_ms / 1000,
-            stream_ttl_set=opening.started,
-        )
-        return True
+                return None
+            if opening.cooling is not None:
+                self._cooldowns = ReadAhead(self.runtime.cooldowns, self._first_id, opening.cooling)
+            stored = ChatReply.model_validate_json(opening.stored_reply) if opening.stored_reply else None
+            if stored is not None:
+                logger.info("request %s already answered (%s); not running it again", self.request_id, stored.status)
+                return stored
+            return self._run(opening.started, opening.cancelled)
 
-    def run(self) -> ChatReply | HandOff:
-        """Run the request to its terminal event and return the stored reply, or return the
-        hand-off state if the chain continues on another queue."""
-        if self._opening is None:
-            self.open()
-        assert self._opening is not None
-        opening = self._opening
-        stored = ChatReply.model_validate_json(opening.stored_reply) if opening.stored_reply else None
-        if stored is not None:
-            logger.info("request %s already answered (%s); not running it again", self.request_id, stored.status)
-            return stored
-
+    def _run(self, started: bool, cancelled: bool) -> ChatReply | HandOff:
         chain_name = self.request.chain
         provider_ids = self.runtime.settings.chains[chain_name]
         start_index = self.handoff.start_index if self.handoff else 0
         attempts = list(self.handoff.attempts) if self.handoff else []
         expected_seq = self.handoff.next_seq if self.handoff else 0
         lost = None
-        if not opening.started and self.publisher.next_seq > expected_seq:
+        if not started and self.session.next_seq > expected_seq:
             # An earlier run of this very message died mid-way: continue where it stopped.
-            lost = read_lost_run(self.runtime.redis, self.request_id, expected_seq, provider_ids)
+            lost = self.session.lost_run(expected_seq, provider_ids)
             self._keep_first_window()
             known = {record.attempt for record in attempts}
             attempts += [record for record in lost.attempts if record.attempt not in known]
@@ -190,16 +175,12 @@ class RequestRunner:
             cooldowns=self._cooldowns,
             start_index=start_index,
             attempts=attempts,
-            local_queues=self.context.local_queues if self._send_handoff else None,
+            local_queues=self.context.local_queues if self.session.can_hand_off else None,
         )
         try:
-            if not opening.started and self.handoff is None and not (lost and lost.started):
-                cancelled = self.publisher.emit("start", chain=chain_name, worker=self.runtime.worker_name)
-            else:
-                cancelled = opening.cancelled
             if lost and lost.lost:
                 cancelled = (
-                    self.publisher.emit(
+                    self.session.emit(
                         "fallback", provider=lost.lost.provider, attempt=lost.lost.attempt, error_type=WORKER_LOST
                     )
                     or cancelled
@@ -241,10 +222,10 @@ class RequestRunner:
         if self.first_chunk_at is None:
             self.first_chunk_at = time.time()
         if self.request.stream and chunk.content:
-            cancelled = self.publisher.emit("chunk", delta=chunk.content, provider=provider_id, attempt=attempt)
+            cancelled = self.session.emit("chunk", delta=chunk.content, provider=provider_id, attempt=attempt)
         elif now - self._last_cancel_check >= _WAIT_SLICE_S:
             self._last_cancel_check = now
-            cancelled = self.publisher.cancel_requested()
+            cancelled = self.session.cancel_requested()
         else:
             cancelled = False
         if cancelled:
@@ -255,7 +236,7 @@ class RequestRunner:
         logger.warning(
             "request %s: %s attempt %d failed: %s", self.request_id, record.provider, record.attempt, record.error_type
         )
-        cancelled = self.publisher.emit(
+        cancelled = self.session.emit(
             "fallback", provider=record.provider, attempt=record.attempt, error_type=record.error_type
         )
         if cancelled:
@@ -278,7 +259,7 @@ class RequestRunner:
                 raise errors.DeadlineExceeded("the request's deadline passed")
             if now >= until:
                 return
-            if slept and self.publisher.cancel_requested():
+            if slept and self.session.cancel_requested():
                 raise errors.Cancelled("cancelled by the producer")
             time.sleep(min(_WAIT_SLICE_S, until - now, self.deadline - now))
             slept = True
@@ -286,7 +267,7 @@ class RequestRunner:
     def _keep_first_window(self) -> None:
         """A resumed run keeps the start and deadline of the request's first run, never a fresh
         deadline of its own (``worker.state.deaths``)."""
-        window = carried_window(self.runtime.redis, self.request_id)
+        window = self.session.carried_window()
         if window is None:
             return
         self.started_at_wall = min(self.started_at_wall, window[0])
@@ -302,21 +283,19 @@ class RequestRunner:
                 logger.exception("request observer %r failed", observer)
 
     def _hand_off(self, run: ChainRun, index: int) -> HandOff:
-        assert self._send_handoff is not None
-        self.publisher.flush()  # a coalesced chunk goes out before the next queue's events
         provider_id = self.runtime.settings.chains[self.request.chain][index]
         queue = self.runtime.settings.queue_of(provider_id)
         state = HandOff(
             start_index=index,
             attempts=run.attempts,
-            next_seq=self.publisher.next_seq,
+            next_seq=self.session.next_seq,
             queue_hops=(self.handoff.queue_hops if self.handoff else 0) + 1,
             deadline_at=self.deadline_at,
             started_at=self.started_at_wall,
             first_chunk_at=self.first_chunk_at,
             submitted_at=self.handoff.submitted_at if self.handoff else self.context.submitted_at,
         )
-        self._send_handoff(queue, state)
+        self.session.hand_off(queue, task_message(self.request, state))
         logger.info("request %s handed off to queue %s for %s", self.request_id, queue, provider_id)
         self._notify(lambda observer: observer.request_handed_off(self.request, state, queue))
         return state
@@ -333,8 +312,8 @@ class RequestRunner:
             error=error,
             metadata=self.request.metadata,
         )
-        if not self.publisher.finish(event_type, reply, error=error):
-            stored = self.runtime.replies.get(self.request_id)
+        if not self.session.finish(event_type, reply, error=error):
+            stored = self.session.stored_reply()
             logger.warning("request %s was answered meanwhile; keeping that reply", self.request_id)
             return stored or reply
         self._notify(lambda observer: observer.request_finished(self.request, reply))

@@ -67,7 +67,7 @@ def redis_client(settings: Settings) -> redis.Redis:
     """A Redis client for ``settings.redis_url`` that survives Redis restarts and notices a
     Redis gone silent: with a socket timeout (``Settings.redis_socket_options``) a command on a
     dead connection fails after that long and is tried again on a new one, instead of waiting
-    forever with the request thread, the heartbeat or the reaper. No command sent with it
+    forever with the request thread, the lease renewals or the reaper. No command sent with it
     blocks on the server (no BRPOP, no XREAD BLOCK), so the timeout never cuts a live one."""
     return redis.Redis.from_url(
         settings.redis_dsn,

@@ -40,12 +40,11 @@ from celery.signals import (
 )
 
 from tasks.contract.keys import ROUTES
-from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
 from worker.celery_app import no_time_limits_in_messages
 from worker.runtime import get_runtime
 from worker.state.deaths import RunEnds
-from worker.state.pending import request_id_in
 from worker.state.reaper import Reaper
+from worker.state.session import CelerySender
 from worker.telemetry import hooks
 
 logger = logging.getLogger(__name__)
@@ -81,11 +80,7 @@ def start_reaper(**_: Any) -> None:
     from worker.celery_app import app
 
     runtime = get_runtime()
-
-    def resend(queue: str, kwargs: dict[str, Any]) -> None:
-        request_id = request_id_in(kwargs)
-        headers = {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
-        app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers=headers)
+    sender = CelerySender(app)  # the same sender as the task's hand-offs
 
     def give_up(request_id: str, record: dict[str, Any]) -> None:
         runtime.dead_letters.push(
@@ -96,7 +91,9 @@ def start_reaper(**_: Any) -> None:
             queue=record.get("queue"),
         )
 
-    Reaper(runtime.redis, resend, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)).start()
+    Reaper(
+        runtime.redis, sender.send, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)
+    ).start()
 
 
 def publish_chain_routes(**_: Any) -> None:

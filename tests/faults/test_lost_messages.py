@@ -23,15 +23,13 @@ from celery import Celery
 from kombu import Connection
 from kombu.exceptions import OperationalError
 
-from settings import ScriptedConfig, Settings
-from tasks.chat import hand_off
 from tasks.contract import keys
 from tasks.contract.schemas import TASK_NAME, ChatRequest, HandOff
 from tasks.producer.client import CascadeClient
+from tasks.runner import task_message
+from tests.support.sessions import opened
 from worker.demo.local import LocalRedis
-from worker.runtime import build_runtime
 from worker.state import pending
-from worker.state.lease import RequestLease, lease_key
 
 from .harness import (
     FAST_RECOVERY_ENV,
@@ -128,7 +126,7 @@ def test_a_leased_or_answered_request_is_not_resent(rdb: redis.Redis, producer: 
     leased = producer.submit(prompt="running")
     answered = producer.submit(prompt="done")
     rdb.delete(QUEUE)  # both taken off the queue
-    rdb.set(lease_key(leased), "some-worker:token", px=60_000)
+    rdb.set(keys.lease_key(leased), "some-worker:token", px=60_000)
     rdb.set(keys.reply_key(answered), "{}")
     resend, suspects = Resends(), {}
     for _ in range(3):
@@ -201,24 +199,22 @@ def test_a_worker_answers_a_request_whose_message_vanished(
 
 
 class BrokerDown:
-    """A task whose ``apply_async`` fails, as a send does while the broker is unreachable."""
+    """A task sender whose send fails, as it does while the broker is unreachable."""
 
-    def apply_async(self, **_: Any) -> None:
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused. (injected)")
 
 
 def test_a_hand_off_whose_send_fails_is_sent_by_a_reaper(rdb: redis.Redis) -> None:
-    settings = Settings(providers={"quick": ScriptedConfig(text="hi")}, chains={"default": ["quick"]})
-    runtime = build_runtime(settings, rdb, worker_name="handoff/1")
     request = ChatRequest(request_id=new_id("handoff"), prompt="hi")
-    lease = RequestLease(rdb, request.request_id or "", ttl_s=5, record_ttl_s=60, worker="handoff/1")
-    assert lease.acquire(QUEUE, {"request": request.model_dump(mode="json", exclude_none=True)})
+    message = task_message(request)
     state = HandOff(start_index=1, next_seq=3, queue_hops=1, deadline_at=time.time() + 60, started_at=time.time())
+    session = opened(rdb, request.request_id or "", message, queue=QUEUE, worker="handoff/1", sender=BrokerDown())
 
-    with pytest.raises(OperationalError):
-        hand_off(BrokerDown(), runtime, lease, request, "chat.gpu", state)  # type: ignore[arg-type]
+    with pytest.raises(OperationalError), session:
+        session.hand_off("chat.gpu", task_message(request, state))
 
-    assert not rdb.exists(lease.key), "the lease went before the send"
+    assert not rdb.exists(session.lease.key), "the lease went before the send"
     resend, suspects = Resends(), {}
     assert sweep(rdb, resend, suspects) == []
     assert sweep(rdb, resend, suspects) == [request.request_id]
@@ -275,7 +271,7 @@ def test_pending_records_are_read_past_a_page_of_running_requests(rdb: redis.Red
     lost = producer.submit(prompt="lost")
     rdb.delete(QUEUE)
     for request_id in running:
-        rdb.set(lease_key(request_id), "w:token", px=60_000)
+        rdb.set(keys.lease_key(request_id), "w:token", px=60_000)
     resend, suspects = Resends(), {}
     options: dict[str, Any] = {"older_than_s": 0, "suspects": suspects, "batch": 2, "max_batches": 4}
     assert pending.resend_lost(rdb, resend, **options) == []

@@ -17,10 +17,10 @@ import pytest
 import redis
 
 from tasks.contract import keys
+from tasks.contract.keys import deaths_key
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
 from worker.demo.local import LocalRedis
-from worker.state.deaths import deaths_key
 
 from .harness import (
     FAST_RECOVERY_ENV,

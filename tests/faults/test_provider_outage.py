@@ -15,12 +15,12 @@ from dataclasses import dataclass
 import pytest
 import redis
 
+from tasks.contract.keys import cooldown_key
 from tasks.contract.schemas import ChatReply
 from tasks.producer.client import CascadeClient
 from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_stream, error_reply
 from worker.demo.local import LocalRedis
-from worker.state.cooldown import COOLDOWN_KEY
 
 from .harness import (
     PROVIDER_SECRETS,
@@ -95,7 +95,7 @@ def attempts(reply: ChatReply) -> list[tuple[str, str, str | None]]:
 
 
 def test_outage_falls_to_the_backup_trips_the_cooldown_and_recovers(outage: Outage) -> None:
-    cooldown = COOLDOWN_KEY.format(provider_id="primary")
+    cooldown = cooldown_key("primary")
 
     # The primary fails: every request is answered by the backup, until the cooldown trips.
     for _ in range(COOLDOWN_FAILURES):

@@ -15,8 +15,7 @@ from kombu import Connection
 from tasks.contract import keys
 from tasks.contract.schemas import TASK_NAME
 from worker.demo.local import LocalRedis
-from worker.state.lease import lease_key
-from worker.state.reaper import UNACKED, restore_orphans
+from worker.state.reaper import restore_orphans
 
 from .harness import new_id
 
@@ -41,10 +40,10 @@ def take(url: str, kwargs: dict[str, Any], task: str = TASK_NAME) -> Any:
 def test_an_unstarted_message_goes_back_to_its_queue(server: LocalRedis, rdb: redis.Redis) -> None:
     request_id = new_id("orphan")
     connection = take(server.url, {"request": {"request_id": request_id, "prompt": "hi"}})
-    assert rdb.hlen(UNACKED) == 1 and rdb.llen(QUEUE) == 0
+    assert rdb.hlen(keys.UNACKED) == 1 and rdb.llen(QUEUE) == 0
 
     assert restore_orphans(rdb, orphan_after_s=0) == [request_id]
-    assert rdb.hlen(UNACKED) == 0 and rdb.llen(QUEUE) == 1
+    assert rdb.hlen(keys.UNACKED) == 0 and rdb.llen(QUEUE) == 1
     again = Connection(server.url).default_channel.basic_get(QUEUE, no_ack=True)
     assert again.payload[1]["request"]["request_id"] == request_id
     assert again.headers["redelivered"] is True
@@ -70,13 +69,13 @@ def test_a_message_whose_request_is_not_an_orphan_stays(server: LocalRedis, rdb:
     if state in ("started", "hand_off_ran"):
         for seq in range(2):  # a hand-off sent at seq 1 whose next queue already published seq 1
             rdb.xadd(keys.events_stream(request_id), {keys.EVENT_FIELD: event.format(request_id, seq)})
-    existing = {"leased": lease_key(request_id), "answered": keys.reply_key(request_id)}
+    existing = {"leased": keys.lease_key(request_id), "answered": keys.reply_key(request_id)}
     existing["in_flight"] = f"cascade:inflight:{request_id}"
     if state in existing:
         rdb.set(existing[state], "x")
 
     assert restore_orphans(rdb, orphan_after_s=3600 if state == "young" else 0) == []
-    assert rdb.hlen(UNACKED) == 1 and rdb.llen(QUEUE) == 0
+    assert rdb.hlen(keys.UNACKED) == 1 and rdb.llen(QUEUE) == 0
     connection.release()
 
 

@@ -18,9 +18,9 @@ import redis
 
 from settings import ScriptedConfig, Settings
 from tasks.chat import chat
+from tasks.contract.keys import INFLIGHT_SET, inflight_record, lease_key
 from worker.demo.local import LocalRedis
 from worker.runtime import WorkerRuntime, build_runtime
-from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
 from worker.state.reaper import reclaim_expired
 
 from .harness import assert_coherent, new_id, stored_events, stored_reply, wait_until
@@ -40,13 +40,27 @@ class BlinkingRedis(redis.Redis):
     chunks_written = 0
 
     def evalsha(self, sha: str, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
+        # Every script is sent by its SHA first (worker.state.lua), by its text when Redis does
+        # not know it yet; each blink happens once, on whichever comes first.
+        if self._blink_at_reply(keys_and_args):
+            return super().evalsha(sha, numkeys, *keys_and_args)
         # Events are written by one script each round trip (worker.state.publisher), its events last.
         counted = self._blink_at_chunk(keys_and_args[numkeys:])
         try:
             return super().evalsha(sha, numkeys, *keys_and_args)
         except redis.exceptions.NoScriptError:
-            self.chunks_written -= counted  # not run: the publisher sends the script's text next
+            self.chunks_written -= counted  # not run: the script's text is sent next
             raise
+
+    def _blink_at_reply(self, keys_and_args: tuple[Any, ...]) -> bool:
+        """True for the script storing the reply (the one whose first key is the reply), which
+        loses the connection if the test says so."""
+        if "cascade:reply:" not in str(keys_and_args[0]):
+            return False
+        if self.fail_reply_of is not None and keys_and_args[0] == f"cascade:reply:{self.fail_reply_of}":
+            self.fail_reply_of = None
+            raise redis.ConnectionError("Connection closed by server. (injected)")
+        return True
 
     def _blink_at_chunk(self, args: tuple[Any, ...]) -> int:
         chunks = sum(isinstance(arg, str) and '"type":"chunk"' in arg for arg in args)
@@ -57,11 +71,7 @@ class BlinkingRedis(redis.Redis):
         return chunks
 
     def eval(self, script: Any, numkeys: int, *keys_and_args: Any) -> Any:  # type: ignore[override]
-        # The script storing the reply is the one whose first key is the reply.
-        if self.fail_reply_of is not None and keys_and_args[0] == f"cascade:reply:{self.fail_reply_of}":
-            self.fail_reply_of = None
-            raise redis.ConnectionError("Connection closed by server. (injected)")
-        if "cascade:reply:" not in str(keys_and_args[0]):  # the events script, run by its text once
+        if not self._blink_at_reply(keys_and_args):
             self._blink_at_chunk(keys_and_args[numkeys:])
         return super().eval(script, numkeys, *keys_and_args)
 
@@ -89,7 +99,7 @@ def run_then_resend(client: BlinkingRedis, request_id: str) -> None:
     first = chat.apply(kwargs={"request": {"request_id": request_id, "prompt": "count"}}, task_id=request_id)
     assert first.failed(), f"the run cut off from Redis must not end the request itself: {first.result}"
     assert stored_reply(client, request_id) is None
-    assert client.exists(INFLIGHT_KEY.format(request_id=request_id)), "the in-flight record is kept"
+    assert client.exists(inflight_record(request_id)), "the in-flight record is kept"
 
     resent: list[dict[str, Any]] = []
 
@@ -107,7 +117,7 @@ def assert_resumed(client: BlinkingRedis, request_id: str) -> None:
     reply = assert_coherent(events, stored_reply(client, request_id), request_id)
     assert reply.status == "succeeded" and reply.replies[0].content == TEXT
     assert [(e.attempt, e.error_type) for e in events if e.type == "fallback"] == [(1, "worker_lost")]
-    assert client.exists(lease_key(request_id), INFLIGHT_KEY.format(request_id=request_id)) == 0
+    assert client.exists(lease_key(request_id), inflight_record(request_id)) == 0
     assert client.zscore(INFLIGHT_SET, request_id) is None
 
 

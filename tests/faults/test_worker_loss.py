@@ -27,10 +27,10 @@ import pytest
 import redis
 
 from settings import Settings
+from tasks.contract.keys import INFLIGHT_SET, inflight_record, lease_key
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
 from worker.demo.local import LocalRedis
-from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
 
 from .harness import (
     FAST_RECOVERY_ENV,
@@ -172,7 +172,7 @@ def assert_nothing_left_running(cluster: Cluster, request_id: str) -> None:
     """No lease, in-flight record or in-flight entry is left for the finished request."""
     wait_until(
         lambda: (
-            cluster.rdb.exists(lease_key(request_id), INFLIGHT_KEY.format(request_id=request_id)) == 0
+            cluster.rdb.exists(lease_key(request_id), inflight_record(request_id)) == 0
             and cluster.rdb.zscore(INFLIGHT_SET, request_id) is None
         ),
         timeout_s=10,

@@ -16,7 +16,6 @@ from celery import Celery
 from tasks.contract import keys
 from tasks.contract.schemas import TASK_NAME
 from tasks.producer.client import CascadeClient
-from worker.state.lease import lease_key
 
 from .harness import KeyWrites, dead_letters_for, follow, new_id, run_request, stored_events, wait_until
 
@@ -141,7 +140,7 @@ def test_resent_rejected_request_keeps_its_reply(client: CascadeClient, rdb: red
 
 def test_an_invalid_copy_of_a_running_request_is_only_dead_lettered(rdb: redis.Redis, producer: Celery) -> None:
     request_id = new_id()
-    rdb.set(lease_key(request_id), "another-worker:token", px=60_000)  # the request runs elsewhere
+    rdb.set(keys.lease_key(request_id), "another-worker:token", px=60_000)  # the request runs elsewhere
     try:
         task_id = new_id()
         request = {"request_id": request_id, "prompt": "hello", "chain": "no-such-chain"}
@@ -156,4 +155,4 @@ def test_an_invalid_copy_of_a_running_request_is_only_dead_lettered(rdb: redis.R
         assert rdb.xlen(keys.events_stream(request_id)) == 0
         assert [letter["reason"] for letter in dead_letters_for(rdb, task_id)] == ["unknown_chain"]
     finally:
-        rdb.delete(lease_key(request_id))
+        rdb.delete(keys.lease_key(request_id))

@@ -14,10 +14,9 @@ from settings import Settings
 from tasks.chat import chat
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, StreamEvent
+from tests.support.sessions import opened
 from worker.runtime import WorkerRuntime, build_runtime
-from worker.state import publisher
-from worker.state.lease import RequestLease
-from worker.state.publisher import EventPublisher
+from worker.state import lua
 
 SettingsFactory = Callable[..., Settings]  # the make_settings fixture of conftest.py
 
@@ -61,10 +60,13 @@ def test_a_new_request_is_opened_and_closed_by_one_script_each(
 ) -> None:
     commands: list[str] = []
     real_execute = fake_redis.execute_command
+    scripts = {key: script.name for script in lua.ALL for key in (script.sha, script.source)}
 
     def counting(*args: Any, **options: Any) -> Any:
-        emits = args[0] in ("EVALSHA", "EVAL") and args[1] in (publisher._EMIT_SHA, publisher._EMIT)
-        commands.append("emit" if emits else str(args[0]))
+        # A script by name, once per call: EVALSHA, and EVAL after it while Redis does not know it.
+        name = scripts.get(args[1]) if args[0] in ("EVALSHA", "EVAL") else None
+        if name is None or not (commands and commands[-1] == name and args[0] == "EVAL"):
+            commands.append(name or str(args[0]))
         return real_execute(*args, **options)
 
     fake_redis.execute_command = counting  # type: ignore[method-assign]
@@ -74,7 +76,7 @@ def test_a_new_request_is_opened_and_closed_by_one_script_each(
     # The opening script (lease, read-ahead, start event) and the closing one (reply, terminal
     # event, lease release); between them only chunk events (the emit script), and no read of a
     # lost run.
-    assert [command for command in commands if command != "emit"] == ["EVAL", "EVAL"]
+    assert [command for command in commands if command != "emit"] == ["open", "finish"]
     assert "XRANGE" not in commands and "XREVRANGE" not in commands
     types = [e.type for e in events(fake_redis, "req-rt")]
     assert types[0] == "start" and types[-1] == "done" and set(types[1:-1]) == {"chunk"}
@@ -156,21 +158,13 @@ def test_celerys_shortened_repr_of_the_reply_still_names_its_status() -> None:
 def test_an_invalid_copy_of_a_running_request_is_only_dead_lettered(
     runtime: WorkerRuntime, fake_redis: fakeredis.FakeRedis
 ) -> None:
-    original = RequestLease(fake_redis, "req-8", ttl_s=30, record_ttl_s=60, worker="other/1")
-    assert original.acquire("chat", {"request": {"request_id": "req-8", "prompt": "hi"}})
-    try:
-        streaming = EventPublisher(
-            fake_redis, "req-8", store=runtime.replies, events_maxlen=100, events_ttl_s=60, lease=original
-        )
-        streaming.emit("start", chain="default", worker="other/1")
+    with opened(fake_redis, "req-8", worker="other/1", start_chain="default") as original:
         result = run_task("task-8", request={"request_id": "req-8", "prompt": "hi", "chain": "nope"})
         assert result["status"] == "duplicate" and result["error"]["type"] == "unknown_chain"
         assert runtime.replies.get("req-8") is None
         assert [e.type for e in events(fake_redis, "req-8")] == ["start"]
         assert [(letter["reason"], letter["request_id"]) for letter in dead(fake_redis)] == [("unknown_chain", "req-8")]
-        assert streaming.finish("done", ChatReply(request_id="req-8", status="succeeded"))  # the answer stands
-    finally:
-        original.release()
+        assert original.finish("done", ChatReply(request_id="req-8", status="succeeded"))  # the answer stands
     stored = runtime.replies.get("req-8")
     assert stored is not None and stored.status == "succeeded"
     assert [e.type for e in events(fake_redis, "req-8")] == ["start", "done"]

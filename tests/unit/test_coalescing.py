@@ -7,28 +7,59 @@ its first round trip."""
 from __future__ import annotations
 
 import itertools
-import time
+import threading
 from typing import Any
 
 import fakeredis
 import pytest
 
+from providers.timer import Timer
 from settings import ScriptedConfig, Settings
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
 from worker.runtime import build_runtime
-from worker.state.lease import LeaseLost, RequestLease
+from worker.state.lease import LeaseLost
 from worker.state.publisher import EventPublisher
+from worker.state.session import RunSession
 from worker.state.store import ReplyStore
 
 RID = "coalesce-1"
 WINDOW_S = 0.05
 
 
-def publisher(client: fakeredis.FakeRedis, coalesce_s: float = WINDOW_S, **kw: Any) -> EventPublisher:
+class FakeClock:
+    """A monotonic clock that moves only when a test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def timer(clock: FakeClock) -> Timer:
+    """A timer with no thread: a test runs what is due with ``pass_time``."""
+    return Timer(clock=clock, threaded=False)
+
+
+def pass_time(timer: Timer, clock: FakeClock, seconds: float) -> None:
+    """Move the clock on and run what came due (the flush at a window's end)."""
+    clock.now += seconds
+    timer.run_due()
+
+
+def publisher(client: fakeredis.FakeRedis, timer: Timer, coalesce_s: float = WINDOW_S, **kw: Any) -> EventPublisher:
     store = ReplyStore(client, ttl_s=3_600)
-    return EventPublisher(client, RID, store=store, events_maxlen=1_000, events_ttl_s=600, coalesce_s=coalesce_s, **kw)
+    return EventPublisher(
+        client, RID, store=store, events_maxlen=1_000, events_ttl_s=600, coalesce_s=coalesce_s, timer=timer, **kw
+    )
 
 
 def stored_events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
@@ -52,19 +83,23 @@ def reply() -> ChatReply:
     return ChatReply(request_id=RID, status="succeeded")
 
 
-def test_off_publishes_every_chunk_at_once(fake_redis: fakeredis.FakeRedis) -> None:
-    pub = publisher(fake_redis, coalesce_s=0.0)
+def test_off_publishes_every_chunk_at_once(fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=0.0)
     for delta in "abc":
         pub.emit("chunk", delta=delta, provider="p", attempt=1)
     assert [event.delta for event in stored_events(fake_redis)] == ["a", "b", "c"]
 
 
-def test_a_burst_goes_out_as_the_first_chunk_then_one_merged_event(fake_redis: fakeredis.FakeRedis) -> None:
-    pub = publisher(fake_redis)
+def test_a_burst_goes_out_as_the_first_chunk_then_one_merged_event(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer)
     for delta in ("He", "ll", "o ", "wo", "rld"):
         assert pub.emit("chunk", delta=delta, provider="p", attempt=1) is False
     assert [event.delta for event in stored_events(fake_redis)] == ["He"]  # the first is not delayed
-    time.sleep(WINDOW_S * 3)  # the flusher publishes the rest when the window ends, unprompted
+    pass_time(timer, clock, WINDOW_S / 2)
+    assert [event.delta for event in stored_events(fake_redis)] == ["He"]  # the rest waits for its window
+    pass_time(timer, clock, WINDOW_S / 2)  # the timer publishes the rest when the window ends, unprompted
     assert [event.delta for event in stored_events(fake_redis)] == ["He", "llo world"]
     pub.finish("done", reply())
     events = stored_events(fake_redis)
@@ -72,8 +107,10 @@ def test_a_burst_goes_out_as_the_first_chunk_then_one_merged_event(fake_redis: f
     assert chunk_text(events) == "Hello world"
 
 
-def test_the_terminal_event_flushes_the_waiting_text_first(fake_redis: fakeredis.FakeRedis) -> None:
-    pub = publisher(fake_redis, coalesce_s=10.0)  # a window that never ends by itself here
+def test_the_terminal_event_flushes_the_waiting_text_first(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)  # a window that never ends by itself here
     pub.emit("start", chain="c", worker="w")
     for delta in "abcd":
         pub.emit("chunk", delta=delta, provider="p", attempt=1)
@@ -85,8 +122,10 @@ def test_the_terminal_event_flushes_the_waiting_text_first(fake_redis: fakeredis
     assert pub.next_seq == 3
 
 
-def test_other_events_flush_first_and_attempts_are_never_merged(fake_redis: fakeredis.FakeRedis) -> None:
-    pub = publisher(fake_redis, coalesce_s=10.0)
+def test_other_events_flush_first_and_attempts_are_never_merged(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)
     pub.emit("start", chain="c", worker="w")
     for delta in "ab":
         pub.emit("chunk", delta=delta, provider="p", attempt=1)
@@ -108,12 +147,14 @@ def test_other_events_flush_first_and_attempts_are_never_merged(fake_redis: fake
     ]
 
 
-def test_a_cancel_seen_by_a_background_flush_reaches_the_next_emit(fake_redis: fakeredis.FakeRedis) -> None:
-    pub = publisher(fake_redis)
+def test_a_cancel_seen_by_a_background_flush_reaches_the_next_emit(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer)
     assert pub.emit("chunk", delta="a", provider="p", attempt=1) is False
     assert pub.emit("chunk", delta="b", provider="p", attempt=1) is False  # waits for its window
     fake_redis.set(keys.cancel_key(RID), "1")
-    time.sleep(WINDOW_S * 3)  # the flusher publishes "b" and reads the cancel key
+    pass_time(timer, clock, WINDOW_S)  # the timer publishes "b" and reads the cancel key
     assert pub.emit("chunk", delta="c", provider="p", attempt=1) is True
     pub.finish("cancelled", ChatReply(request_id=RID, status="cancelled"))
     events = stored_events(fake_redis)
@@ -121,26 +162,51 @@ def test_a_cancel_seen_by_a_background_flush_reaches_the_next_emit(fake_redis: f
     assert chunk_text(events) == "abc"
 
 
-def test_a_lease_lost_during_a_background_flush_stops_the_request(fake_redis: fakeredis.FakeRedis) -> None:
-    lease = RequestLease(fake_redis, RID, ttl_s=30, record_ttl_s=60, worker="w")
-    assert lease.acquire("chat", {"request": {}})
+def test_a_lease_lost_during_a_background_flush_stops_the_request(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    fake_redis.set(keys.lease_key(RID), "w:token")  # this worker's run holds the lease
+    pub = publisher(fake_redis, timer, token="w:token")
+    pub.emit("chunk", delta="a", provider="p", attempt=1)
+    pub.emit("chunk", delta="b", provider="p", attempt=1)
+    fake_redis.set(keys.lease_key(RID), "another-worker")
+    pass_time(timer, clock, WINDOW_S)
+    with pytest.raises(LeaseLost):
+        pub.emit("chunk", delta="c", provider="p", attempt=1)
+    with pytest.raises(LeaseLost):
+        pub.finish("done", reply())
+    assert not [event for event in stored_events(fake_redis) if event.is_terminal]
+
+
+def test_a_flush_due_while_the_request_publishes_tries_again_later(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer)
+    pub.emit("chunk", delta="a", provider="p", attempt=1)
+    pub.emit("chunk", delta="b", provider="p", attempt=1)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # the request's thread, in a round trip of its own
+        with pub._lock:
+            holding.set()
+            release.wait(10.0)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
     try:
-        pub = publisher(fake_redis, lease=lease)
-        pub.emit("chunk", delta="a", provider="p", attempt=1)
-        pub.emit("chunk", delta="b", provider="p", attempt=1)
-        fake_redis.set(lease.key, "another-worker")
-        time.sleep(WINDOW_S * 3)
-        with pytest.raises(LeaseLost):
-            pub.emit("chunk", delta="c", provider="p", attempt=1)
-        with pytest.raises(LeaseLost):
-            pub.finish("done", reply())
-        assert not [event for event in stored_events(fake_redis) if event.is_terminal]
+        assert holding.wait(10.0)
+        pass_time(timer, clock, WINDOW_S)  # the flush does not wait for the publisher
+        assert [event.delta for event in stored_events(fake_redis)] == ["a"]
+        assert timer.due(pub) is not None
     finally:
-        lease.release()
+        release.set()
+        holder.join(10.0)
+    pass_time(timer, clock, WINDOW_S)
+    assert [event.delta for event in stored_events(fake_redis)] == ["a", "b"]
 
 
-def test_flush_publishes_the_waiting_chunk_now(fake_redis: fakeredis.FakeRedis) -> None:
-    pub = publisher(fake_redis, coalesce_s=10.0)
+def test_flush_publishes_the_waiting_chunk_now(fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)
     pub.emit("chunk", delta="a", provider="p", attempt=1)
     pub.emit("chunk", delta="b", provider="p", attempt=1)
     assert pub.next_seq == 1
@@ -159,14 +225,15 @@ def test_a_request_streams_the_same_text_with_coalescing_on_or_off(
     runtime = build_runtime(settings, fake_redis, worker_name="unit-worker")
     request = ChatRequest.model_validate({"request_id": RID, "prompt": "say it"})
     context = TaskContext(task_id=RID, queue="chat")
-    result = RequestRunner(runtime, request, context).run()
+    session = RunSession.of(runtime, RID, timer=Timer(clock=lambda: 1_000.0, threaded=False))  # time stands still
+    result = RequestRunner(runtime, request, context, session=session).run()
     assert isinstance(result, ChatReply) and result.status == "succeeded"
     events = stored_events(fake_redis)
     assert_contract(events)
     assert chunk_text(events) == text == result.replies[0].content
     chunks = [event for event in events if event.type == "chunk"]
     if coalesce_ms:
-        assert len(chunks) < len(text)  # a zero-delay stream is coalesced
+        assert [len(chunk.delta or "") for chunk in chunks] == [1, len(text) - 1]  # the first at once, then one window
     else:
         assert len(chunks) == len(text)
 

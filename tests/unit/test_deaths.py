@@ -16,9 +16,9 @@ from settings import Settings
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
+from tests.support.sessions import opened
 from worker.runtime import WorkerRuntime, build_runtime
-from worker.state.deaths import DEATHS_TTL_S, RunEnds, carried_window, deaths_key
-from worker.state.lease import INFLIGHT_SET, RequestLease, lease_key
+from worker.state.deaths import DEATHS_TTL_S, RunEnds, carried_window
 from worker.state.publisher import EventPublisher
 from worker.state.reaper import reclaim_expired
 from worker.state.store import ReplyStore
@@ -43,11 +43,8 @@ class Resends:
 
 def run_dies(client: fakeredis.FakeRedis, window: tuple[float, float], *, chunks: int = 2) -> None:
     """A run takes the lease (recording the message and its window), streams, and dies: its
-    heartbeat stops, the lease lapses and its in-flight entry is past due."""
-    lease = RequestLease(client, REQUEST_ID, ttl_s=60, record_ttl_s=600, worker="w/1")
-    lease.window = window
-    assert lease.acquire("chat", KWARGS)
-    lease.abandon()
+    renewals stop, the lease lapses and its in-flight entry is past due."""
+    opened(client, REQUEST_ID, KWARGS, window=window, lease_ttl_s=60, record_ttl_s=600).abandon()
     publisher = EventPublisher(
         client,
         REQUEST_ID,
@@ -56,13 +53,13 @@ def run_dies(client: fakeredis.FakeRedis, window: tuple[float, float], *, chunks
         events_ttl_s=60,
         next_seq=EventPublisher.resume_seq(client, REQUEST_ID),
     )
-    client.delete(lease_key(REQUEST_ID))  # the lease lapsed: a lease-less writer may write now
+    client.delete(keys.lease_key(REQUEST_ID))  # the lease lapsed: a lease-less writer may write now
     if publisher.next_seq == 0:
         publisher.emit("start", chain="default", worker="w/1")
     attempt = 1 + sum(e.type == "fallback" for e in events(client))
     for number in range(chunks):
         publisher.emit("chunk", delta=f"c{number}", provider="steady", attempt=attempt)
-    client.zadd(INFLIGHT_SET, {REQUEST_ID: 0})
+    client.zadd(keys.INFLIGHT_SET, {REQUEST_ID: 0})
 
 
 def events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
@@ -85,7 +82,7 @@ def test_the_third_death_ends_the_request_instead_of_a_third_resume(runtime: Wor
     for death in (1, 2):
         run_dies(client, later())
         assert reclaim_expired(client, resend, ends=ends) == [REQUEST_ID]
-        assert int(client.hget(deaths_key(REQUEST_ID), "deaths") or 0) == death
+        assert int(client.hget(keys.deaths_key(REQUEST_ID), "deaths") or 0) == death
         assert resend.sent[-1] == ("chat", KWARGS), "resent as it was sent"
         # The resumed run marks the dead attempt lost, as tasks.runner does.
         EventPublisher(
@@ -112,7 +109,7 @@ def test_the_third_death_ends_the_request_instead_of_a_third_resume(runtime: Wor
     assert sum(e.is_terminal for e in stream) == 1
     (dead,) = [json.loads(entry) for entry in client.lrange(keys.DEAD_LETTERS, 0, -1)]
     assert (dead["reason"], dead["request_id"], dead["queue"]) == ("worker_lost", REQUEST_ID, "chat")
-    assert 0 < client.ttl(deaths_key(REQUEST_ID)) <= DEATHS_TTL_S
+    assert 0 < client.ttl(keys.deaths_key(REQUEST_ID)) <= DEATHS_TTL_S
 
     # A later copy of the message finds the reply: the request never runs again.
     assert (
@@ -148,7 +145,7 @@ def test_without_ends_a_reaper_only_counts_and_resends(runtime: WorkerRuntime) -
     for _ in range(4):
         run_dies(client, later(), chunks=0)
         assert reclaim_expired(client, resend) == [REQUEST_ID]
-    assert int(client.hget(deaths_key(REQUEST_ID), "deaths") or 0) == 4
+    assert int(client.hget(keys.deaths_key(REQUEST_ID), "deaths") or 0) == 4
     assert runtime.replies.get(REQUEST_ID) is None
 
 

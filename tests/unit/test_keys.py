@@ -1,9 +1,11 @@
 """Cascade's own Redis keys never share a name with a request's (DESIGN.md, reliability rules).
 
-Every module-level ``cascade:`` string constant of the product's packages is read from the
-source (so a key added by any module is tried without being listed here): templates with
+Every key name lives in ``tasks.contract.keys``: its ``cascade:`` constants are read from the
+module (so a key added there is tried without being listed here): templates with
 ``{request_id}`` are per-request keys; every other key (a set, a role, a counter, a template of
-another namespace) must not be any per-request key for any request id the schema accepts.
+another namespace) must not be any per-request key for any request id the schema accepts. The
+source of the product's packages is scanned too: a ``cascade:`` key name written anywhere else
+fails.
 """
 
 from __future__ import annotations
@@ -16,41 +18,41 @@ import pytest
 
 from tasks.contract import keys
 from tasks.contract.schemas import REQUEST_ID_PATTERN
-from worker.state import lease, pending
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("tasks", "worker", "providers", "settings")
+KEYS_MODULE = ROOT / "tasks" / "contract" / "keys.py"
 PLACEHOLDER = "{request_id}"
 REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
+# A key name: ``cascade:`` and no space after it (``"cascade: bad config"`` is a message).
+KEY_NAME = re.compile(r"^cascade:\S")
 
-
-def cascade_constants() -> dict[str, str]:
-    """``module.NAME`` -> value of every module-level ``cascade:...`` string constant."""
-    found = {}
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            for node in ast.parse(path.read_text()).body:
-                targets = (
-                    node.targets
-                    if isinstance(node, ast.Assign)
-                    else [node.target]
-                    if isinstance(node, ast.AnnAssign)
-                    else []
-                )
-                value = getattr(node, "value", None)
-                if not (isinstance(value, ast.Constant) and isinstance(value.value, str)):
-                    continue
-                if not value.value.startswith("cascade:"):
-                    continue
-                for target in targets:
-                    if isinstance(target, ast.Name):
-                        found[f"{path.relative_to(ROOT).with_suffix('')}.{target.id}".replace("/", ".")] = value.value
-    return found
-
-
-CONSTANTS = cascade_constants()
+CONSTANTS = {
+    name: value
+    for name, value in vars(keys).items()
+    if name.isupper() and isinstance(value, str) and value.startswith("cascade:")
+}
 TEMPLATES = {name: value for name, value in CONSTANTS.items() if PLACEHOLDER in value}
 OTHERS = {name: value for name, value in CONSTANTS.items() if PLACEHOLDER not in value}
+
+
+def key_names_in(source: str) -> list[tuple[int, str]]:
+    """(line, text) of every string literal of ``source`` that names a ``cascade:`` key."""
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant) and isinstance(node.value, str) and KEY_NAME.match(node.value)
+    ]
+
+
+def stray_key_names() -> list[str]:
+    """``path:line: text`` of every key name written outside the keys module."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path != KEYS_MODULE:
+                found += [f"{path.relative_to(ROOT)}:{n}: {text[:60]}" for n, text in key_names_in(path.read_text())]
+    return found
 
 
 def request_id_making(template: str, key: str) -> str | None:
@@ -70,10 +72,27 @@ def request_id_making(template: str, key: str) -> str | None:
     return middle if REQUEST_ID.match(middle) else None
 
 
-def test_the_scan_finds_the_keys_of_every_kind() -> None:
-    values = set(CONSTANTS.values())
-    assert {keys.EVENTS_STREAM, keys.REPLY, keys.PENDING_RECORD, lease.LEASE_KEY, lease.INFLIGHT_KEY} <= values
-    assert {keys.DEAD_LETTERS, keys.ROUTES, pending.PENDING_SET, pending.RESENDS, pending.SWEEPER} <= values
+def test_the_keys_of_every_kind_are_read() -> None:
+    assert {keys.EVENTS_STREAM, keys.REPLY, keys.PENDING_RECORD, keys.LEASE, keys.INFLIGHT_RECORD} <= set(
+        TEMPLATES.values()
+    )
+    assert {keys.DEAD_LETTERS, keys.ROUTES, keys.PENDING_SET, keys.RESENDS, keys.SWEEPER} <= set(OTHERS.values())
+    assert {keys.COOLDOWN, keys.COOLDOWN_FAILURES, keys.INFLIGHT_SET} <= set(OTHERS.values())
+
+
+def test_no_key_name_is_written_outside_the_keys_module() -> None:
+    assert stray_key_names() == []
+
+
+def test_the_scan_sees_a_stray_key_name() -> None:
+    source = '''"""Docs about ``cascade:dead``."""
+LEASE = "cascade:lease:{request_id}"
+def f(rid):
+    print("cascade: a message")
+    return f"cascade:x:{rid}"
+'''
+    assert key_names_in(source) == [(2, "cascade:lease:{request_id}"), (5, "cascade:x:")]
+    assert len(key_names_in(KEYS_MODULE.read_text())) == len(CONSTANTS)
 
 
 def test_the_check_sees_a_collision() -> None:

@@ -11,8 +11,7 @@ import pytest
 
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, ErrorInfo, StreamEvent
-from worker.state.lease import LeaseLost, RequestLease, lease_key
-from worker.state.pending import RESENDS
+from worker.state.lease import LeaseLost
 from worker.state.publisher import MAX_WINDOW_S, EventPublisher, StreamClosed, chunk_budget
 from worker.state.store import ReplyStore
 
@@ -205,37 +204,33 @@ def test_resume_seq(fake_redis: fakeredis.FakeRedis) -> None:
 
 
 def test_a_worker_that_lost_its_lease_writes_nothing_more(fake_redis: fakeredis.FakeRedis) -> None:
-    lease = RequestLease(fake_redis, RID, ttl_s=30, record_ttl_s=60, worker="w/1")
-    assert lease.acquire("chat", {"request": {}})
-    try:
-        pub = publisher(fake_redis, lease=lease)
-        pub.emit("start", chain="default", worker="w/1")
-        fake_redis.set(lease.key, "w/2:token")  # another worker took the request over
-        with pytest.raises(LeaseLost):
-            pub.emit("chunk", delta="late", provider="p", attempt=1)
-        with pytest.raises(LeaseLost):
-            pub.emit("fallback", provider="p", attempt=1, error_type="stream_interrupted")
-        with pytest.raises(LeaseLost):
-            pub.finish("done", _reply())
-        assert [event.type for event in stored_events(fake_redis)] == ["start"]  # the new owner's seq 1 is free
-        assert pub.next_seq == 1
-        assert not fake_redis.exists(keys.reply_key(RID))
-    finally:
-        lease.release()
+    fake_redis.set(keys.lease_key(RID), "w/1:token")  # this worker's run holds the lease
+    pub = publisher(fake_redis, token="w/1:token")
+    pub.emit("start", chain="default", worker="w/1")
+    fake_redis.set(keys.lease_key(RID), "w/2:token")  # another worker took the request over
+    with pytest.raises(LeaseLost):
+        pub.emit("chunk", delta="late", provider="p", attempt=1)
+    with pytest.raises(LeaseLost):
+        pub.emit("fallback", provider="p", attempt=1, error_type="stream_interrupted")
+    with pytest.raises(LeaseLost):
+        pub.finish("done", _reply())
+    assert [event.type for event in stored_events(fake_redis)] == ["start"]  # the new owner's seq 1 is free
+    assert pub.next_seq == 1
+    assert not fake_redis.exists(keys.reply_key(RID))
 
 
 def test_a_publisher_without_a_lease_writes_nothing_for_a_leased_request(fake_redis: fakeredis.FakeRedis) -> None:
-    fake_redis.set(lease_key(RID), "w/2:token")  # the request runs on another worker
+    fake_redis.set(keys.lease_key(RID), "w/2:token")  # the request runs on another worker
     pub = publisher(fake_redis)
     assert pub.finish("error", _reply("failed"), error=ErrorInfo(type="invalid_request", message="m")) is False
     assert pub.leased_elsewhere
     assert stored_events(fake_redis) == [] and not fake_redis.exists(keys.reply_key(RID))
     with pytest.raises(LeaseLost):
         publisher(fake_redis).emit("start")
-    assert fake_redis.get(lease_key(RID)) == b"w/2:token"
+    assert fake_redis.get(keys.lease_key(RID)) == b"w/2:token"
 
 
 def test_the_reply_forgets_the_request_s_resend_count(fake_redis: fakeredis.FakeRedis) -> None:
-    fake_redis.hset(RESENDS, mapping={RID: 2, "other": 1})
+    fake_redis.hset(keys.RESENDS, mapping={RID: 2, "other": 1})
     assert publisher(fake_redis).finish("done", _reply())
-    assert fake_redis.hgetall(RESENDS) == {b"other": b"1"}
+    assert fake_redis.hgetall(keys.RESENDS) == {b"other": b"1"}

@@ -15,6 +15,7 @@ from tasks.contract import keys
 from tasks.contract.schemas import AssistantReply, ChatReply, ChatRequest, HandOff, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
 from worker.runtime import WorkerRuntime, build_runtime
+from worker.state.lease import LeaseLost
 from worker.state.publisher import EventPublisher
 
 TEXT = "The quick brown fox"
@@ -310,3 +311,33 @@ def test_a_provider_that_is_unavailable_falls_through(
         ("broken", "failed", "provider_unavailable"),
         ("steady", "succeeded", None),
     ]
+
+
+class TakenOverMidStream(ChatProvider):
+    """Streams one chunk, then another worker takes the request's lease over."""
+
+    def __init__(self, client: fakeredis.FakeRedis) -> None:
+        super().__init__("taken", ScriptedConfig(text="x"))
+        self._client = client
+        self.calls = 0
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        self.calls += 1
+        on_chunk(StreamingChunk(content="one "))
+        self._client.set(keys.lease_key(RID), "other-worker:token")
+        on_chunk(StreamingChunk(content="two"))
+        raise AssertionError("the runner should have stopped the stream")
+
+
+def test_a_lease_taken_over_stops_the_run_without_a_fallback_or_a_reply(fake_redis: fakeredis.FakeRedis) -> None:
+    runtime = runtime_for(fake_redis, {"steady": {}}, ["steady"])
+    taken = TakenOverMidStream(fake_redis)
+    steady = runtime.providers.get("steady")
+    runtime.providers = FixedPool(taken, steady)  # type: ignore[assignment]
+    request = ChatRequest.model_validate({"request_id": RID, "prompt": "say it"})
+    with pytest.raises(LeaseLost):
+        RequestRunner(runtime, request, TaskContext(task_id=RID, queue="chat")).run()
+    assert taken.calls == 1  # not retried, and the chain did not fall back to the next provider
+    assert [e.type for e in events(fake_redis)] == ["start", "chunk"]
+    assert stored(runtime) is None
+    assert fake_redis.get(keys.lease_key(RID)) == b"other-worker:token"  # the new owner's lease stands

@@ -84,7 +84,7 @@ def run_hop(
     headers: dict[str, Any],
     *,
     handoff: HandOff | None = None,
-    send_handoff: Any = None,
+    sender: Any = None,
 ) -> ChatReply | HandOff:
     """One task run as a worker does it: task_prerun, the runner, task_postrun."""
     task_id = str(headers.get("id", request.request_id))
@@ -93,7 +93,8 @@ def run_hop(
         kwargs["handoff"] = handoff.model_dump(mode="json")
     hooks.task_started(task_id=task_id, task=as_task(headers, queue), kwargs=kwargs)
     context = TaskContext(task_id=task_id, queue=queue, local_queues=frozenset({queue}))
-    outcome = RequestRunner(runtime, request, context, handoff=handoff, send_handoff=send_handoff).run()
+    outcome = RequestRunner(runtime, request, context, handoff=handoff, sender=sender).run()
+    assert outcome is not None
     result = outcome.model_dump(mode="json") if isinstance(outcome, ChatReply) else {"status": "handed_off"}
     hooks.task_finished(task_id=task_id, retval=result)
     return outcome
@@ -214,11 +215,12 @@ def test_a_hand_off_continues_the_trace_on_the_next_queue(
     first_headers = broker.send("chat", {"request": request.model_dump(mode="json")}, "req-hop")
     sent: dict[str, Any] = {}
 
-    def send_handoff(queue: str, state: HandOff) -> None:  # what tasks.chat does, through Celery
-        kwargs = {"request": request.model_dump(mode="json"), "handoff": state.model_dump(mode="json")}
-        sent.update(queue=queue, state=state, headers=broker.send(queue, kwargs, "hop-task-2"))
+    class Sender:  # what tasks.chat's sender does, through Celery
+        def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
+            state = HandOff.model_validate(kwargs["handoff"])
+            sent.update(queue=queue, state=state, headers=broker.send(queue, kwargs, "hop-task-2"))
 
-    state = run_hop(runtime, request, "chat", first_headers, send_handoff=send_handoff)
+    state = run_hop(runtime, request, "chat", first_headers, sender=Sender())
     assert isinstance(state, HandOff) and sent["queue"] == "chat.gpu"
     reply = run_hop(runtime, request, "chat.gpu", sent["headers"], handoff=sent["state"])
     assert isinstance(reply, ChatReply) and reply.meta.provider == "gpu" and reply.meta.queue_hops == 1

@@ -15,9 +15,10 @@ from collections.abc import Callable
 import redis
 
 from providers.base import ChatProvider
+from tasks.contract import keys
 
-FAILURES_KEY = "cascade:cooldown:failures:{provider_id}"
-COOLDOWN_KEY = "cascade:cooldown:{provider_id}"
+FAILURES_KEY = keys.COOLDOWN_FAILURES
+COOLDOWN_KEY = keys.COOLDOWN
 
 
 class RedisCooldowns:
@@ -30,13 +31,13 @@ class RedisCooldowns:
     @staticmethod
     def key_of(provider_id: str, cooldown_failures: int) -> str | None:
         """The key whose existence means ``provider_id`` cools down; None when its cooldown is off."""
-        return COOLDOWN_KEY.format(provider_id=provider_id) if cooldown_failures else None
+        return keys.cooldown_key(provider_id) if cooldown_failures else None
 
     def is_cooling_down(self, provider: ChatProvider) -> bool:
         """True while the provider's cooldown key exists."""
         if provider.config.cooldown_failures == 0:
             return False
-        return bool(self._client.exists(COOLDOWN_KEY.format(provider_id=provider.provider_id)))
+        return bool(self._client.exists(keys.cooldown_key(provider.provider_id)))
 
     def record_failure(self, provider: ChatProvider) -> None:
         """Count a failure; start the cooldown when the window holds enough of them."""
@@ -44,7 +45,7 @@ class RedisCooldowns:
         if cfg.cooldown_failures == 0:
             return
         now = time.time()
-        failures = FAILURES_KEY.format(provider_id=provider.provider_id)
+        failures = keys.cooldown_failures_key(provider.provider_id)
         pipe = self._client.pipeline(transaction=True)
         pipe.zadd(failures, {uuid.uuid4().hex: now})
         pipe.zremrangebyscore(failures, 0, now - cfg.cooldown_window_s)
@@ -52,7 +53,7 @@ class RedisCooldowns:
         pipe.expire(failures, int(cfg.cooldown_window_s) + 1)
         recent = pipe.execute()[2]
         if recent >= cfg.cooldown_failures:
-            cooldown = COOLDOWN_KEY.format(provider_id=provider.provider_id)
+            cooldown = keys.cooldown_key(provider.provider_id)
             # NX: a cooldown already running is not extended by failures of in-flight calls.
             started = self._client.set(cooldown, "1", px=int(cfg.cooldown_s * 1000), nx=True)
             self._client.delete(failures)

@@ -29,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 
 import redis
 
+from tasks.contract import keys
 from tasks.contract.schemas import AttemptRecord, ChainMeta, ChatReply, ErrorInfo
-from tasks.recovery import WORKER_LOST, read_lost_run
 from worker.state.publisher import EventPublisher
+from worker.state.recovery import WORKER_LOST, read_lost_run
 from worker.state.store import DeadLetters, ReplyStore
 
 if TYPE_CHECKING:
@@ -39,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEATHS_KEY = "cascade:deaths:{request_id}"
+DEATHS_KEY = keys.DEATHS
 # Longer than any request may run (its deadline is capped by Settings.max_timeout_s).
 DEATHS_TTL_S = 86_400
 _COUNT, _STARTED, _DEADLINE = "deaths", "started_at", "deadline_at"
@@ -47,7 +48,7 @@ _COUNT, _STARTED, _DEADLINE = "deaths", "started_at", "deadline_at"
 
 def deaths_key(request_id: str) -> str:
     """The hash holding ``request_id``'s death count and its first run's start and deadline."""
-    return DEATHS_KEY.format(request_id=request_id)
+    return keys.deaths_key(request_id)
 
 
 def read_record(raw: Any) -> dict[str, Any] | None:

@@ -1,14 +1,14 @@
-"""Request leases: who is running a request right now, kept alive by a heartbeat.
+"""Request leases: who is running a request right now, kept alive by the process's timer.
 
 A worker that starts a request takes its lease (``cascade:lease:{id}``, a random token with a
 short TTL) and records the task message it is running (``cascade:inflight:{id}``) with the
-lease's expiry in the sorted set ``cascade:inflight``. A heartbeat thread (one per process,
-for all its leases) renews both every third of the TTL while the request runs. If the worker
-dies — SIGKILL, OOM, a lost machine — the heartbeat stops, the lease expires within seconds,
-and any surviving worker's reaper (``worker.state.reaper``) sends the recorded message again. The
-record also holds the run's start and deadline, which a resumed run keeps (``worker.state.deaths``).
-Recovery therefore never waits for the broker's visibility timeout, which must stay longer
-than the longest request (celery/celery#5935).
+lease's expiry in the sorted set ``cascade:inflight`` (``worker.state.session`` opens the run
+with both). The process's timer thread (``providers.timer``) renews both every third of the TTL
+while the request runs. If the worker dies — SIGKILL, OOM, a lost machine — the renewals stop,
+the lease expires within seconds, and any surviving worker's reaper (``worker.state.reaper``)
+sends the recorded message again. The record also holds the run's start and deadline, which a
+resumed run keeps (``worker.state.deaths``). Recovery therefore never waits for the broker's
+visibility timeout, which must stay longer than the longest request (celery/celery#5935).
 
 A second delivery of a request whose lease is held by a live worker is a duplicate and is
 dropped; a worker whose lease was taken over stops at its next event (``LeaseLost``).
@@ -16,231 +16,85 @@ dropped; a worker whose lease was taken over stops at its next event (``LeaseLos
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import secrets
-import threading
 import time
-from typing import Any
 
 import redis
 
-from providers.errors import RequestStopped
+from providers.timer import TIMER, Timer
+from tasks.contract import keys
+from worker.state import lua
 
 logger = logging.getLogger(__name__)
 
-LEASE_KEY = "cascade:lease:{request_id}"
-INFLIGHT_KEY = "cascade:inflight:{request_id}"
-INFLIGHT_SET = "cascade:inflight"
 
-# Take the lease if it is free and record the message to resend, in one round trip. The body
-# (KEYS 1-3, ARGV 1-6) also opens ``worker.state.opening``'s script, which goes on from there.
-# A lease already holding this run's token is taken too: a retried call (the reply to the first
-# was lost with the connection) must not find its own lease and drop the request as a duplicate.
-ACQUIRE_LUA = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return false end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-redis.call('SET', KEYS[2], ARGV[3], 'EX', ARGV[4])
-redis.call('ZADD', KEYS[3], ARGV[5], ARGV[6])
-"""
-_ACQUIRE = ACQUIRE_LUA + "return 1\n"
-# Renew only if the lease is still ours (compare-and-expire).
-_RENEW = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('PEXPIRE', KEYS[1], ARGV[2])
-    redis.call('ZADD', KEYS[2], 'XX', ARGV[3], ARGV[4])
-    return 1
-end
-return 0
-"""
-# Release only if the lease is still ours.
-_RELEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-    redis.call('DEL', KEYS[1], KEYS[3])
-    redis.call('ZREM', KEYS[2], ARGV[2])
-    return 1
-end
-return 0
-"""
+class LeaseLost(Exception):
+    """Another worker took the request over: this run must stop without a reply.
 
-
-class LeaseLost(RequestStopped):
-    """Another worker took the request over: this run must stop without a reply."""
+    Not a provider error, nor a ``providers.errors.RequestStopped``: the chain never falls back
+    on it nor ends the request with it (it records the attempt as stopped and lets it through),
+    and the runner lets it reach the task, which drops the run without writing anything."""
 
     code = "lease_lost"
 
 
-def lease_key(request_id: str) -> str:
-    """The key holding the token of the worker running ``request_id``."""
-    return LEASE_KEY.format(request_id=request_id)
-
-
-class _Heartbeat:
-    """One daemon thread per process renews every lease the process holds, each every third of
-    its TTL. Taking a lease starts no thread: on a busy machine a thread start can take
-    milliseconds, on the path of the request's first event.
-
-    A renewal is a Redis round trip, made outside the lock: a slow or silent Redis delays the
-    heartbeat, never a request thread taking or giving up a lease of its own."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        """A fresh state: at import, and in a forked child (the parent's thread is not there)."""
-        self._cond = threading.Condition()
-        self._due: dict[RequestLease, float] = {}  # lease -> monotonic time of its next renewal
-        self._renewing: RequestLease | None = None  # the lease whose renewal is in flight
-        self._thread: threading.Thread | None = None
-
-    def add(self, lease: RequestLease) -> None:
-        """Renew ``lease`` from now on."""
-        due = time.monotonic() + lease.interval_s
-        with self._cond:
-            # Wake the thread only if it must beat sooner than it planned (a wake costs a GIL
-            # switch on the request's path; leases of one process share their TTL, so it rarely must).
-            wake = not self._due or due < min(self._due.values())
-            self._due[lease] = due
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="lease-heartbeat", daemon=True)
-                self._thread.start()
-            elif wake:
-                self._cond.notify_all()  # all: a ``remove`` may be waiting on the same condition
-
-    def remove(self, lease: RequestLease) -> None:
-        """Stop renewing ``lease``; once this returns, no renewal of it is in flight (waiting,
-        if one is, for that one only)."""
-        with self._cond:
-            self._due.pop(lease, None)
-            while self._renewing is lease:
-                self._cond.wait()
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                now = time.monotonic()
-                ready = [lease for lease, due in self._due.items() if due <= now]
-                if not ready:
-                    next_due = min(self._due.values(), default=None)
-                    self._cond.wait(None if next_due is None else max(0.0, next_due - now))
-                    continue
-            for lease in ready:
-                self._beat(lease)
-
-    def _beat(self, lease: RequestLease) -> None:
-        """Renew ``lease`` (unless it was removed meanwhile) with the lock released."""
-        with self._cond:
-            if lease not in self._due:
-                return
-            self._renewing = lease
-        renewed = False
-        try:
-            renewed = lease.renew()
-        except Exception:  # a bug must not stop the heartbeat of every other lease
-            logger.exception("renewing the lease of %s failed", lease.request_id)
-        finally:
-            with self._cond:
-                self._renewing = None
-                if lease in self._due:
-                    if renewed:
-                        self._due[lease] = time.monotonic() + lease.interval_s
-                    else:
-                        del self._due[lease]
-                self._cond.notify_all()
-
-
 class RequestLease:
-    """The lease of one request on this worker; use ``acquire`` then ``release``."""
+    """The lease of one request on this worker: its token and its renewals. The run's session
+    (``worker.state.session``) takes and lets go of it."""
 
     def __init__(
-        self, client: redis.Redis, request_id: str, *, ttl_s: float, record_ttl_s: int, worker: str = ""
+        self, client: redis.Redis, request_id: str, *, ttl_s: float, worker: str = "", timer: Timer = TIMER
     ) -> None:
         self._client = client
+        self._timer = timer
         self.request_id = request_id
-        self.key = lease_key(request_id)
-        self._inflight = INFLIGHT_KEY.format(request_id=request_id)
-        self._ttl_ms = int(ttl_s * 1000)
-        self._record_ttl_s = record_ttl_s
+        self.key = keys.lease_key(request_id)
+        self.ttl_ms = int(ttl_s * 1000)
         self.token = f"{worker}:{secrets.token_hex(8)}"
         self.lost = False
-        self.abandoned = False
-        self.released = False
-        self.held = False
-        self.window: tuple[float, float] | None = None
-        """The run's start and deadline (unix times), recorded with the message so that a
-        resumed run keeps them (``worker.state.deaths``)."""
-
-    def acquire(self, queue: str, kwargs: dict[str, Any]) -> bool:
-        """Take the lease and record the message to resend if this worker dies; False if a
-        live worker already holds it."""
-        keys, args = self.acquire_call(queue, kwargs)
-        if not self._client.eval(_ACQUIRE, len(keys), *keys, *args):
-            return False
-        self.taken()
-        return True
-
-    def acquire_call(self, queue: str, kwargs: dict[str, Any]) -> tuple[tuple[str, ...], tuple[Any, ...]]:
-        """KEYS and ARGV of ``ACQUIRE_LUA`` for this lease and the message to record."""
-        entry: dict[str, Any] = {"queue": queue, "kwargs": kwargs}
-        if self.window is not None:
-            entry["started_at"], entry["deadline_at"] = self.window
-        record = json.dumps(entry)
-        keys = (self.key, self._inflight, INFLIGHT_SET)
-        return keys, (self.token, self._ttl_ms, record, self._record_ttl_s, self._expiry_ms(), self.request_id)
-
-    def taken(self) -> None:
-        """Start renewing the lease: a script running ``ACQUIRE_LUA`` took it."""
-        self.held = True
-        _HEARTBEAT.add(self)
-
-    def release_keys(self) -> tuple[str, str, str]:
-        """The keys a script releasing this lease deletes or edits: lease, in-flight record and
-        the in-flight set (``worker.state.publisher`` releases it with the reply)."""
-        return self.key, self._inflight, INFLIGHT_SET
-
-    def stop_renewing(self) -> None:
-        """Stop the heartbeat (before a script that may release the lease runs)."""
-        _HEARTBEAT.remove(self)
-
-    def holds(self, current: bytes | None) -> bool:
-        """True if ``current`` (the lease key's value read elsewhere) is this lease's token."""
-        return current is not None and current.decode() == self.token
-
-    def release(self) -> None:
-        """Stop the heartbeat and drop the lease and the in-flight record (unless abandoned, never
-        taken, or released already, by this call or with the reply)."""
-        _HEARTBEAT.remove(self)
-        if self.abandoned or self.released or not self.held:
-            return
-        self.released = True
-        try:
-            self._client.eval(_RELEASE, 3, self.key, INFLIGHT_SET, self._inflight, self.token, self.request_id)
-        except redis.RedisError:
-            logger.warning("could not release the lease of %s; it expires by itself", self.request_id)
-
-    def abandon(self) -> None:
-        """Stop renewing the lease but keep it and the in-flight record, for a run cut off from
-        Redis before its request ended: the lease lapses within its TTL and a reaper sends the
-        request again. A later ``release`` does nothing."""
-        _HEARTBEAT.remove(self)
-        self.abandoned = True
-
-    def _expiry_ms(self) -> int:
-        return int(time.time() * 1000) + self._ttl_ms
 
     @property
     def interval_s(self) -> float:
         """Time between two renewals: a third of the TTL."""
-        return self._ttl_ms / 3000
+        return self.ttl_ms / 3000
+
+    def expires_at_ms(self) -> int:
+        """When the lease expires if taken or renewed now (unix ms), the in-flight set's score."""
+        return int(time.time() * 1000) + self.ttl_ms
+
+    def start_renewing(self) -> None:
+        """Renew the lease every third of its TTL from now on (it was just taken)."""
+        self._timer.schedule(self, self._timer.clock() + self.interval_s, self._beat)
+
+    def stop_renewing(self) -> None:
+        """Stop the renewals; once this returns none is in flight."""
+        self._timer.cancel(self)
+
+    def _beat(self) -> None:
+        """The timer's part: renew, and renew again a third of the TTL later while the lease is
+        ours. The round trip runs on the timer's thread, never under a lock a request thread
+        taking or giving up a lease waits for."""
+        try:
+            renewed = self.renew()
+        except Exception:  # a bug: stop renewing this lease, the timer goes on with the others
+            logger.exception("renewing the lease of %s failed", self.request_id)
+            return
+        if renewed:
+            self.start_renewing()
 
     def renew(self) -> bool:
-        """Extend the lease (the heartbeat calls this); False once it was taken over."""
+        """Extend the lease; False once it was taken over."""
         try:
-            renewed = self._client.eval(
-                _RENEW, 2, self.key, INFLIGHT_SET, self.token, self._ttl_ms, self._expiry_ms(), self.request_id
+            renewed = lua.RENEW.call(
+                self._client,
+                keys={"lease_key": self.key, "inflight_set": keys.INFLIGHT_SET},
+                args={
+                    "token": self.token,
+                    "lease_ttl_ms": self.ttl_ms,
+                    "expires_at_ms": self.expires_at_ms(),
+                    "request_id": self.request_id,
+                },
             )
         except redis.RedisError:
             return True  # Redis is restarting; the next beat tries again
@@ -249,6 +103,3 @@ class RequestLease:
             self.lost = True
             return False
         return True
-
-
-_HEARTBEAT = _Heartbeat()

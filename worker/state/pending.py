@@ -39,47 +39,20 @@ from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
 from tasks.producer.pending import PENDING_TTL_S as PENDING_TTL_S
 from tasks.producer.pending import note_sent as note_sent
 from tasks.producer.pending import now_ms
-from worker.state.lease import INFLIGHT_KEY, lease_key
+from worker.state import lua
 
 logger = logging.getLogger(__name__)
 
 PENDING_SET = keys.PENDING_SET
-# kombu's default names for delivered, unacknowledged messages (tag -> [message, exchange, key]).
-UNACKED = "unacked"
+RESENDS = keys.RESENDS
+SWEEPER = keys.SWEEPER
+UNACKED = keys.UNACKED
 
 Resend = Callable[[str, dict[str, Any]], None]
+GiveUp = Callable[[str, dict[str, Any]], None]
 
 # A request resent this many times and lost again is not sent again: it is dead-lettered.
 MAX_RESENDS = 5
-
-# Claim a lost request for resending: its score is still what this reaper saw (nobody sent it
-# since), and no lease, reply or in-flight record exists. The new score marks the resend, and
-# the record counts it. Returns the record.
-_CLAIM = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) ~= tonumber(ARGV[2]) then return false end
-if redis.call('EXISTS', KEYS[2], KEYS[3], KEYS[5]) > 0 then return false end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
-redis.call('HINCRBY', KEYS[6], ARGV[1], 1)
-redis.call('EXPIRE', KEYS[6], ARGV[4])
-return {redis.call('GET', KEYS[4]), redis.call('HGET', KEYS[6], ARGV[1])}
-"""
-# Resend counts per request id (a hash, so the record itself stays what its sender wrote).
-# Outside ``cascade:pending:{request_id}``: no request id may name a key of Cascade's own.
-RESENDS = "cascade:resends"
-# The token of the reaper that sweeps pending records: one at a time, so a backlog is scanned
-# once per pass, not once per worker, and a suspect is seen twice by the same reaper.
-SWEEPER = "cascade:sweeper"
-# Take or keep the sweeper's role: free, or already ours, it is ours for ARGV[2] ms more.
-_LEAD = """
-local holder = redis.call('GET', KEYS[1])
-if holder and holder ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-"""
-
-GiveUp = Callable[[str, dict[str, Any]], None]
-
 
 record_key = keys.pending_record
 
@@ -153,15 +126,18 @@ def resend_lost(
     for request_id, (score, record) in lost.items():
         if suspects.get(request_id) != score:
             continue  # first sighting: a message can be between BRPOP and unacked for an instant
-        keys_ = (
-            PENDING_SET,
-            lease_key(request_id),
-            keys.reply_key(request_id),
-            record_key(request_id),
-            INFLIGHT_KEY.format(request_id=request_id),
-            RESENDS,
+        claimed = lua.CLAIM_LOST.call(
+            client,
+            keys={
+                "pending_set": PENDING_SET,
+                "lease_key": keys.lease_key(request_id),
+                "reply_key": keys.reply_key(request_id),
+                "pending_record": record_key(request_id),
+                "inflight_record": keys.inflight_record(request_id),
+                "resends": RESENDS,
+            },
+            args={"request_id": request_id, "seen_score": score, "now_ms": now_ms(), "pending_ttl_s": PENDING_TTL_S},
         )
-        claimed = client.eval(_CLAIM, len(keys_), *keys_, request_id, score, now_ms(), PENDING_TTL_S)
         if claimed is None:
             continue  # it started, ended, or another reaper sent it
         if int(claimed[1]) > MAX_RESENDS:
@@ -185,7 +161,9 @@ def resend_lost(
 def lead_sweep(client: redis.Redis, token: str, hold_s: float) -> bool:
     """True if the reaper with ``token`` is (or now becomes) the one sweeping pending records,
     for ``hold_s`` from now; a sweeper that stops renewing is replaced once that passes."""
-    return bool(client.eval(_LEAD, 1, SWEEPER, token, int(hold_s * 1000)))
+    return bool(
+        lua.LEAD_SWEEP.call(client, keys={"sweeper": SWEEPER}, args={"token": token, "hold_ms": int(hold_s * 1000)})
+    )
 
 
 def forget(client: redis.Redis, *request_ids: str) -> None:
@@ -212,7 +190,7 @@ def _unleased(
         pipe = client.pipeline(transaction=False)
         for raw_id, _score in entries:
             request_id = raw_id.decode()
-            pipe.exists(lease_key(request_id))
+            pipe.exists(keys.lease_key(request_id))
             pipe.exists(keys.reply_key(request_id))
             pipe.get(record_key(request_id))
         checks = pipe.execute() if entries else []

@@ -14,7 +14,8 @@ resend count (``worker.state.pending``): one round trip ends a request.
 
 Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``, 2 ms by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
-window join its ``delta``; a background flusher publishes them at the window's end, and any
+window join its ``delta``; the process's timer (``providers.timer``) publishes them at the
+window's end, and any
 other event (``fallback``, the terminal event) publishes them first. A chunk after a quiet
 window (the first one, say) still goes out at once, so the first token is not delayed, and a
 fast stream costs one round trip per window instead of one per chunk. ``seq`` stays strictly
@@ -33,19 +34,19 @@ are never held; MAXLEN stays as the memory bound for a request that still outgro
 
 from __future__ import annotations
 
-import hashlib
 import math
 import threading
 import time
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
 
+from providers.timer import TIMER, Timer
 from tasks.contract import keys
 from tasks.contract.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
-from worker.state import pending as pending_set
-from worker.state.coalescing import FLUSHER, PendingChunk
-from worker.state.lease import LeaseLost, RequestLease, lease_key
+from worker.state import lua
+from worker.state.lease import LeaseLost
 from worker.state.store import ReplyStore
 
 
@@ -53,66 +54,28 @@ class StreamClosed(RuntimeError):
     """An event was emitted after the request's terminal event."""
 
 
-# The lease check both scripts open with: a leased writer (ARGV[i] its token) writes only while
-# the lease holds that token; a writer with no lease (ARGV[i] == '') only while nobody holds it.
-_LEASE_CHECK = """
-local holder = redis.call('GET', KEYS[{key}])
-if ARGV[{token}] == '' then
-    if holder then return -2 end
-elseif holder ~= ARGV[{token}] then
-    return -1
-end
-"""
+@dataclass
+class PendingChunk:
+    """Chunk deltas of one attempt waiting for their window to end."""
 
-# KEYS: channel, events stream, cancel key, lease
-# ARGV: events maxlen, events TTL (0: leave the TTL alone), lease token (or ""), then the events
-# Returns whether the cancel key is set, or -1 / -2 (nothing written) from the lease check.
-_EMIT = (
-    _LEASE_CHECK.format(key=4, token=3)
-    + """
-for i = 4, #ARGV do
-    redis.call('PUBLISH', KEYS[1], ARGV[i])
-    redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[1], '*', 'event', ARGV[i])
-end
-if ARGV[2] ~= '0' then redis.call('EXPIRE', KEYS[2], ARGV[2]) end
-return redis.call('EXISTS', KEYS[3])
-"""
-)
+    fields: dict[str, Any]
+    due: float
+    deltas: list[str] = field(default_factory=list)
 
-# KEYS: reply, channel, events stream, lease, pending set, pending record, in-flight record (or
-#       ""), in-flight set (or ""), resend counts
-# ARGV: reply JSON, reply TTL, terminal event JSON, maxlen, events TTL, lease token (or ""),
-#       request id, a coalesced chunk event to publish first (or "")
-# Returns 1 (written), 0 (a reply was stored already), -1 / -2 (the lease check refused).
-_FINISH = (
-    "if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end\n"
-    + _LEASE_CHECK.format(key=4, token=6)
-    + """
-redis.call('SET', KEYS[1], ARGV[1], 'EX', ARGV[2])
-redis.call('ZREM', KEYS[5], ARGV[7])
-redis.call('DEL', KEYS[6])
-redis.call('HDEL', KEYS[9], ARGV[7])
-if ARGV[8] ~= '' then
-    redis.call('PUBLISH', KEYS[2], ARGV[8])
-    redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[8])
-end
-redis.call('PUBLISH', KEYS[2], ARGV[3])
-redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'event', ARGV[3])
-redis.call('EXPIRE', KEYS[3], ARGV[5])
-if ARGV[6] ~= '' then
-    redis.call('DEL', KEYS[4], KEYS[7])
-    redis.call('ZREM', KEYS[8], ARGV[7])
-end
-return 1
-"""
-)
-_EMIT_SHA = hashlib.sha1(_EMIT.encode()).hexdigest()  # noqa: S324 - Redis names scripts by SHA-1
+    def merged(self) -> dict[str, Any]:
+        return {**self.fields, "delta": "".join(self.deltas)}
+
+    def same_attempt(self, fields: dict[str, Any]) -> bool:
+        return all(self.fields.get(name) == fields.get(name) for name in ("provider", "attempt"))
+
 
 # The longest a chunk waits once a request nears its event budget, and how often a request that
 # spent its budget still reads its lease and cancel key.
 MAX_WINDOW_S = 1.0
 # The shortest window past half the budget, even with coalescing off.
 _SLOW_WINDOW_S = 0.05
+# How soon a flush that found the request's thread publishing tries again, at least.
+_RETRY_S = 0.001
 
 
 def chunk_budget(events_maxlen: int) -> int:
@@ -133,11 +96,14 @@ class EventPublisher:
         events_maxlen: int,
         events_ttl_s: int,
         next_seq: int = 0,
-        lease: RequestLease | None = None,
+        token: str = "",
         coalesce_s: float = 0.0,
         stream_ttl_set: bool = False,
+        timer: Timer = TIMER,
     ) -> None:
         self._client = client
+        self._timer = timer  # flushes a waiting chunk when its window ends
+        self._clock = timer.clock
         self.request_id = request_id
         self._store = store
         self._maxlen = events_maxlen
@@ -145,9 +111,10 @@ class EventPublisher:
         self._ttl_s = events_ttl_s
         self.next_seq = next_seq
         self.closed = False
-        self._lease = lease
-        self._lease_key = lease.key if lease is not None else lease_key(request_id)
-        self._token = lease.token if lease is not None else ""
+        # The run's lease token: its writes pass the lease check only while the lease holds it.
+        # With none (a rejected message's report), writes pass only while no worker holds it.
+        self._token = token
+        self._lease_key = keys.lease_key(request_id)
         self.leased_elsewhere = False
         """Set when a publisher with no lease wrote nothing because a worker holds the request."""
         self._channel = keys.stream_channel(request_id)
@@ -160,8 +127,8 @@ class EventPublisher:
         self._cancelled = False
         self._failure: BaseException | None = None
         # The first event sets the stream's TTL, unless it was published already with its TTL
-        # (the ``start`` event of ``worker.state.opening``).
-        self._refresh_ttl_at = time.monotonic() + events_ttl_s / 4 if stream_ttl_set else -float("inf")
+        # (the ``start`` event of ``worker.state.session``).
+        self._refresh_ttl_at = self._clock() + events_ttl_s / 4 if stream_ttl_set else -float("inf")
 
     @staticmethod
     def resume_seq(client: redis.Redis, request_id: str) -> int:
@@ -222,7 +189,7 @@ class EventPublisher:
             self._send(None)  # never merge text of two attempts
             pending = None
             window = self._window()
-        now = time.monotonic()
+        now = self._clock()
         quiet = now - self._last_sent
         if pending is None and window is not None and quiet >= window:
             return self._send(("chunk", fields))
@@ -230,22 +197,28 @@ class EventPublisher:
             due = self._last_sent + window if window is not None else math.inf
             pending = self._pending = PendingChunk(fields, due=due)
             if window is not None:
-                FLUSHER.schedule(self, due)
+                self._timer.schedule(self, due, self.flush_due)
         pending.deltas.append(str(fields.get("delta") or ""))
         if window is None and quiet >= MAX_WINDOW_S:
             self._check()  # the text waits, the lease and the cancel key are still read
         return self._cancelled
 
     def flush_due(self) -> None:
-        """Called by the flusher when a window ended: publish what waits (an error is kept for
-        the request's thread)."""
-        with self._lock:
+        """The timer's part when a window ended: publish what waits (an error is kept for the
+        request's thread). While the request's thread holds the publisher (a round trip of its
+        own) the flush tries again shortly instead of holding up the process's timer."""
+        if not self._lock.acquire(blocking=False):
+            self._timer.schedule(self, self._clock() + max(self._coalesce_s, _RETRY_S), self.flush_due)
+            return
+        try:
             if self._pending is None or self.closed or self._failure is not None or self._window() is None:
                 return
             try:
                 self._send(None)
             except Exception as exc:  # noqa: BLE001 - raised in the request's thread by its next call
                 self._failure = exc
+        finally:
+            self._lock.release()
 
     def _raise_failure(self) -> None:
         """Raise, once, what a background flush failed with (its text still waits)."""
@@ -279,17 +252,22 @@ class EventPublisher:
         self._write([])
 
     def _write(self, payloads: list[str]) -> None:
-        """Run ``_EMIT`` for ``payloads``: raise ``LeaseLost`` if the lease check refused."""
-        now = time.monotonic()
+        """Run ``lua.EMIT`` for ``payloads``: raise ``LeaseLost`` if the lease check refused."""
+        now = self._clock()
         ttl = 0
         if payloads and now >= self._refresh_ttl_at:  # the first event sets the TTL; a long stream renews it
             ttl = self._ttl_s
-        script_keys = (self._channel, self._stream, self._cancel, self._lease_key)
-        script_args: tuple[int | str, ...] = (self._maxlen, ttl, self._token, *payloads)
-        try:
-            result = self._client.evalsha(_EMIT_SHA, len(script_keys), *script_keys, *script_args)
-        except redis.exceptions.NoScriptError:
-            result = self._client.eval(_EMIT, len(script_keys), *script_keys, *script_args)
+        result = lua.EMIT.call(
+            self._client,
+            keys={
+                "channel": self._channel,
+                "events_stream": self._stream,
+                "cancel_key": self._cancel,
+                "lease_key": self._lease_key,
+            },
+            args={"events_maxlen": self._maxlen, "events_ttl_s": ttl, "token": self._token},
+            rest=payloads,
+        )
         self._last_sent = now
         if result in (-1, -2):
             self._refused(int(result))
@@ -327,31 +305,30 @@ class EventPublisher:
         first_seq = self.next_seq
         chunk = self._next_event("chunk", pending.merged()) if pending is not None else ""
         payload = self._next_event(event_type, {**fields, "reply": reply})
-        lease = self._lease
-        release = lease.release_keys() if lease else (self._lease_key, "", "")
-        if lease is not None:
-            lease.stop_renewing()  # the script releases the lease with the reply
         try:
-            written = self._client.eval(
-                _FINISH,
-                9,
-                keys.reply_key(self.request_id),
-                self._channel,
-                self._stream,
-                release[0],
-                pending_set.PENDING_SET,
-                pending_set.record_key(self.request_id),
-                release[1],
-                release[2],
-                pending_set.RESENDS,
-                reply.model_dump_json(),
-                self._store.ttl_s,
-                payload,
-                self._maxlen,
-                self._ttl_s,
-                self._token,
-                self.request_id,
-                chunk,
+            written = lua.FINISH.call(
+                self._client,
+                keys={
+                    "reply_key": keys.reply_key(self.request_id),
+                    "channel": self._channel,
+                    "events_stream": self._stream,
+                    "lease_key": self._lease_key,
+                    "pending_set": keys.PENDING_SET,
+                    "pending_record": keys.pending_record(self.request_id),
+                    "inflight_record": keys.inflight_record(self.request_id),
+                    "inflight_set": keys.INFLIGHT_SET,
+                    "resends": keys.RESENDS,
+                },
+                args={
+                    "reply": reply.model_dump_json(),
+                    "reply_ttl_s": self._store.ttl_s,
+                    "terminal_event": payload,
+                    "events_maxlen": self._maxlen,
+                    "events_ttl_s": self._ttl_s,
+                    "token": self._token,
+                    "request_id": self.request_id,
+                    "waiting_chunk": chunk,
+                },
             )
         except BaseException:
             self._pending, self.next_seq = pending, first_seq
@@ -361,10 +338,7 @@ class EventPublisher:
             self._refused(-1)
         self.closed = True
         self.leased_elsewhere = written == -2
-        if written == 1:
-            if lease is not None:
-                lease.released = True
-        else:
+        if written != 1:
             self.next_seq = first_seq
         return bool(written == 1)
 

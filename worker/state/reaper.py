@@ -31,43 +31,15 @@ import redis
 from tasks.contract import keys
 from tasks.contract.schemas import StreamEvent, usable_request_id
 from tasks.producer.pending import note_sent
-from worker.state.deaths import DEATHS_TTL_S, RunEnds, deaths_key, keep_window, read_record
-from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
+from worker.state import lua
+from worker.state.deaths import DEATHS_TTL_S, RunEnds, keep_window, read_record
 from worker.state.pending import UNACKED, GiveUp, lead_sweep, request_id_in, resend_lost, task_kwargs
 
 logger = logging.getLogger(__name__)
 
-# Claim one expired request: exactly one reaper wins the ZREM; a live lease means no claim. The
-# claim counts a death of the request (worker.state.deaths). Returns the record and the deaths so far.
-_CLAIM = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return false end
-if redis.call('EXISTS', KEYS[2]) == 1 then return false end
-redis.call('ZREM', KEYS[1], ARGV[1])
-local record = redis.call('GET', KEYS[3])
-redis.call('DEL', KEYS[3])
-local deaths = redis.call('HINCRBY', KEYS[4], 'deaths', 1)
-redis.call('EXPIRE', KEYS[4], ARGV[3])
-return {record, deaths}
-"""
-
 Resend = Callable[[str, dict[str, Any]], None]
 
-# kombu's Redis transport keeps each delivered, unacknowledged message in the hash ``unacked``
-# (tag -> [message, exchange, routing key]) indexed by delivery time in ``unacked_index``
-# (kombu's default names; the Celery app does not change them).
-UNACKED_INDEX = "unacked_index"
-# Put one orphan back on its queue, unless its request started meanwhile (a lease, an in-flight
-# record or a reply exists) or another reaper already did.
-_RESTORE = """
-local score = redis.call('ZSCORE', KEYS[1], ARGV[1])
-if not score or tonumber(score) > tonumber(ARGV[2]) then return 0 end
-if redis.call('EXISTS', KEYS[3], KEYS[4], KEYS[5]) > 0 then return 0 end
-redis.call('ZREM', KEYS[1], ARGV[1])
-if redis.call('HDEL', KEYS[2], ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[6], ARGV[3])
-return 1
-"""
+UNACKED_INDEX = keys.UNACKED_INDEX
 
 
 def reclaim_expired(client: redis.Redis, resend: Resend, *, ends: RunEnds | None = None, batch: int = 100) -> list[str]:
@@ -78,12 +50,19 @@ def reclaim_expired(client: redis.Redis, resend: Resend, *, ends: RunEnds | None
     """
     now_ms = int(time.time() * 1000)
     reclaimed = []
-    expired: list[bytes] = client.zrangebyscore(INFLIGHT_SET, "-inf", now_ms, start=0, num=batch)  # type: ignore[assignment]
+    expired: list[bytes] = client.zrangebyscore(keys.INFLIGHT_SET, "-inf", now_ms, start=0, num=batch)  # type: ignore[assignment]
     for raw_id in expired:
         request_id = raw_id.decode()
-        inflight = INFLIGHT_KEY.format(request_id=request_id)
-        claim_keys = (INFLIGHT_SET, lease_key(request_id), inflight, deaths_key(request_id))
-        claimed = client.eval(_CLAIM, len(claim_keys), *claim_keys, request_id, now_ms, DEATHS_TTL_S)
+        claimed = lua.CLAIM_EXPIRED.call(
+            client,
+            keys={
+                "inflight_set": keys.INFLIGHT_SET,
+                "lease_key": keys.lease_key(request_id),
+                "inflight_record": keys.inflight_record(request_id),
+                "deaths_key": keys.deaths_key(request_id),
+            },
+            args={"request_id": request_id, "now_ms": now_ms, "deaths_ttl_s": DEATHS_TTL_S},
+        )
         if not claimed:
             continue
         if client.exists(keys.reply_key(request_id)):
@@ -130,7 +109,20 @@ def restore_orphans(client: redis.Redis, *, orphan_after_s: float, page: int = 2
             running, last = checks[2 * number], checks[2 * number + 1]
             if running or (last and not _unstarted_since_handoff(last, handoff)):
                 continue  # it started: the lease and the in-flight record cover it from there
-            if client.eval(_RESTORE, 6, UNACKED_INDEX, UNACKED, *_guards(request_id), queue, tag, ceil, message):
+            lease, reply, inflight = _guards(request_id)
+            restored_now = lua.RESTORE_ORPHAN.call(
+                client,
+                keys={
+                    "unacked_index": UNACKED_INDEX,
+                    "unacked": UNACKED,
+                    "lease_key": lease,
+                    "reply_key": reply,
+                    "inflight_record": inflight,
+                    "queue": queue,
+                },
+                args={"tag": tag, "ceil": ceil, "message": message},
+            )
+            if restored_now:
                 logger.warning("request %s: its worker died before starting it; back to %s", request_id, queue)
                 restored.append(request_id)
         if len(tags) < page:
@@ -140,7 +132,7 @@ def restore_orphans(client: redis.Redis, *, orphan_after_s: float, page: int = 2
 
 def _guards(request_id: str) -> tuple[str, str, str]:
     """Keys that exist once a request started (or ended): lease, reply, in-flight record."""
-    return lease_key(request_id), keys.reply_key(request_id), INFLIGHT_KEY.format(request_id=request_id)
+    return keys.lease_key(request_id), keys.reply_key(request_id), keys.inflight_record(request_id)
 
 
 def _unstarted_since_handoff(last: Any, handoff: dict[str, Any] | None) -> bool:

@@ -24,7 +24,6 @@ class LostRun:
 
     attempts: list[AttemptRecord] = field(default_factory=list)
     lost: AttemptRecord | None = None
-    started: bool = False
     resume_index: int | None = None
 
 
@@ -33,7 +32,7 @@ def read_lost_run(client: redis.Redis, request_id: str, since_seq: int, chain: l
     entries: list[tuple[bytes, dict[bytes, bytes]]] = client.xrange(keys.events_stream(request_id))  # type: ignore[assignment]
     events = [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _, fields in entries]
     events = [event for event in events if event.seq >= since_seq]
-    run = LostRun(started=any(event.type == "start" for event in events))
+    run = LostRun()
     chunks: dict[int, tuple[str, int]] = {}  # attempt -> (provider, chunk count)
     for event in events:
         if event.type == "chunk" and event.attempt is not None and event.provider:
