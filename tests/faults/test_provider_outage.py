@@ -17,8 +17,8 @@ import redis
 
 from tasks.contract.schemas import ChatReply
 from tasks.producer.client import CascadeClient
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_stream, error_reply
+from tests.support.fake_http import FakeHTTPServer, Reply
 from worker.demo.local import LocalRedis
 from worker.state.cooldown import COOLDOWN_KEY
 

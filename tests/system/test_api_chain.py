@@ -14,9 +14,9 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_chunk, error_reply
 from tests.providers.tgi_wire import chunk
+from tests.support.fake_http import FakeHTTPServer, Reply
 from tests.support.stack import local_stack
 
 pytestmark = pytest.mark.integration
