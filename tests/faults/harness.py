@@ -24,12 +24,13 @@ from typing import Any
 import redis
 
 from tasks.contract import keys
-from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.contract.schemas import StreamEvent
 from tasks.producer.client import CascadeClient
 from tests.support.config import write_config as write_config
 from tests.support.stored import dead_letters as dead_letters
 from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
+from tests.support.stream_contract import assert_coherent as assert_coherent
 from tests.support.waiting import wait_until as wait_until
 from worker.demo.local import LOOPBACK, find_redis_server, free_port, start_worker, stop_process
 
@@ -376,31 +377,7 @@ class RedisProcess:
         return time.monotonic() - went_away
 
 
-# --- what a request left in Redis ---------------------------------------------------------------
-
-
-def reconstruct_text(events: list[StreamEvent]) -> str:
-    """What a subscriber shows: the deltas of every attempt no ``fallback`` event voided."""
-    voided = {e.attempt for e in events if e.type == "fallback"}
-    return "".join(e.delta or "" for e in events if e.type == "chunk" and e.attempt not in voided)
-
-
-def assert_coherent(events: list[StreamEvent], reply: ChatReply | None, request_id: str) -> ChatReply:
-    """One coherent answer: seq 0..n with no gap, one ``start``, exactly one terminal event and
-    it is last and carries the stored reply, and the kept deltas are the reply's text."""
-    types = [e.type for e in events]
-    assert reply is not None, f"no reply stored for {request_id}; events {types}"
-    assert [e.seq for e in events] == list(range(len(events))), [e.seq for e in events]
-    assert {e.request_id for e in events} == {request_id}
-    assert types.count("start") == 1 and types[0] == "start", types
-    assert sum(e.is_terminal for e in events) == 1, types
-    assert events[-1].is_terminal and events[-1].reply == reply, types
-    if reply.status == "succeeded":
-        assert reconstruct_text(events) == reply.replies[0].content
-    # Attempt numbers never restart: each attempt's chunks come from one provider, in order.
-    chunk_attempts = [e.attempt for e in events if e.type == "chunk"]
-    assert chunk_attempts == sorted(chunk_attempts), chunk_attempts
-    return reply
+# --- following a request ------------------------------------------------------------------------
 
 
 class Follower:

@@ -25,8 +25,12 @@ from tasks.producer.client import CascadeClient
 from tests.support.config import write_config as write_config
 from tests.support.stack import REPO
 from tests.support.stored import dead_letters as dead_letters
+from tests.support.stored import published_events as published_events
 from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
+from tests.support.stream_contract import assert_coherent
+from tests.support.stream_contract import assert_well_formed as assert_well_formed
+from tests.support.stream_contract import reconstruct_text as reconstruct_text
 from tests.support.waiting import wait_until as poll_until
 from worker.demo.local import LocalRedis, start_worker, stop_process
 
@@ -176,25 +180,6 @@ def dead_letters_for(client: redis.Redis, ident: str) -> list[dict[str, Any]]:
     return [entry for entry in dead_letters(client) if ident in (entry.get("request_id"), entry.get("task_id"))]
 
 
-def assert_well_formed(events: list[StreamEvent], request_id: str, *, expect_start: bool = True) -> None:
-    """The stream protocol: seq 0.. with no gap, one terminal event and it is last, one request id."""
-    assert events, f"no events for {request_id}"
-    assert [e.seq for e in events] == list(range(len(events))), [e.seq for e in events]
-    assert {e.request_id for e in events} == {request_id}
-    terminal = [e for e in events if e.is_terminal]
-    assert len(terminal) == 1, [e.type for e in events]
-    assert events[-1].is_terminal, [e.type for e in events]
-    if expect_start:
-        assert events[0].type == "start", [e.type for e in events]
-        assert [e.type for e in events].count("start") == 1
-
-
-def reconstruct_text(events: list[StreamEvent]) -> str:
-    """What a subscriber shows: the deltas of every attempt not voided by a ``fallback`` event."""
-    voided = {e.attempt for e in events if e.type == "fallback"}
-    return "".join(e.delta or "" for e in events if e.type == "chunk" and e.attempt not in voided)
-
-
 def wait_for_subscription(pubsub: Any, timeout_s: float = 5.0) -> None:
     """Block until Redis confirmed the pending SUBSCRIBE of ``pubsub`` (bounded)."""
     give_up = time.monotonic() + timeout_s
@@ -251,15 +236,13 @@ class Outcome:
 def run_request(client: CascadeClient, *, expect_start: bool = True, **fields: Any) -> Outcome:
     """Submit a request, follow it to its terminal event and check the stream protocol."""
     request_id = client.submit(**fields)
-    return follow(client, request_id, expect_start=expect_start)
+    return follow(client, request_id, expect_start=expect_start, streamed=fields.get("stream", True))
 
 
-def follow(client: CascadeClient, request_id: str, *, expect_start: bool = True) -> Outcome:
+def follow(client: CascadeClient, request_id: str, *, expect_start: bool = True, streamed: bool = True) -> Outcome:
     """Follow ``request_id`` to its terminal event; check the protocol and the stored reply."""
     events = collect_events(client, request_id)
-    assert_well_formed(events, request_id, expect_start=expect_start)
-    reply = stored_reply(client.redis, request_id)
-    assert reply is not None, f"no reply stored for {request_id}"
-    assert events[-1].reply == reply, "the terminal event must carry the stored reply"
+    stored = stored_reply(client.redis, request_id)
+    reply = assert_coherent(events, stored, request_id, expect_start=expect_start, streamed=streamed)
     assert reply.request_id == request_id
     return Outcome(request_id, events, reply)
