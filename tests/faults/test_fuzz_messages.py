@@ -28,7 +28,7 @@ import redis
 
 from tasks.contract import keys
 from tasks.contract.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import FaultWorker, ReplyWrites, dead_letters, stored_events, stored_reply, wait_until, write_config
 
@@ -62,7 +62,7 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Target]:
+def target(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Target]:
     workdir = tmp_path_factory.mktemp("fuzz-messages")
     providers = {"steady": {"type": "scripted", "text": TEXT, "chunk_size": 8}}
     config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})

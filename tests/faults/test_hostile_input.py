@@ -23,7 +23,7 @@ from kombu import Connection
 
 from tasks.contract.schemas import TASK_NAME
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import (
     REQUEST_TIMEOUT_S,
@@ -57,7 +57,7 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Target]:
+def target(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Target]:
     workdir = tmp_path_factory.mktemp("hostile-input")
     providers = {"steady": {"type": "scripted", "text": TEXT, "chunk_size": 4}}
     config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})

@@ -35,6 +35,7 @@ from kombu.exceptions import OperationalError
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
 from tests.support.stored import parse_events
 from tests.support.stream_contract import contract_breach
 
@@ -42,7 +43,6 @@ from .harness import (
     FAST_RECOVERY_ENV,
     REDIS_PASSWORD,
     FaultWorker,
-    RedisProcess,
     ReplyWrites,
     assert_no_secrets,
     rss_bytes,
@@ -76,7 +76,7 @@ CHAINS = {"default": ["instant"], "slow": ["slow"]}
 
 @dataclass
 class LoadRun:
-    server: RedisProcess
+    server: RedisServer
     victim: FaultWorker
     survivor: FaultWorker
     rdb: redis.Redis
@@ -93,7 +93,7 @@ class LoadRun:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
     workdir = tmp_path_factory.mktemp("load")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
-    server = RedisProcess(
+    server = RedisServer(
         workdir / "redis", password=REDIS_PASSWORD, appendonly=True, extra_args=["--notify-keyspace-events", "K$"]
     ).start()
     victim, survivor = (

@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import REPO, REQUEST_TIMEOUT_S, FaultWorker, dead_letters, wait_until, write_config
 
@@ -45,7 +45,7 @@ class Acl:
 
 
 @pytest.fixture(scope="module")
-def acl(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Acl]:
+def acl(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Acl]:
     workdir = tmp_path_factory.mktemp("acl")
     admin = redis.Redis.from_url(server.url)
     admin.flushall()

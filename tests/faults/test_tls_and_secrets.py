@@ -18,13 +18,13 @@ from kombu import Connection
 
 from settings import Settings
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
 from worker.celery_app import create_app
 
 from .harness import (
     REDIS_PASSWORD,
     REQUEST_TIMEOUT_S,
     FaultWorker,
-    RedisProcess,
     assert_coherent,
     assert_no_secrets,
     new_id,
@@ -40,7 +40,7 @@ REPLY_TEXT = f"The answer mentions {REPLY_MARKER} once."
 
 @dataclass
 class Secure:
-    server: RedisProcess
+    server: RedisServer
     rdb: redis.Redis
     worker: FaultWorker
 
@@ -48,7 +48,7 @@ class Secure:
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     workdir = tmp_path_factory.mktemp("tls")
-    server = RedisProcess(workdir / "redis", password=REDIS_PASSWORD, tls=True)
+    server = RedisServer(workdir / "redis", password=REDIS_PASSWORD, tls=True)
     try:
         server.start()
     except RuntimeError as exc:

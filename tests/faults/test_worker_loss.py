@@ -29,7 +29,7 @@ import redis
 from settings import Settings
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 from worker.state.lease import INFLIGHT_KEY, INFLIGHT_SET, lease_key
 
 from .harness import (
@@ -101,7 +101,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("worker-loss")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
     rdb = redis.Redis.from_url(server.url)

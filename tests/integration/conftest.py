@@ -14,8 +14,9 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
 
-from .harness import STARTED_WORKERS, RedisServer, Worker, write_config
+from .harness import STARTED_WORKERS, Worker, write_config
 from .scenarios import MAX_INPUT_CHARS, MAX_MESSAGES, chain_table, provider_table
 
 
@@ -26,8 +27,10 @@ def integration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(integration_dir: Path) -> Iterator[RedisServer]:
-    """A real redis-server on a free loopback port, stopped by pid at the end."""
-    server = RedisServer(workdir=integration_dir / "redis").start()
+    """A real redis-server on a free loopback port, stopped by pid at the end, with keyspace
+    notifications for strings on (K: keyspace events, $: string commands), so tests can count
+    the writes of a key."""
+    server = RedisServer(integration_dir / "redis", extra_args=("--notify-keyspace-events", "K$")).start()
     try:
         yield server
     finally:

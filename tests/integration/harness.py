@@ -1,11 +1,9 @@
-"""Process harness of the integration tests: a real ``redis-server`` and real Celery workers.
+"""Process harness of the integration tests: real Celery workers on one real ``redis-server``
+(``tests.support.redis_server.RedisServer``, with keyspace notifications: see conftest.py).
 
-Everything here is reusable by later fault-injection tests: start Redis on a free loopback
-port, write a worker TOML config, start a worker in its own process group (log to a file),
-wait until it answers, stop both by pid. Every wait is bounded. The processes themselves are
-``worker.demo.local``'s (as the demo and the system tests start them); this adds what the tests need
-on top: keyspace notifications, log tails, named workers, readiness by a warm-up request.
-"""
+A worker is ``worker.demo.local.start_worker``'s process (as the demo and the system tests start
+it) in its own process group, logging to a file, named, ready once a warm-up request got its
+reply, and stopped by its pid. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -32,9 +30,8 @@ from tests.support.stream_contract import assert_coherent
 from tests.support.stream_contract import assert_well_formed as assert_well_formed
 from tests.support.stream_contract import reconstruct_text as reconstruct_text
 from tests.support.waiting import wait_until as poll_until
-from worker.demo.local import LocalRedis, start_worker, stop_process
+from worker.demo.local import start_worker, stop_process
 
-REDIS_START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 30.0
 WORKER_STOP_TIMEOUT_S = 20.0
 # The longest any single request of the suite may take to reach its terminal event.
@@ -61,28 +58,6 @@ def tail_of(path: Path | None, lines: int) -> str:
     if path is None or not path.exists():
         return ""
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-# --- redis-server ------------------------------------------------------------------------------
-
-
-class RedisServer(LocalRedis):
-    """``worker.demo.local``'s ``redis-server`` (127.0.0.1, no persistence) with keyspace notifications
-    for strings on: K = keyspace events, $ = string commands, so tests can count writes of a key."""
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, extra_args=("--notify-keyspace-events", "K$"))
-
-    def start(self, timeout_s: float = REDIS_START_TIMEOUT_S) -> RedisServer:
-        try:
-            super().start(timeout_s)
-        except RuntimeError as error:
-            self.stop()
-            raise RuntimeError(f"{error}\n{self.log_tail()}") from None
-        return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        return tail_of(self.log_path, lines)
 
 
 # --- Celery worker -----------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 """What a request left in a Redis (a real one or fakeredis): its events stream, what was
-published on its channel, its reply, the dead letters."""
+published on its channel, its reply, the dead letters; and everything requests left, for the
+secret scans."""
 
 from __future__ import annotations
 
 import json
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import redis
@@ -55,3 +57,24 @@ def stored_reply(client: redis.Redis, request_id: str) -> ChatReply | None:
 def dead_letters(client: redis.Redis) -> list[dict[str, Any]]:
     """Every entry of ``cascade:dead``, newest first."""
     return [json.loads(raw) for raw in client.lrange(keys.DEAD_LETTERS, 0, -1)]
+
+
+def everything_produced(client: redis.Redis, logs: Iterable[Path] = ()) -> str:
+    """Every worker log and everything in Redis a request can leave behind: events, replies,
+    dead letters, cooldowns, leases, in-flight records, Celery results and queued messages."""
+    produced = [path.read_text(errors="replace") for path in logs if path.exists()]
+    for pattern in ("cascade:*", "celery-task-meta-*", "chat*", "_kombu*", "unacked*"):
+        for key in client.scan_iter(match=pattern, count=1000):
+            kind = client.type(key)
+            if kind == b"string":
+                produced.append(client.get(key).decode(errors="replace"))
+            elif kind == b"stream":
+                for _id, fields in client.xrange(key):
+                    produced.extend(value.decode(errors="replace") for value in fields.values())
+            elif kind == b"list":
+                produced.extend(item.decode(errors="replace") for item in client.lrange(key, 0, -1))
+            elif kind == b"hash":
+                produced.extend(value.decode(errors="replace") for value in client.hvals(key))
+            elif kind == b"zset":
+                produced.extend(member.decode(errors="replace") for member in client.zrange(key, 0, -1))
+    return "\n".join(produced)
