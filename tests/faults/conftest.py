@@ -12,6 +12,7 @@ import pytest
 import redis
 
 from tests.support.redis_server import RedisServer
+from tests.support.worker_process import with_worker_logs
 
 from .harness import REDIS_PASSWORD, STARTED
 from .report import FIGURES, LOAD_FIGURES, LOAD_REPORT
@@ -55,11 +56,8 @@ def rdb(server: RedisServer) -> Iterator[redis.Redis]:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if report.when == "call" and report.failed:
-        first = getattr(getattr(item, "module", None), "_faults_first_worker", len(STARTED))
-        for started in STARTED[first:]:
-            report.sections.append((f"worker {started.name} log (tail)", started.log_tail(80)))
-    return report
+    first = getattr(getattr(item, "module", None), "_faults_first_worker", len(STARTED))
+    return with_worker_logs(report, STARTED[first:], lines=80)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

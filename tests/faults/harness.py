@@ -31,6 +31,7 @@ from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
 from tests.support.stream_contract import assert_coherent as assert_coherent
 from tests.support.waiting import wait_until as wait_until
+from tests.support.worker_process import WorkerProcess
 from worker.demo.local import start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
@@ -106,7 +107,7 @@ def pid_of(worker_name: str | None) -> int | None:
 
 
 @dataclass
-class FaultWorker:
+class FaultWorker(WorkerProcess):
     """One ``celery -A worker worker -Q chat -c N`` started by ``worker.demo.local.start_worker``, in
     its own process group, logging to ``log_path`` (appended across restarts)."""
 
@@ -161,14 +162,6 @@ class FaultWorker:
         assert self.proc is not None
         return self.proc.pid
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def assert_alive(self) -> None:
-        if not self.alive():
-            code = None if self.proc is None else self.proc.returncode
-            raise RuntimeError(f"worker {self.name} exited with {code}\n{self.log_tail()}")
-
     def pool_pids(self) -> list[int]:
         return pool_children(self.pid) if self.alive() else []
 
@@ -206,12 +199,6 @@ class FaultWorker:
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, AssertionError):
             pass
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
 
 
 # --- following a request ------------------------------------------------------------------------

@@ -12,9 +12,11 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from tasks.producer.client import CascadeClient
 from tests.support.redis_server import RedisServer
+from tests.support.worker_process import with_worker_logs
 
 from .harness import STARTED_WORKERS, Worker, write_config
 from .scenarios import MAX_INPUT_CHARS, MAX_MESSAGES, chain_table, provider_table
@@ -78,6 +80,18 @@ def client(worker: Worker, redis_url: str) -> Iterator[CascadeClient]:
     worker.assert_alive()
 
 
+@pytest.fixture(scope="module")
+def producer(redis_url: str) -> Iterator[Celery]:
+    """A bare Celery producer: the test controls the raw task payload (the Python client refuses
+    a bad request before sending it)."""
+    app = Celery("integration-producer", broker=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 @pytest.fixture
 def rdb(redis_url: str) -> Iterator[redis.Redis]:
     """A raw Redis client on database 0."""
@@ -91,7 +105,4 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if report.when == "call" and report.failed:
-        for started in STARTED_WORKERS:
-            report.sections.append((f"worker {started.name} log (tail)", started.log_tail(120)))
-    return report
+    return with_worker_logs(report, STARTED_WORKERS, lines=120)

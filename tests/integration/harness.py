@@ -30,6 +30,7 @@ from tests.support.stream_contract import assert_coherent
 from tests.support.stream_contract import assert_well_formed as assert_well_formed
 from tests.support.stream_contract import reconstruct_text as reconstruct_text
 from tests.support.waiting import wait_until as poll_until
+from tests.support.worker_process import WorkerProcess
 from worker.demo.local import start_worker, stop_process
 
 WORKER_START_TIMEOUT_S = 30.0
@@ -53,18 +54,11 @@ def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: floa
     return poll_until(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
-def tail_of(path: Path | None, lines: int) -> str:
-    """The last ``lines`` lines of the log at ``path`` (empty before it exists)."""
-    if path is None or not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
 # --- Celery worker -----------------------------------------------------------------------------
 
 
 @dataclass
-class Worker:
+class Worker(WorkerProcess):
     """One ``celery -A worker worker -Q chat`` process (prefork pool) in its own process group,
     started by ``worker.demo.local.start_worker`` and ready once a warm-up request got its reply."""
 
@@ -121,20 +115,6 @@ class Worker:
                     )
         finally:
             client.close()
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def assert_alive(self) -> None:
-        if not self.alive():
-            code = None if self.proc is None else self.proc.returncode
-            raise RuntimeError(f"worker {self.name} exited with {code}\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 80) -> str:
-        return tail_of(self.log_path, lines)
 
     def stop(self) -> None:
         """SIGTERM the main process (a warm shutdown), then SIGKILL its group: no pool child survives."""

@@ -16,7 +16,7 @@ from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, StreamEvent
 
 
-def parse_events(entries: Iterable[tuple[Any, dict[bytes, bytes]]]) -> list[StreamEvent]:
+def parse_events(entries: Any) -> list[StreamEvent]:
     """The events of XRANGE entries of a ``cascade:events:{id}`` stream, in their order."""
     return [StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()]) for _id, fields in entries]
 
