@@ -14,7 +14,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,6 +200,26 @@ class FaultWorker(WorkerProcess):
             os.killpg(self.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError, AssertionError):
             pass
+
+
+@contextmanager
+def running_worker(
+    workdir: Path,
+    redis_url: str,
+    providers: Mapping[str, Mapping[str, Any]],
+    chains: Mapping[str, Iterable[str]],
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[FaultWorker]:
+    """One ``FaultWorker`` named ``name`` serving ``providers`` and ``chains`` (its config and log
+    in ``workdir``), started and ready; stopped on the way out."""
+    config = write_config(workdir / "cascade.toml", providers, chains)
+    worker = FaultWorker(name, redis_url, config, workdir / f"worker-{name}.log", env=dict(env or {}))
+    try:
+        yield worker.start()
+    finally:
+        worker.stop()
 
 
 # --- following a request ------------------------------------------------------------------------

@@ -28,8 +28,8 @@ from .harness import (
     assert_coherent,
     assert_no_secrets,
     new_id,
+    running_worker,
     stored_events,
-    write_config,
 )
 
 pytestmark = pytest.mark.faults
@@ -57,14 +57,11 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
             pytest.skip(f"this redis-server was built without TLS: {exc}")
         raise
     providers = {"steady": {"type": "scripted", "text": REPLY_TEXT, "chunk_size": 6}}
-    config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})
-    worker = FaultWorker("tls", server.url, config, workdir / "worker.log")
     rdb = redis.Redis.from_url(server.url)
     try:
-        worker.start()
-        yield Secure(server, rdb, worker)
+        with running_worker(workdir, server.url, providers, {"default": ["steady"]}, name="tls") as worker:
+            yield Secure(server, rdb, worker)
     finally:
-        worker.stop()
         rdb.close()
         server.stop()
 
