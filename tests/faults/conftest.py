@@ -1,6 +1,6 @@
 """The fault suite's hooks: worker logs on failure, leftover processes killed by pid, and the
 figures of the run (recovery times, the load run) printed as the suite's last lines; and the
-fixtures its modules share: one password-protected ``LocalRedis`` per module (``server``) and a
+fixtures its modules share: one password-protected ``RedisServer`` per module (``server``) and a
 client of it, flushed for each test (``rdb``)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 import redis
 
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import with_worker_logs
 
 from .harness import REDIS_PASSWORD, STARTED
 from .report import FIGURES, LOAD_FIGURES, LOAD_REPORT
@@ -31,10 +32,10 @@ def _first_worker_of_module(request: pytest.FixtureRequest) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    """A ``LocalRedis`` with the suite's password, one for each test module that asks for it."""
+def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A ``RedisServer`` with the suite's password, one for each test module that asks for it."""
     name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
-    started = LocalRedis(tmp_path_factory.mktemp(f"{name}-redis"), password=REDIS_PASSWORD).start()
+    started = RedisServer(tmp_path_factory.mktemp(f"{name}-redis"), password=REDIS_PASSWORD).start()
     try:
         yield started
     finally:
@@ -42,7 +43,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
 
 
 @pytest.fixture
-def rdb(server: LocalRedis) -> Iterator[redis.Redis]:
+def rdb(server: RedisServer) -> Iterator[redis.Redis]:
     """A client of the module's ``server``, which is flushed before the test."""
     client = redis.Redis.from_url(server.url)
     client.flushall()
@@ -55,11 +56,8 @@ def rdb(server: LocalRedis) -> Iterator[redis.Redis]:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if report.when == "call" and report.failed:
-        first = getattr(getattr(item, "module", None), "_faults_first_worker", len(STARTED))
-        for started in STARTED[first:]:
-            report.sections.append((f"worker {started.name} log (tail)", started.log_tail(80)))
-    return report
+    first = getattr(getattr(item, "module", None), "_faults_first_worker", len(STARTED))
+    return with_worker_logs(report, STARTED[first:], lines=80)
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:

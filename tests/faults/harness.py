@@ -2,21 +2,20 @@
 loopback, faults injected by pid (SIGKILL of a worker's process group or of one pool child,
 SIGTERM, Redis restarts, ``CLIENT KILL``), and the checks every fault case shares.
 
-Redis is started with ``worker.demo.local.LocalRedis`` (password always on), workers with
-``worker.demo.local.start_worker``; ``RedisProcess`` adds what LocalRedis cannot do (TLS, extra
-server arguments). Every wait is bounded; every process is stopped by its pid.
+Redis is ``tests.support.redis_server.RedisServer`` (password always on), workers are started with
+``worker.demo.local.start_worker``. Every wait is bounded; every process is stopped by its pid.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,17 @@ from typing import Any
 import redis
 
 from tasks.contract import keys
-from tasks.contract.schemas import ChatReply, StreamEvent
+from tasks.contract.schemas import StreamEvent
 from tasks.producer.client import CascadeClient
 from tests.support.config import write_config as write_config
 from tests.support.stored import dead_letters as dead_letters
+from tests.support.stored import everything_produced
 from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
+from tests.support.stream_contract import assert_coherent as assert_coherent
 from tests.support.waiting import wait_until as wait_until
-from worker.demo.local import LOOPBACK, find_redis_server, free_port, start_worker, stop_process
+from tests.support.worker_process import WorkerProcess
+from worker.demo.local import start_worker, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -106,7 +108,7 @@ def pid_of(worker_name: str | None) -> int | None:
 
 
 @dataclass
-class FaultWorker:
+class FaultWorker(WorkerProcess):
     """One ``celery -A worker worker -Q chat -c N`` started by ``worker.demo.local.start_worker``, in
     its own process group, logging to ``log_path`` (appended across restarts)."""
 
@@ -161,14 +163,6 @@ class FaultWorker:
         assert self.proc is not None
         return self.proc.pid
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def assert_alive(self) -> None:
-        if not self.alive():
-            code = None if self.proc is None else self.proc.returncode
-            raise RuntimeError(f"worker {self.name} exited with {code}\n{self.log_tail()}")
-
     def pool_pids(self) -> list[int]:
         return pool_children(self.pid) if self.alive() else []
 
@@ -207,200 +201,28 @@ class FaultWorker:
         except (ProcessLookupError, PermissionError, AssertionError):
             pass
 
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def log_tail(self, lines: int = 60) -> str:
-        return "\n".join(self.log_text().splitlines()[-lines:])
-
-
-# --- Redis over TLS ------------------------------------------------------------------------------
-
-
-def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """A self-signed CA and a server certificate for 127.0.0.1/localhost: (ca, cert, key)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    ca, ca_key = directory / "ca.pem", directory / "ca.key"
-    cert, key = directory / "server.pem", directory / "server.key"
-    openssl = shutil.which("openssl")
-    if openssl is not None:
-        ext = directory / "san.ext"
-        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n")
-        csr = directory / "server.csr"
-
-        def run(*args: str) -> None:
-            subprocess.run([openssl, *args], check=True, capture_output=True, timeout=60)
-
-        new_key = ("-newkey", "rsa:2048", "-nodes")
-        run(
-            "req",
-            "-x509",
-            *new_key,
-            "-days",
-            "2",
-            "-subj",
-            "/CN=cascade-test-ca",
-            "-keyout",
-            str(ca_key),
-            "-out",
-            str(ca),
-        )
-        run("req", *new_key, "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(csr))
-        signed_by_ca = ("-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial")
-        run("x509", "-req", "-in", str(csr), *signed_by_ca, "-days", "2", "-extfile", str(ext), "-out", str(cert))
-        return ca, cert, key
-    return _make_certificates_with_cryptography(ca, ca_key, cert, key)
+@contextmanager
+def running_worker(
+    workdir: Path,
+    redis_url: str,
+    providers: Mapping[str, Mapping[str, Any]],
+    chains: Mapping[str, Iterable[str]],
+    *,
+    name: str,
+    env: dict[str, str] | None = None,
+) -> Iterator[FaultWorker]:
+    """One ``FaultWorker`` named ``name`` serving ``providers`` and ``chains`` (its config and log
+    in ``workdir``), started and ready; stopped on the way out."""
+    config = write_config(workdir / "cascade.toml", providers, chains)
+    worker = FaultWorker(name, redis_url, config, workdir / f"worker-{name}.log", env=dict(env or {}))
+    try:
+        yield worker.start()
+    finally:
+        worker.stop()
 
 
-def _make_certificates_with_cryptography(ca: Path, ca_key: Path, cert: Path, key: Path) -> tuple[Path, Path, Path]:
-    import datetime
-    import ipaddress
-
-    import pytest
-
-    x509 = pytest.importorskip("cryptography.x509", reason="neither the openssl CLI nor cryptography is available")
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-    from cryptography.x509.oid import NameOID
-
-    now = datetime.datetime.now(datetime.UTC)
-
-    def name(common: str) -> Any:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
-
-    def pem_key(private: Any) -> bytes:
-        return bytes(
-            private.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption()
-            )
-        )
-
-    authority_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    authority = (
-        x509.CertificateBuilder()
-        .subject_name(name("cascade-test-ca"))
-        .issuer_name(name("cascade-test-ca"))
-        .public_key(authority_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(authority_key, hashes.SHA256())
-    )
-    server_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(LOOPBACK)), x509.DNSName("localhost")])
-    server = (
-        x509.CertificateBuilder()
-        .subject_name(name(LOOPBACK))
-        .issuer_name(authority.subject)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(san, critical=False)
-        .sign(authority_key, hashes.SHA256())
-    )
-    ca.write_bytes(authority.public_bytes(serialization.Encoding.PEM))
-    ca_key.write_bytes(pem_key(authority_key))
-    cert.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(pem_key(server_key))
-    return ca, cert, key
-
-
-@dataclass
-class RedisProcess:
-    """A ``redis-server`` on loopback with a password, started with what
-    ``worker.demo.local.LocalRedis`` cannot pass: TLS only (``tls=True``: ``--port 0``, a
-    certificate made here, clients need none of their own) or extra arguments. ``restart()``
-    stops it (SIGTERM: it writes its AOF) and starts a new one on the same port and directory."""
-
-    workdir: Path
-    password: str
-    port: int = field(default_factory=free_port)
-    tls: bool = False
-    appendonly: bool = False
-    extra_args: list[str] = field(default_factory=list)
-    proc: subprocess.Popen[bytes] | None = None
-    ca: Path | None = None
-    _cert: Path | None = None
-    _key: Path | None = None
-
-    @property
-    def url(self) -> str:
-        """The URL with the password; for TLS, with the query parameters Celery's broker
-        (kombu), Celery's result backend and redis-py all read: verify the server against our CA."""
-        if not self.tls:
-            return f"redis://:{self.password}@{LOOPBACK}:{self.port}/0"
-        query = f"ssl_cert_reqs=required&ssl_ca_certs={self.ca}"
-        return f"rediss://:{self.password}@{LOOPBACK}:{self.port}/0?{query}"
-
-    def start(self, timeout_s: float = 10.0) -> RedisProcess:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [find_redis_server(), "--bind", LOOPBACK, "--requirepass", self.password, "--save", ""]
-        args += ["--appendonly", "yes" if self.appendonly else "no", "--dir", str(self.workdir), *self.extra_args]
-        if self.tls:
-            if self.ca is None:
-                self.ca, self._cert, self._key = make_certificates(self.workdir / "tls")
-            args += ["--port", "0", "--tls-port", str(self.port), "--tls-auth-clients", "no"]
-            args += ["--tls-cert-file", str(self._cert), "--tls-key-file", str(self._key)]
-            args += ["--tls-ca-cert-file", str(self.ca)]
-        else:
-            args += ["--port", str(self.port)]
-        log_path = self.workdir / f"redis-{self.port}.log"
-        with log_path.open("ab") as log:
-            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
-        give_up = time.monotonic() + timeout_s
-        try:
-            while True:
-                try:
-                    client.ping()
-                    return self
-                except redis.RedisError:
-                    if self.proc.poll() is not None or time.monotonic() > give_up:
-                        said = log_path.read_text(errors="replace")[-2000:]
-                        raise RuntimeError(f"redis-server did not start: {said}") from None
-                    time.sleep(0.05)
-        finally:
-            client.close()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-
-    def restart(self) -> float:
-        """Stop and start again on the same port and directory; return how long it was away."""
-        went_away = time.monotonic()
-        self.stop()
-        self.start()
-        return time.monotonic() - went_away
-
-
-# --- what a request left in Redis ---------------------------------------------------------------
-
-
-def reconstruct_text(events: list[StreamEvent]) -> str:
-    """What a subscriber shows: the deltas of every attempt no ``fallback`` event voided."""
-    voided = {e.attempt for e in events if e.type == "fallback"}
-    return "".join(e.delta or "" for e in events if e.type == "chunk" and e.attempt not in voided)
-
-
-def assert_coherent(events: list[StreamEvent], reply: ChatReply | None, request_id: str) -> ChatReply:
-    """One coherent answer: seq 0..n with no gap, one ``start``, exactly one terminal event and
-    it is last and carries the stored reply, and the kept deltas are the reply's text."""
-    types = [e.type for e in events]
-    assert reply is not None, f"no reply stored for {request_id}; events {types}"
-    assert [e.seq for e in events] == list(range(len(events))), [e.seq for e in events]
-    assert {e.request_id for e in events} == {request_id}
-    assert types.count("start") == 1 and types[0] == "start", types
-    assert sum(e.is_terminal for e in events) == 1, types
-    assert events[-1].is_terminal and events[-1].reply == reply, types
-    if reply.status == "succeeded":
-        assert reconstruct_text(events) == reply.replies[0].content
-    # Attempt numbers never restart: each attempt's chunks come from one provider, in order.
-    chunk_attempts = [e.attempt for e in events if e.type == "chunk"]
-    assert chunk_attempts == sorted(chunk_attempts), chunk_attempts
-    return reply
+# --- following a request ------------------------------------------------------------------------
 
 
 class Follower:
@@ -431,27 +253,6 @@ class Follower:
 
 
 # --- secrets -------------------------------------------------------------------------------------
-
-
-def everything_produced(client: redis.Redis, logs: Iterable[Path] = ()) -> str:
-    """Every worker log and everything in Redis a request can leave behind: events, replies,
-    dead letters, cooldowns, leases, in-flight records, Celery results and queued messages."""
-    produced = [path.read_text(errors="replace") for path in logs if path.exists()]
-    for pattern in ("cascade:*", "celery-task-meta-*", "chat*", "_kombu*", "unacked*"):
-        for key in client.scan_iter(match=pattern, count=1000):
-            kind = client.type(key)
-            if kind == b"string":
-                produced.append(client.get(key).decode(errors="replace"))
-            elif kind == b"stream":
-                for _id, fields in client.xrange(key):
-                    produced.extend(value.decode(errors="replace") for value in fields.values())
-            elif kind == b"list":
-                produced.extend(item.decode(errors="replace") for item in client.lrange(key, 0, -1))
-            elif kind == b"hash":
-                produced.extend(value.decode(errors="replace") for value in client.hvals(key))
-            elif kind == b"zset":
-                produced.extend(member.decode(errors="replace") for member in client.zrange(key, 0, -1))
-    return "\n".join(produced)
 
 
 def assert_no_secrets(client: redis.Redis, logs: Iterable[Path]) -> None:

@@ -28,9 +28,9 @@ import redis
 
 from tasks.contract import keys
 from tasks.contract.schemas import REQUEST_ID_HEADER, SUBMITTED_AT_HEADER, TASK_NAME
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
-from .harness import FaultWorker, ReplyWrites, dead_letters, stored_events, stored_reply, wait_until, write_config
+from .harness import FaultWorker, ReplyWrites, dead_letters, running_worker, stored_events, stored_reply, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -62,24 +62,21 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Target]:
+def target(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Target]:
     workdir = tmp_path_factory.mktemp("fuzz-messages")
     providers = {"steady": {"type": "scripted", "text": TEXT, "chunk_size": 8}}
-    config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})
     env = {
         "CASCADE_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
         "CASCADE_DEAD_LETTER_MAXLEN": str(HOSTILE * 2),  # none trimmed: each is counted
         "CASCADE_COALESCE_MS": "0",
     }
-    worker = FaultWorker("fuzz-messages", server.url, config, workdir / "worker.log", env=env)
     rdb = redis.Redis.from_url(server.url)
     rdb.flushall()
     writes = ReplyWrites(rdb)
     try:
-        worker.start()
-        yield Target(rdb, worker, writes)
+        with running_worker(workdir, server.url, providers, {"default": ["steady"]}, name="fuzz", env=env) as worker:
+            yield Target(rdb, worker, writes)
     finally:
-        worker.stop()
         writes.close()
         rdb.close()
 

@@ -23,7 +23,7 @@ from kombu import Connection
 
 from tasks.contract.schemas import TASK_NAME
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import (
     REQUEST_TIMEOUT_S,
@@ -33,10 +33,10 @@ from .harness import (
     assert_no_secrets,
     dead_letters,
     new_id,
+    running_worker,
     stored_events,
     stored_reply,
     wait_until,
-    write_config,
 )
 
 pytestmark = pytest.mark.faults
@@ -57,21 +57,18 @@ class Target:
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Target]:
+def target(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Target]:
     workdir = tmp_path_factory.mktemp("hostile-input")
     providers = {"steady": {"type": "scripted", "text": TEXT, "chunk_size": 4}}
-    config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})
-    worker = FaultWorker("hostile", server.url, config, workdir / "worker.log")
     rdb = redis.Redis.from_url(server.url)
     producer = Celery("hostile-producer", broker=server.url, set_as_current=False)
     producer.conf.update(task_serializer="json", accept_content=["json"])
     client = CascadeClient(server.url)
     writes = ReplyWrites(rdb)
     try:
-        worker.start()
-        yield Target(server.url, rdb, worker, producer, client, writes)
+        with running_worker(workdir, server.url, providers, {"default": ["steady"]}, name="hostile") as worker:
+            yield Target(server.url, rdb, worker, producer, client, writes)
     finally:
-        worker.stop()
         writes.close()
         client.close()
         producer.close()

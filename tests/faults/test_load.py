@@ -35,12 +35,14 @@ from kombu.exceptions import OperationalError
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
+from tests.support.stored import parse_events
+from tests.support.stream_contract import contract_breach
 
 from .harness import (
     FAST_RECOVERY_ENV,
     REDIS_PASSWORD,
     FaultWorker,
-    RedisProcess,
     ReplyWrites,
     assert_no_secrets,
     rss_bytes,
@@ -74,7 +76,7 @@ CHAINS = {"default": ["instant"], "slow": ["slow"]}
 
 @dataclass
 class LoadRun:
-    server: RedisProcess
+    server: RedisServer
     victim: FaultWorker
     survivor: FaultWorker
     rdb: redis.Redis
@@ -91,7 +93,7 @@ class LoadRun:
 def run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
     workdir = tmp_path_factory.mktemp("load")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
-    server = RedisProcess(
+    server = RedisServer(
         workdir / "redis", password=REDIS_PASSWORD, appendonly=True, extra_args=["--notify-keyspace-events", "K$"]
     ).start()
     victim, survivor = (
@@ -146,8 +148,7 @@ def kill_mid_request(load: LoadRun, client: CascadeClient) -> None:
         load.slow.append(request_id)
         stream = keys.events_stream(request_id)
         wait_until(lambda: load.rdb.xlen(stream) >= 3, timeout_s=30, what=f"{request_id} streams")  # noqa: B023
-        [(_id, fields)] = load.rdb.xrange(stream, count=1)
-        start = StreamEvent.model_validate_json(fields[keys.EVENT_FIELD.encode()])
+        [start] = parse_events(load.rdb.xrange(stream, count=1))
         if load.victim.runs(start.worker):
             load.victim.kill_group()
             load.kills += 1
@@ -181,7 +182,7 @@ def read_back(rdb: redis.Redis, request_ids: list[str]) -> tuple[dict[str, ChatR
             raw, entries = results[2 * index], results[2 * index + 1]
             if raw:
                 replies[request_id] = ChatReply.model_validate_json(raw)
-            streams[request_id] = [StreamEvent.model_validate_json(f[keys.EVENT_FIELD.encode()]) for _i, f in entries]
+            streams[request_id] = parse_events(entries)
     return replies, streams
 
 
@@ -197,16 +198,6 @@ def whereabouts(rdb: redis.Redis, request_id: str) -> dict[str, object]:
         "lease": rdb.exists(f"cascade:lease:{request_id}"),
         "inflight": rdb.exists(f"cascade:inflight:{request_id}"),
     }
-
-
-def stream_is_one_answer(events: list[StreamEvent], reply: ChatReply | None) -> bool:
-    return (
-        reply is not None
-        and [e.seq for e in events] == list(range(len(events)))
-        and sum(e.is_terminal for e in events) == 1
-        and events[-1].is_terminal
-        and events[-1].reply == reply
-    )
 
 
 @pytest.mark.timeout(300)
@@ -274,7 +265,7 @@ def test_a_thousand_requests_through_kills_and_a_redis_restart(run: LoadRun) -> 
     everything = load.submitted + load.slow
     replies, streams = read_back(load.rdb, everything)
     lost = [request_id for request_id in everything if request_id not in replies]
-    broken = [r for r in everything if r in replies and not stream_is_one_answer(streams[r], replies[r])]
+    broken = [r for r in everything if r in replies and contract_breach(streams[r], r, reply=replies[r])]
     overwritten = {key: ops for key, ops in writes.drain().items() if ops.count("set") > 1}
     writes.close()
     duplicated = len({r for r in broken if sum(e.is_terminal for e in streams[r]) > 1} | set(overwritten))
@@ -308,7 +299,9 @@ def test_a_thousand_requests_through_kills_and_a_redis_restart(run: LoadRun) -> 
     assert load.kills == KILLS and load.redis_restarts == 1
     assert load.survivor.pool_pids() == [survivor_child], "the surviving worker's pool process lived throughout"
     assert not lost, f"{len(lost)} lost: {[whereabouts(load.rdb, r) for r in lost[:5]]}"
-    assert not broken, f"{len(broken)} streams not one coherent answer, e.g. {broken[:5]}"
+    assert not broken, f"{len(broken)} streams not one coherent answer, e.g. {broken[:5]}: " + str(
+        [contract_breach(streams[r], r, reply=replies[r]) for r in broken[:3]]
+    )
     assert not overwritten, f"replies written twice: {list(overwritten)[:5]}"
     assert not failed, f"{len(failed)} failed, e.g. {[replies[r].error for r in failed[:3]]}"
     assert all(replies[r].replies[0].content == TEXT for r in load.submitted)

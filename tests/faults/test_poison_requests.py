@@ -20,7 +20,7 @@ from tasks.contract import keys
 from tasks.contract.keys import deaths_key
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import (
     FAST_RECOVERY_ENV,
@@ -73,7 +73,7 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Stack]:
+def stack(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("poison")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
     worker = FaultWorker("P", server.url, config, workdir / "worker-P.log", env=dict(FAST_RECOVERY_ENV))

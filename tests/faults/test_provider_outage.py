@@ -18,9 +18,9 @@ import redis
 from tasks.contract.keys import cooldown_key
 from tasks.contract.schemas import ChatReply
 from tasks.producer.client import CascadeClient
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_stream, error_reply
-from worker.demo.local import LocalRedis
+from tests.support.fake_http import FakeHTTPServer, Reply
+from tests.support.redis_server import RedisServer
 
 from .harness import (
     PROVIDER_SECRETS,
@@ -76,7 +76,7 @@ def outage(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Outage]:
             "backup": {"type": "scripted", "text": BACKUP_TEXT, "chunk_size": 8},
         }
         config = write_config(workdir / "cascade.toml", providers, {"default": ["primary", "backup"]})
-        redis_server = LocalRedis(workdir / "redis", password=REDIS_PASSWORD).start()
+        redis_server = RedisServer(workdir / "redis", password=REDIS_PASSWORD).start()
         worker = FaultWorker("outage", redis_server.url, config, workdir / "worker.log")
         rdb = redis.Redis.from_url(redis_server.url)
         client = CascadeClient(redis_server.url)

@@ -14,7 +14,7 @@ from kombu import Connection
 
 from tasks.contract import keys
 from tasks.contract.schemas import TASK_NAME
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 from worker.state.reaper import restore_orphans
 
 from .harness import new_id
@@ -37,7 +37,7 @@ def take(url: str, kwargs: dict[str, Any], task: str = TASK_NAME) -> Any:
     return connection  # left open: closing the channel would put the message back itself
 
 
-def test_an_unstarted_message_goes_back_to_its_queue(server: LocalRedis, rdb: redis.Redis) -> None:
+def test_an_unstarted_message_goes_back_to_its_queue(server: RedisServer, rdb: redis.Redis) -> None:
     request_id = new_id("orphan")
     connection = take(server.url, {"request": {"request_id": request_id, "prompt": "hi"}})
     assert rdb.hlen(keys.UNACKED) == 1 and rdb.llen(QUEUE) == 0
@@ -51,7 +51,7 @@ def test_an_unstarted_message_goes_back_to_its_queue(server: LocalRedis, rdb: re
     connection.release()
 
 
-def test_the_task_id_stands_in_for_a_missing_request_id(server: LocalRedis, rdb: redis.Redis) -> None:
+def test_the_task_id_stands_in_for_a_missing_request_id(server: RedisServer, rdb: redis.Redis) -> None:
     connection = take(server.url, {"request": '{"prompt": "hi"}'})  # JSON text, no request_id
     [restored] = restore_orphans(rdb, orphan_after_s=0)
     assert restored.startswith("task-")
@@ -59,7 +59,7 @@ def test_the_task_id_stands_in_for_a_missing_request_id(server: LocalRedis, rdb:
 
 
 @pytest.mark.parametrize("state", ["started", "leased", "answered", "in_flight", "young", "other_task", "hand_off_ran"])
-def test_a_message_whose_request_is_not_an_orphan_stays(server: LocalRedis, rdb: redis.Redis, state: str) -> None:
+def test_a_message_whose_request_is_not_an_orphan_stays(server: RedisServer, rdb: redis.Redis, state: str) -> None:
     request_id = new_id(state)
     kwargs: dict[str, Any] = {"request": {"request_id": request_id, "prompt": "hi"}}
     if state == "hand_off_ran":
@@ -79,7 +79,7 @@ def test_a_message_whose_request_is_not_an_orphan_stays(server: LocalRedis, rdb:
     connection.release()
 
 
-def test_a_hand_off_that_never_started_on_its_next_queue_goes_back(server: LocalRedis, rdb: redis.Redis) -> None:
+def test_a_hand_off_that_never_started_on_its_next_queue_goes_back(server: RedisServer, rdb: redis.Redis) -> None:
     request_id = new_id("handoff")
     handoff = {"start_index": 1, "next_seq": 2, "queue_hops": 1, "deadline_at": 0, "started_at": 0}
     connection = take(server.url, {"request": {"request_id": request_id, "prompt": "hi"}, "handoff": handoff})

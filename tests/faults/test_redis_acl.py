@@ -16,9 +16,9 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
-from .harness import REPO, REQUEST_TIMEOUT_S, FaultWorker, dead_letters, wait_until, write_config
+from .harness import REPO, REQUEST_TIMEOUT_S, FaultWorker, dead_letters, running_worker, wait_until
 
 pytestmark = pytest.mark.faults
 
@@ -45,7 +45,7 @@ class Acl:
 
 
 @pytest.fixture(scope="module")
-def acl(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Acl]:
+def acl(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Acl]:
     workdir = tmp_path_factory.mktemp("acl")
     admin = redis.Redis.from_url(server.url)
     admin.flushall()
@@ -56,15 +56,11 @@ def acl(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterato
     host = f"127.0.0.1:{server.port}"
     worker_url = f"redis://cascade-worker:{PASSWORDS['WORKER_PASSWORD']}@{host}/0"
     producer_url = f"redis://cascade-producer:{PASSWORDS['PRODUCER_PASSWORD']}@{host}/0"
-    config = write_config(
-        workdir / "cascade.toml", {"steady": {"type": "scripted", "text": "ok"}}, {"default": ["steady"]}
-    )
-    worker = FaultWorker("acl", worker_url, config, workdir / "worker.log")
+    providers = {"steady": {"type": "scripted", "text": "ok"}}
     try:
-        worker.start()
-        yield Acl(admin, producer_url, worker)
+        with running_worker(workdir, worker_url, providers, {"default": ["steady"]}, name="acl") as worker:
+            yield Acl(admin, producer_url, worker)
     finally:
-        worker.stop()
         admin.execute_command("ACL", "SETUSER", "default", "on")
         admin.close()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ import redis
 
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import (
     REDIS_PASSWORD,
@@ -58,34 +58,28 @@ AFTER_RESTART = 2
 @dataclass
 class Stack:
     workdir: Path
-    server: LocalRedis
+    server: RedisServer
     workers: list[FaultWorker]
     rdb: redis.Redis
     restarts: int = 0
-    servers: list[LocalRedis] = field(default_factory=list)
 
     @property
     def url(self) -> str:
         return self.server.url
 
     def restart_redis(self) -> float:
-        """Stop Redis (SIGTERM: it writes its AOF) and start a new one on the same port and
-        directory; return how long Redis was away."""
-        went_away = time.monotonic()
-        self.server.stop()
-        self.server = LocalRedis(self.server.workdir, port=self.server.port, password=REDIS_PASSWORD, appendonly=True)
-        self.servers.append(self.server.start())
+        """Restart Redis on the same port and directory (its AOF kept); return how long it was away."""
         self.restarts += 1
-        return time.monotonic() - went_away
+        return self.server.restart()
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("redis-faults")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
-    server = LocalRedis(workdir / "redis", password=REDIS_PASSWORD, appendonly=True).start()
+    server = RedisServer(workdir / "redis", password=REDIS_PASSWORD, appendonly=True).start()
     workers = [FaultWorker(name, server.url, config, workdir / f"worker-{name}.log", env=dict(ENV)) for name in "AB"]
-    stack = Stack(workdir, server, workers, redis.Redis.from_url(server.url), servers=[server])
+    stack = Stack(workdir, server, workers, redis.Redis.from_url(server.url))
     try:
         for started in workers:
             started.launch()
@@ -96,8 +90,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         for started in workers:
             started.stop()
         stack.rdb.close()
-        for started_server in stack.servers:
-            started_server.stop()
+        server.stop()
 
 
 def follow_and_check(stack: Stack, request_id: str, events: list[StreamEvent] | None = None) -> ChatReply:

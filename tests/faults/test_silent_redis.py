@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .blackhole import BlackholeProxy
 from .harness import (
@@ -42,7 +42,7 @@ ENV = {"CASCADE_REDIS_SOCKET_TIMEOUT_S": "2", "CASCADE_REDIS_CONNECT_TIMEOUT_S":
 
 
 @pytest.fixture
-def proxy(server: LocalRedis) -> Iterator[BlackholeProxy]:
+def proxy(server: RedisServer) -> Iterator[BlackholeProxy]:
     started = BlackholeProxy(server.port).start()
     try:
         yield started
@@ -51,7 +51,7 @@ def proxy(server: LocalRedis) -> Iterator[BlackholeProxy]:
 
 
 def test_a_request_running_when_redis_goes_silent_still_ends(
-    tmp_path_factory: pytest.TempPathFactory, rdb: redis.Redis, proxy: BlackholeProxy, server: LocalRedis
+    tmp_path_factory: pytest.TempPathFactory, rdb: redis.Redis, proxy: BlackholeProxy, server: RedisServer
 ) -> None:
     workdir = tmp_path_factory.mktemp("silent-redis")
     config = write_config(workdir / "cascade.toml", PROVIDERS, {"default": ["paced"]})

@@ -18,18 +18,18 @@ from kombu import Connection
 
 from settings import Settings
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
 from worker.celery_app import create_app
 
 from .harness import (
     REDIS_PASSWORD,
     REQUEST_TIMEOUT_S,
     FaultWorker,
-    RedisProcess,
     assert_coherent,
     assert_no_secrets,
     new_id,
+    running_worker,
     stored_events,
-    write_config,
 )
 
 pytestmark = pytest.mark.faults
@@ -40,7 +40,7 @@ REPLY_TEXT = f"The answer mentions {REPLY_MARKER} once."
 
 @dataclass
 class Secure:
-    server: RedisProcess
+    server: RedisServer
     rdb: redis.Redis
     worker: FaultWorker
 
@@ -48,7 +48,7 @@ class Secure:
 @pytest.fixture(scope="module")
 def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
     workdir = tmp_path_factory.mktemp("tls")
-    server = RedisProcess(workdir / "redis", password=REDIS_PASSWORD, tls=True)
+    server = RedisServer(workdir / "redis", password=REDIS_PASSWORD, tls=True)
     try:
         server.start()
     except RuntimeError as exc:
@@ -57,14 +57,11 @@ def secure(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secure]:
             pytest.skip(f"this redis-server was built without TLS: {exc}")
         raise
     providers = {"steady": {"type": "scripted", "text": REPLY_TEXT, "chunk_size": 6}}
-    config = write_config(workdir / "cascade.toml", providers, {"default": ["steady"]})
-    worker = FaultWorker("tls", server.url, config, workdir / "worker.log")
     rdb = redis.Redis.from_url(server.url)
     try:
-        worker.start()
-        yield Secure(server, rdb, worker)
+        with running_worker(workdir, server.url, providers, {"default": ["steady"]}, name="tls") as worker:
+            yield Secure(server, rdb, worker)
     finally:
-        worker.stop()
         rdb.close()
         server.stop()
 

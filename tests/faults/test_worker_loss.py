@@ -30,7 +30,7 @@ from settings import Settings
 from tasks.contract.keys import INFLIGHT_SET, inflight_record, lease_key
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
-from worker.demo.local import LocalRedis
+from tests.support.redis_server import RedisServer
 
 from .harness import (
     FAST_RECOVERY_ENV,
@@ -101,7 +101,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory, server: LocalRedis) -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Iterator[Cluster]:
     workdir = tmp_path_factory.mktemp("worker-loss")
     config = write_config(workdir / "cascade.toml", PROVIDERS, CHAINS)
     rdb = redis.Redis.from_url(server.url)
@@ -139,14 +139,17 @@ def start_streaming(cluster: Cluster, request_id: str, min_chunks: int = 3) -> t
 
 
 def wait_reply(cluster: Cluster, request_id: str, since: float) -> tuple[ChatReply, float]:
-    """The stored reply, within the issue's bound counted from ``since``; and the time it took."""
+    """The stored reply, which came within the issue's bound counted from ``since``; and the time
+    it took. The wait goes on to twice the bound, so a late reply fails with its figure."""
     reply = wait_until(
         lambda: stored_reply(cluster.rdb, request_id),
-        timeout_s=max(0.0, since + RECOVERY_BOUND_S - time.monotonic()),
+        timeout_s=max(0.0, since + 2 * RECOVERY_BOUND_S - time.monotonic()),
         interval_s=0.05,
         what=f"reply of {request_id}",
     )
-    return reply, time.monotonic() - since
+    took = time.monotonic() - since
+    assert took < RECOVERY_BOUND_S, f"{request_id} answered {took:.1f} s after the fault: over {RECOVERY_BOUND_S} s"
+    return reply, took
 
 
 def assert_recovered(cluster: Cluster, request_id: str, events: list[StreamEvent], reply: ChatReply) -> None:
@@ -192,7 +195,6 @@ def lose_worker_mid_stream(
     kill(victim, victim_pid)
 
     reply, took = wait_reply(cluster, request_id, killed_at)
-    assert took < RECOVERY_BOUND_S
     assert_recovered(cluster, request_id, follower.result(), reply)
     assert pid_of(reply.meta.worker) != victim_pid, "the rerun ran on another process"
     record(f"SIGKILL of the {kill.__name__.replace('_', ' ')}: kill to reply", f"{took:.1f} s")
@@ -248,7 +250,6 @@ def test_sigkill_after_the_worker_took_the_message_but_before_it_started(cluster
     cluster.ensure(BASE_ENV)  # fresh workers: the message is in neither's hands, only unacked
 
     reply, took = wait_reply(cluster, request_id, killed_at)
-    assert took < RECOVERY_BOUND_S
     events = follower.result()
     assert_coherent(events, reply, request_id)
     assert reply.status == "succeeded" and reply.replies[0].content == TEXT

@@ -12,10 +12,13 @@ from typing import Any
 
 import pytest
 import redis
+from celery import Celery
 
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
+from tests.support.worker_process import with_worker_logs
 
-from .harness import STARTED_WORKERS, RedisServer, Worker, write_config
+from .harness import STARTED_WORKERS, Worker, write_config
 from .scenarios import MAX_INPUT_CHARS, MAX_MESSAGES, chain_table, provider_table
 
 
@@ -26,8 +29,10 @@ def integration_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def redis_server(integration_dir: Path) -> Iterator[RedisServer]:
-    """A real redis-server on a free loopback port, stopped by pid at the end."""
-    server = RedisServer(workdir=integration_dir / "redis").start()
+    """A real redis-server on a free loopback port, stopped by pid at the end, with keyspace
+    notifications for strings on (K: keyspace events, $: string commands), so tests can count
+    the writes of a key."""
+    server = RedisServer(integration_dir / "redis", extra_args=("--notify-keyspace-events", "K$")).start()
     try:
         yield server
     finally:
@@ -75,6 +80,18 @@ def client(worker: Worker, redis_url: str) -> Iterator[CascadeClient]:
     worker.assert_alive()
 
 
+@pytest.fixture(scope="module")
+def producer(redis_url: str) -> Iterator[Celery]:
+    """A bare Celery producer: the test controls the raw task payload (the Python client refuses
+    a bad request before sending it)."""
+    app = Celery("integration-producer", broker=redis_url, set_as_current=False)
+    app.conf.update(task_serializer="json", accept_content=["json"])
+    try:
+        yield app
+    finally:
+        app.close()
+
+
 @pytest.fixture
 def rdb(redis_url: str) -> Iterator[redis.Redis]:
     """A raw Redis client on database 0."""
@@ -88,7 +105,4 @@ def rdb(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.hookimpl(wrapper=True, tryfirst=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     report = yield
-    if report.when == "call" and report.failed:
-        for started in STARTED_WORKERS:
-            report.sections.append((f"worker {started.name} log (tail)", started.log_tail(120)))
-    return report
+    return with_worker_logs(report, STARTED_WORKERS, lines=120)

@@ -1,11 +1,9 @@
-"""Process harness of the integration tests: a real ``redis-server`` and real Celery workers.
+"""Process harness of the integration tests: real Celery workers on one real ``redis-server``
+(``tests.support.redis_server.RedisServer``, with keyspace notifications: see conftest.py).
 
-Everything here is reusable by later fault-injection tests: start Redis on a free loopback
-port, write a worker TOML config, start a worker in its own process group (log to a file),
-wait until it answers, stop both by pid. Every wait is bounded. The processes themselves are
-``worker.demo.local``'s (as the demo and the system tests start them); this adds what the tests need
-on top: keyspace notifications, log tails, named workers, readiness by a warm-up request.
-"""
+A worker is ``worker.demo.local.start_worker``'s process (as the demo and the system tests start
+it) in its own process group, logging to a file, named, ready once a warm-up request got its
+reply, and stopped by its pid. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -25,12 +23,16 @@ from tasks.producer.client import CascadeClient
 from tests.support.config import write_config as write_config
 from tests.support.stack import REPO
 from tests.support.stored import dead_letters as dead_letters
+from tests.support.stored import published_events as published_events
 from tests.support.stored import stored_events as stored_events
 from tests.support.stored import stored_reply as stored_reply
+from tests.support.stream_contract import assert_coherent
+from tests.support.stream_contract import assert_well_formed as assert_well_formed
+from tests.support.stream_contract import reconstruct_text as reconstruct_text
 from tests.support.waiting import wait_until as poll_until
-from worker.demo.local import LocalRedis, start_worker, stop_process
+from tests.support.worker_process import WorkerProcess
+from worker.demo.local import start_worker, stop_process
 
-REDIS_START_TIMEOUT_S = 10.0
 WORKER_START_TIMEOUT_S = 30.0
 WORKER_STOP_TIMEOUT_S = 20.0
 # The longest any single request of the suite may take to reach its terminal event.
@@ -52,40 +54,11 @@ def wait_until(predicate: Callable[[], T], *, timeout_s: float, interval_s: floa
     return poll_until(predicate, timeout_s=timeout_s, interval_s=interval_s, what=what)
 
 
-def tail_of(path: Path | None, lines: int) -> str:
-    """The last ``lines`` lines of the log at ``path`` (empty before it exists)."""
-    if path is None or not path.exists():
-        return ""
-    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-
-
-# --- redis-server ------------------------------------------------------------------------------
-
-
-class RedisServer(LocalRedis):
-    """``worker.demo.local``'s ``redis-server`` (127.0.0.1, no persistence) with keyspace notifications
-    for strings on: K = keyspace events, $ = string commands, so tests can count writes of a key."""
-
-    def __init__(self, workdir: Path) -> None:
-        super().__init__(workdir, extra_args=("--notify-keyspace-events", "K$"))
-
-    def start(self, timeout_s: float = REDIS_START_TIMEOUT_S) -> RedisServer:
-        try:
-            super().start(timeout_s)
-        except RuntimeError as error:
-            self.stop()
-            raise RuntimeError(f"{error}\n{self.log_tail()}") from None
-        return self
-
-    def log_tail(self, lines: int = 40) -> str:
-        return tail_of(self.log_path, lines)
-
-
 # --- Celery worker -----------------------------------------------------------------------------
 
 
 @dataclass
-class Worker:
+class Worker(WorkerProcess):
     """One ``celery -A worker worker -Q chat`` process (prefork pool) in its own process group,
     started by ``worker.demo.local.start_worker`` and ready once a warm-up request got its reply."""
 
@@ -143,20 +116,6 @@ class Worker:
         finally:
             client.close()
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def assert_alive(self) -> None:
-        if not self.alive():
-            code = None if self.proc is None else self.proc.returncode
-            raise RuntimeError(f"worker {self.name} exited with {code}\n{self.log_tail()}")
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def log_tail(self, lines: int = 80) -> str:
-        return tail_of(self.log_path, lines)
-
     def stop(self) -> None:
         """SIGTERM the main process (a warm shutdown), then SIGKILL its group: no pool child survives."""
         if self.proc is not None:
@@ -174,25 +133,6 @@ def collect_events(client: CascadeClient, request_id: str, timeout_s: float = RE
 def dead_letters_for(client: redis.Redis, ident: str) -> list[dict[str, Any]]:
     """The dead letters whose request id or task id is ``ident``."""
     return [entry for entry in dead_letters(client) if ident in (entry.get("request_id"), entry.get("task_id"))]
-
-
-def assert_well_formed(events: list[StreamEvent], request_id: str, *, expect_start: bool = True) -> None:
-    """The stream protocol: seq 0.. with no gap, one terminal event and it is last, one request id."""
-    assert events, f"no events for {request_id}"
-    assert [e.seq for e in events] == list(range(len(events))), [e.seq for e in events]
-    assert {e.request_id for e in events} == {request_id}
-    terminal = [e for e in events if e.is_terminal]
-    assert len(terminal) == 1, [e.type for e in events]
-    assert events[-1].is_terminal, [e.type for e in events]
-    if expect_start:
-        assert events[0].type == "start", [e.type for e in events]
-        assert [e.type for e in events].count("start") == 1
-
-
-def reconstruct_text(events: list[StreamEvent]) -> str:
-    """What a subscriber shows: the deltas of every attempt not voided by a ``fallback`` event."""
-    voided = {e.attempt for e in events if e.type == "fallback"}
-    return "".join(e.delta or "" for e in events if e.type == "chunk" and e.attempt not in voided)
 
 
 def wait_for_subscription(pubsub: Any, timeout_s: float = 5.0) -> None:
@@ -251,15 +191,13 @@ class Outcome:
 def run_request(client: CascadeClient, *, expect_start: bool = True, **fields: Any) -> Outcome:
     """Submit a request, follow it to its terminal event and check the stream protocol."""
     request_id = client.submit(**fields)
-    return follow(client, request_id, expect_start=expect_start)
+    return follow(client, request_id, expect_start=expect_start, streamed=fields.get("stream", True))
 
 
-def follow(client: CascadeClient, request_id: str, *, expect_start: bool = True) -> Outcome:
+def follow(client: CascadeClient, request_id: str, *, expect_start: bool = True, streamed: bool = True) -> Outcome:
     """Follow ``request_id`` to its terminal event; check the protocol and the stored reply."""
     events = collect_events(client, request_id)
-    assert_well_formed(events, request_id, expect_start=expect_start)
-    reply = stored_reply(client.redis, request_id)
-    assert reply is not None, f"no reply stored for {request_id}"
-    assert events[-1].reply == reply, "the terminal event must carry the stored reply"
+    stored = stored_reply(client.redis, request_id)
+    reply = assert_coherent(events, stored, request_id, expect_start=expect_start, streamed=streamed)
     assert reply.request_id == request_id
     return Outcome(request_id, events, reply)

@@ -5,7 +5,7 @@ goes on serving the next request."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,17 +34,6 @@ from .scenarios import MAX_INPUT_CHARS, MAX_MESSAGES, STEADY_TEXT
 pytestmark = pytest.mark.integration
 
 DEAD_LETTER_TIMEOUT_S = 15.0
-
-
-@pytest.fixture(scope="module")
-def producer(redis_url: str) -> Iterator[Celery]:
-    """A bare Celery producer: the test controls the raw task payload."""
-    app = Celery("bad-input-producer", broker=redis_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 def publish_raw(redis_url: str, body: Any, **options: Any) -> None:

@@ -12,8 +12,9 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
+from tests.support.redis_server import RedisServer
 
-from .harness import Outcome, RedisServer, Worker, dead_letters_for, reconstruct_text, run_request
+from .harness import Outcome, Worker, dead_letters_for, reconstruct_text, run_request
 from .scenarios import (
     BACKUP_TEXT,
     CUT_TEXT,

@@ -8,8 +8,6 @@ accepts) got no reply at all, and the pending sweep resent it five times."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 import redis
 from celery import Celery
@@ -25,17 +23,6 @@ from .scenarios import STEADY_TEXT
 pytestmark = pytest.mark.integration
 
 DEFAULT_MAX_MESSAGE_BYTES = 2_000_000
-
-
-@pytest.fixture
-def producer(redis_url: str) -> Iterator[Celery]:
-    """A bare Celery producer (the Python client refuses such a request before sending it)."""
-    app = Celery("oversize-producer", broker=redis_url, set_as_current=False)
-    app.conf.update(task_serializer="json", accept_content=["json"])
-    try:
-        yield app
-    finally:
-        app.close()
 
 
 def test_an_oversize_request_is_answered_at_its_header_id(

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import time
 
 import pytest
 import redis
@@ -20,6 +19,7 @@ from .harness import (
     assert_well_formed,
     follow,
     new_id,
+    published_events,
     reconstruct_text,
     run_request,
     stored_events,
@@ -76,13 +76,7 @@ def test_pubsub_channel_carries_the_same_events(client: CascadeClient) -> None:
         wait_for_subscription(pubsub)
         client.submit(request_id=request_id, prompt="hello", chain="default")
 
-        live: list[StreamEvent] = []
-        give_up = time.monotonic() + REQUEST_TIMEOUT_S
-        while not (live and live[-1].is_terminal):
-            assert time.monotonic() < give_up, f"no terminal event on the channel; got {[e.type for e in live]}"
-            message = pubsub.get_message(timeout=0.5)
-            if message is not None and message["type"] == "message":
-                live.append(StreamEvent.model_validate_json(message["data"]))
+        live = published_events(pubsub, until_terminal_s=REQUEST_TIMEOUT_S, poll_s=0.5)
     finally:
         pubsub.close()
 

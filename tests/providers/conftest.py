@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fakes.http import FakeHTTPServer
+from tests.support.fake_http import FakeHTTPServer
 
 
 @pytest.fixture
 def server() -> Iterator[FakeHTTPServer]:
-    """A fresh fake HTTP server for one test (see tests/fakes/http.py)."""
+    """A fresh fake HTTP server for one test (see tests/support/fake_http.py)."""
     with FakeHTTPServer() as fake:
         yield fake

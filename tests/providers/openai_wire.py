@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.fakes.http import FakeHTTPServer, Reply
+from tests.support.fake_http import FakeHTTPServer, Reply
 
 API_KEY = "sk-test-DoNotLeak-0123456789abcdef"
 MODEL = "gpt-4.1-mini-2025-04-14"

@@ -18,7 +18,6 @@ from providers.base import ChatProvider
 from providers.openai.azure import AzureOpenAIChatProvider, AzureOpenAIResponsesProvider
 from settings import ProviderConfigBase
 from settings.providers import AzureOpenAIConfig, AzureOpenAIResponsesConfig
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
     assert_no_secret,
     chat_chunk,
@@ -30,6 +29,7 @@ from tests.providers.openai_wire import (
     responses_answer,
 )
 from tests.support.calls import ChunkCollector, make_call, provider_factory, run_failing
+from tests.support.fake_http import FakeHTTPServer, Reply
 
 AZURE_KEY = "0123456789abcdef0123456789abcdef"
 AD_TOKEN = "eyJ0eXAiOiJKV1QiLCJhbGciOiJSUzI1NiJ9.eyJhdWQiOiJjb2duaXRpdmVzZXJ2aWNlcyJ9.c2lnbmF0dXJl"

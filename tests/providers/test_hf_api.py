@@ -29,9 +29,9 @@ from providers.huggingface import api as hf_api
 from providers.huggingface.api import HfApiProvider, translate_hf_error
 from providers.registry import build_provider
 from settings.providers import HfApiConfig
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.tgi_wire import MODEL, chunk, completion, streamed, tgi_error, usage, usage_chunk
 from tests.support.calls import MESSAGES, ChainRecorder, ChunkCollector, make_call
+from tests.support.fake_http import FakeHTTPServer, Reply
 from worker.demo.local import free_port
 
 TOKEN = "hf_TestTokenDoNotLeak0123456789"

@@ -19,7 +19,6 @@ from providers.base import StreamingChunk
 from providers.chain import ChainRun
 from providers.openai.chat import OpenAIChatProvider
 from settings.providers import OpenAIConfig
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
     API_KEY,
     MODEL,
@@ -33,6 +32,7 @@ from tests.providers.openai_wire import (
     usage_chunk,
 )
 from tests.support.calls import MESSAGES, ChainRecorder, ChunkCollector, make_call, provider_factory, run_failing
+from tests.support.fake_http import FakeHTTPServer, Reply
 from worker.demo.local import free_port
 
 ProviderFactory = Callable[..., OpenAIChatProvider]

@@ -12,7 +12,6 @@ import pytest
 from providers import errors
 from providers.openai.responses import OpenAIResponsesProvider
 from settings.providers import OpenAIResponsesConfig
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import (
     API_KEY,
     aim_openai_at,
@@ -27,6 +26,7 @@ from tests.providers.openai_wire import (
     text_delta,
 )
 from tests.support.calls import ChunkCollector, make_call, provider_factory, run_failing
+from tests.support.fake_http import FakeHTTPServer, Reply
 
 ProviderFactory = Callable[..., OpenAIResponsesProvider]
 STARTED = response_object(status="in_progress", usage=None)

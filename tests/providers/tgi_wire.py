@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tests.fakes.http import Reply
+from tests.support.fake_http import Reply
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 FINGERPRINT = "3.0.1-sha-bb9095a"

@@ -5,7 +5,6 @@ request produced — worker log, events, reply, Celery result, dead letters — 
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +13,12 @@ import pytest
 import redis
 
 from tasks.producer.client import CascadeClient
-from tests.fakes.http import FakeHTTPServer, Reply
 from tests.providers.openai_wire import chat_chunk, error_reply
 from tests.providers.tgi_wire import chunk
+from tests.support.fake_http import FakeHTTPServer, Reply
 from tests.support.stack import local_stack
+from tests.support.stored import everything_produced
+from tests.support.stream_contract import assert_coherent
 
 pytestmark = pytest.mark.integration
 
@@ -94,6 +95,7 @@ def test_the_chain_falls_from_openai_to_azure_to_tgi_and_answers(stack: Stack) -
         events = list(client.events(request_id, timeout_s=60))
         reply = client.reply(request_id)
     assert reply is not None and reply.status == "succeeded", reply
+    assert_coherent(events, reply, request_id)
     assert reply.replies[0].content == "The capital of France is Paris."
     assert reply.replies[0].meta.finish_reason == "stop"
     assert reply.meta.provider == "tgi_local"
@@ -129,6 +131,7 @@ def test_a_stream_cut_mid_way_falls_back_and_the_next_provider_starts_afresh(sta
         events = list(client.events(request_id, timeout_s=60))
         reply = client.reply(request_id)
     assert reply is not None and reply.status == "succeeded"
+    assert_coherent(events, reply, request_id)
     first = reply.meta.attempts[0]
     assert (first.provider, first.error_type, first.chunks) == ("openai_primary", "stream_interrupted", 2)
     cut = next(e for e in events if e.type == "fallback")
@@ -148,18 +151,10 @@ def test_no_secret_in_anything_a_request_produced(stack: Stack) -> None:
     assert reply.error is not None and reply.error.type == "all_providers_failed"
 
     store = redis.Redis.from_url(stack.url)
-    produced = [stack.worker_log.read_text(errors="replace"), reply.model_dump_json()]
-    for key in store.scan_iter("cascade:*"):
-        kind = store.type(key)
-        if kind == b"stream":
-            produced += [json.dumps({k.decode(): v.decode() for k, v in f.items()}) for _, f in store.xrange(key)]
-        elif kind == b"string":
-            produced.append(store.get(key).decode())
-        elif kind == b"list":
-            produced += [item.decode() for item in store.lrange(key, 0, -1)]
-    for key in store.scan_iter("celery-task-meta-*"):
-        produced.append(store.get(key).decode())
-    everything = "\n".join(produced)
+    try:
+        everything = everything_produced(store, [stack.worker_log]) + reply.model_dump_json()
+    finally:
+        store.close()
     assert "auth" in everything  # the failures are there...
     for name, secret in {**SECRETS, "redis": REDIS_PASSWORD}.items():
         assert secret not in everything, f"{name} leaked"  # ...but not the secrets

@@ -16,6 +16,7 @@ pytest.importorskip("transformers")
 from tasks.contract.schemas import ChatReply, StreamEvent
 from tasks.producer.client import CascadeClient
 from tests.support.stack import LocalStack, local_stack
+from tests.support.stream_contract import assert_well_formed
 from tests.support.tiny_model import build_tiny_model
 
 pytestmark = pytest.mark.integration
@@ -64,15 +65,15 @@ def run(url: str, chain: str, queue: str | None = None) -> tuple[list[StreamEven
     return events, reply
 
 
-def assert_one_stream(events: list[StreamEvent]) -> None:
-    assert [event.seq for event in events] == list(range(len(events)))
-    assert [event.type for event in events].count("start") == 1
+def assert_one_stream(events: list[StreamEvent], reply: ChatReply) -> None:
+    """One stream (the stream contract, across the hand-off too) that ends ``done``."""
+    assert_well_formed(events, reply.request_id)
     assert events[-1].type == "done"
 
 
 def test_a_chain_moves_from_the_api_queue_to_the_gpu_queue(deployment: LocalStack) -> None:
     events, reply = run(deployment.url, "default")
-    assert_one_stream(events)
+    assert_one_stream(events, reply)
     assert reply.status == "succeeded"
     assert reply.meta.provider == "tiny" and reply.meta.queue_hops == 1
     cut, local = reply.meta.attempts
@@ -89,13 +90,13 @@ def test_the_producer_routes_straight_to_the_first_providers_queue(deployment: L
         assert client.route("local_first") == "chat.gpu"
         assert client.route("default") == "chat"
     events, reply = run(deployment.url, "local_first")
-    assert_one_stream(events)
+    assert_one_stream(events, reply)
     assert reply.meta.provider == "tiny" and reply.meta.queue_hops == 0
 
 
 def test_a_request_on_the_wrong_queue_is_handed_off(deployment: LocalStack) -> None:
     events, reply = run(deployment.url, "local_first", queue="chat")
-    assert_one_stream(events)
+    assert_one_stream(events, reply)
     assert reply.meta.provider == "tiny" and reply.meta.queue_hops == 1
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,13 +25,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tasks.producer.client import CascadeClient
 from tests.support.spans import global_spans
-from worker.demo.local import LocalRedis, free_port, start_worker, stop_process
+from tests.support.stack import local_stack
+from tests.support.waiting import wait_until
+from worker.demo.local import free_port
 
 pytestmark = pytest.mark.integration
 
-REPO = Path(__file__).resolve().parents[2]
 PROMPT = "PROMPT-MARKER what is the capital of France?"
 REPLY = "REPLY-MARKER Paris is the capital of France."
+# How long the spans, log lines and metrics of a finished request may take to arrive.
+WAIT_S = 20.0
 
 CONFIG = f"""
 [providers.flaky]
@@ -145,17 +148,6 @@ class OtlpReceiver:
         self._server.server_close()
 
 
-def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 20.0) -> Any:
-    give_up = time.monotonic() + timeout_s
-    while True:
-        found = probe()
-        if found:
-            return found
-        if time.monotonic() > give_up:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.1)
-
-
 @dataclass
 class Stack:
     url: str
@@ -167,11 +159,9 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    workdir = tmp_path_factory.mktemp("tracing")
-    config = workdir / "cascade.toml"
-    config.write_text(CONFIG)
+    """An API worker (``chat``, two pool processes, JSON logs, the metrics endpoint) and a
+    local-model worker (``chat.gpu``, Celery's text log format), both exporting to one receiver."""
     receiver = OtlpReceiver()
-    server = LocalRedis(workdir).start()
     port = free_port()
     otel = {
         "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url,
@@ -179,23 +169,23 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "OTEL_METRICS_EXPORTER": "none",
     }
     api_env = {
-        **otel,
         "OTEL_SERVICE_NAME": "cascade-api",
         "CASCADE_LOG_FORMAT": "json",
         "CASCADE_METRICS_PORT": str(port),
         "CASCADE_METRICS_HOST": "127.0.0.1",
     }
-    gpu_env = {**otel, "OTEL_SERVICE_NAME": "cascade-gpu"}  # and Celery's own text log format
-    api_log, gpu_log = workdir / "api.log", workdir / "gpu.log"
-    with api_log.open("wb") as api_out, gpu_log.open("wb") as gpu_out:
-        api = start_worker(server.url, config, concurrency=2, log=api_out, extra_env=api_env, cwd=REPO)
-        gpu = start_worker(server.url, config, queues="chat.gpu", log=gpu_out, extra_env=gpu_env, cwd=REPO)
     try:
-        yield Stack(server.url, receiver, f"http://127.0.0.1:{port}/metrics", api_log, gpu_log)
+        with local_stack(
+            tmp_path_factory.mktemp("tracing"),
+            CONFIG,
+            queues=("chat", "chat.gpu"),
+            extra_env=otel,
+            env_of={"chat": api_env, "chat.gpu": {"OTEL_SERVICE_NAME": "cascade-gpu"}},
+            concurrency_of={"chat": 2},
+        ) as local:
+            metrics_url = f"http://127.0.0.1:{port}/metrics"
+            yield Stack(local.url, receiver, metrics_url, local.logs["chat"], local.logs["chat.gpu"])
     finally:
-        stop_process(api)
-        stop_process(gpu)
-        server.stop()
         receiver.stop()
 
 
@@ -214,8 +204,10 @@ def test_one_trace_from_the_producer_through_a_fallback_and_a_hand_off(stack: St
     (publish,) = [s for s in exporter.get_finished_spans() if s.name == "publish chat"]
     assert publish.context.trace_id == root.get_span_context().trace_id  # the producer's own span
 
-    spans = wait_for(
-        "the workers' spans", lambda: (found := stack.receiver.trace(trace_id)) and len(found) >= 6 and found
+    spans = wait_until(
+        lambda: (found := stack.receiver.trace(trace_id)) and len(found) >= 6 and found,
+        timeout_s=WAIT_S,
+        what="the workers' spans",
     )
     time.sleep(0.5)  # let stragglers in, then look at everything the trace holds
     spans = stack.receiver.trace(trace_id)
@@ -264,9 +256,10 @@ def test_worker_logs_are_json_lines_with_request_and_trace_ids_and_no_text(stack
         parsed = [json.loads(line) for line in stack.api_log.read_text().splitlines() if line.strip()]
         return [line for line in parsed if line.get("request_id") == request_id]
 
-    lines = wait_for(
-        "the task's log lines",
+    lines = wait_until(
         lambda: (found := task_lines()) and any("succeeded in" in line["message"] for line in found) and found,
+        timeout_s=WAIT_S,
+        what="the task's log lines",
     )
     assert {line["trace_id"] for line in lines} == {trace_id}
     assert any(line["logger"] == "tasks.runner" and line["level"] == "WARNING" for line in lines)  # the fallback
@@ -309,7 +302,7 @@ def test_one_metrics_endpoint_serves_every_pool_process(stack: Stack) -> None:
         rejected = total(families, "cascade_requests_rejected_total", error_type="unknown_chain") == 1
         return families if done and rejected else None
 
-    families = wait_for("the pool processes' metrics", counted)
+    families = wait_until(counted, timeout_s=WAIT_S, what="the pool processes' metrics")
     processes = {s.labels["worker_process"] for s in families["cascade_requests"] if s.labels["chain"] == "slow"}
     assert processes == {"1", "2"}
     assert total(families, "cascade_attempts_total", provider="slow", outcome="succeeded") == 4
@@ -317,5 +310,6 @@ def test_one_metrics_endpoint_serves_every_pool_process(stack: Stack) -> None:
     assert total(families, "cascade_request_time_to_first_token_seconds_count", chain="slow") == 4
     assert total(families, "cascade_output_tokens_per_second_count", provider="slow") == 4
     depth = {s.labels["queue"]: s.value for s in families["cascade_queue_depth"]}
-    assert set(depth) == {"chat", "chat.gpu"} and all(v >= 0 for v in depth.values())
+    # Read at the scrape, after every request was answered (the rejected one too): nothing waits.
+    assert depth == {"chat": 0, "chat.gpu": 0}
     assert {s.labels["worker_process"] for s in families["cascade_queue_depth"]} == {"main"}

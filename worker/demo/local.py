@@ -81,6 +81,7 @@ class LocalRedis:
     """A redis-server on a free loopback port, for as long as the object lives.
 
     ``extra_args`` are passed on to redis-server (``("--notify-keyspace-events", "K$")``...).
+    Subclasses change how it listens (``listen_args``) and how clients reach it (``db_url``).
     """
 
     workdir: Path
@@ -105,28 +106,41 @@ class LocalRedis:
         """Where the server's output goes."""
         return self.workdir / f"redis-{self.port}.log"
 
-    def start(self, timeout_s: float = 10.0) -> LocalRedis:
-        """Start the server and wait until it answers PING."""
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        args = [find_redis_server(), "--port", str(self.port), "--bind", LOOPBACK, "--save", ""]
-        args += ["--dir", str(self.workdir), "--appendonly", "yes" if self.appendonly else "no"]
+    def listen_args(self) -> list[str]:
+        """The redis-server arguments that say where it listens."""
+        return ["--port", str(self.port), "--bind", LOOPBACK]
+
+    def server_args(self) -> list[str]:
+        """The whole redis-server command line."""
+        args = [find_redis_server(), *self.listen_args(), "--save", "", "--dir", str(self.workdir)]
+        args += ["--appendonly", "yes" if self.appendonly else "no"]
         if self.password:
             args += ["--requirepass", self.password]
-        args += self.extra_args
-        log = self.log_path.open("ab")
-        self.process = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        client = redis.Redis.from_url(self.url)
+        return [*args, *self.extra_args]
+
+    def start(self, timeout_s: float = 10.0) -> LocalRedis:
+        """Start the server and wait until it answers PING; a server that does not is stopped
+        and its log's end is in the ``RuntimeError``."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen(
+                self.server_args(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        client = redis.Redis.from_url(self.url, socket_timeout=2, socket_connect_timeout=2)
         give_up = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.ping()
-                return self
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > give_up:
-                    raise RuntimeError(f"redis-server did not start; see {log.name}") from None
-                time.sleep(0.05)
-            finally:
-                client.close()
+        try:
+            while True:
+                try:
+                    client.ping()
+                    return self
+                except redis.RedisError:
+                    if self.process.poll() is not None or time.monotonic() > give_up:
+                        self.stop()
+                        said = self.log_path.read_text(errors="replace")[-2000:]
+                        raise RuntimeError(f"redis-server did not start ({self.log_path}):\n{said}") from None
+                    time.sleep(0.05)
+        finally:
+            client.close()
 
     def stop(self) -> None:
         """Stop the server by its pid."""
