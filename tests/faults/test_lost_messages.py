@@ -263,7 +263,7 @@ def test_the_producer_keeps_a_record_a_worker_wrote_first(rdb: redis.Redis, prod
     pending.note_sent(rdb, request_id, "chat.gpu", handed_on)  # a fast worker handed it on already
     producer.submit(request_id=request_id, prompt="hi")
     record = json.loads(rdb.get(pending.record_key(request_id)) or b"{}")
-    assert record == {"queue": "chat.gpu", "kwargs": handed_on}
+    assert record == {"queue": "chat.gpu", "kwargs": handed_on, "task": TASK_NAME}
 
 
 def test_pending_records_are_read_past_a_page_of_running_requests(rdb: redis.Redis, producer: CascadeClient) -> None:
