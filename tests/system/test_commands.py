@@ -70,7 +70,7 @@ def test_demo_streams_a_real_answer_from_smollm2() -> None:
     shown = run_demo("--prompt", "What is the capital of France?", timeout_s=300)
     assert "Paris" in shown
     assert "provider: smol (chain index 0)" in shown
-    assert "model: HuggingFaceTB/SmolLM2-135M-Instruct" in shown
+    assert "choice 0: model HuggingFaceTB/SmolLM2-135M-Instruct" in shown
 
 
 def test_submit_prints_the_tokens_then_the_meta(service: str) -> None:
