@@ -28,6 +28,7 @@ from tasks.contract.schemas import AssistantReply, ChatMessage
 from tests.support import calls
 from tests.support.tiny_model import build_tiny_model
 from tests.support.waiting import wait_until
+from worker.state.lease import LeaseLost
 
 WAIT_S = 60.0
 TOPICS = ["hello world", "The capital of France", "Queues carry requests", "numbers 0 1 2 3", "Redis", "Natural"]
@@ -111,18 +112,19 @@ def test_a_stop_word_ends_only_its_own_request(batched: HfLocalProvider, sequent
     assert stopped_reply.content == answer(sequential, "Redis", stop=[stop])[0].content
 
 
-def test_a_cancel_takes_the_request_out_while_the_others_finish(
-    batched: HfLocalProvider, sequential: HfLocalProvider
+@pytest.mark.parametrize("stop", [errors.Cancelled, LeaseLost], ids=["cancel", "lost-lease"])
+def test_a_stop_takes_the_request_out_while_the_others_finish(
+    batched: HfLocalProvider, sequential: HfLocalProvider, stop: type[errors.RequestStopped]
 ) -> None:
     seen: list[str] = []
 
     def cancel_after_three(chunk: StreamingChunk) -> None:
         seen.append(chunk.content)
         if len(seen) == 3:
-            raise errors.Cancelled("cancelled by the producer")
+            raise stop("stopped by the run")
 
     def cancelled() -> BaseException:
-        with pytest.raises(errors.Cancelled) as caught:
+        with pytest.raises(stop) as caught:
             batched.run(call("numbers 0 1 2 3"), cancel_after_three)
         return caught.value
 
@@ -130,7 +132,7 @@ def test_a_cancel_takes_the_request_out_while_the_others_finish(
     with ThreadPoolExecutor(2) as pool:
         stopped = pool.submit(cancelled)
         running = pool.submit(answer, batched, "Queues carry requests")
-        assert isinstance(stopped.result(timeout=WAIT_S), errors.Cancelled)
+        assert isinstance(stopped.result(timeout=WAIT_S), stop)
         assert running.result(timeout=WAIT_S)[0].content == expected
     assert len(seen) == 3
     assert engine(batched).active_requests == 0
