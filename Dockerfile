@@ -39,4 +39,7 @@ ENV HF_HOME=/models/huggingface CASCADE_MODEL_CACHE=/models/cascade
 RUN mkdir -p /models && chown cascade:cascade /models
 USER cascade
 EXPOSE 9464
-CMD ["celery", "-q", "-A", "worker", "worker", "-Q", "chat.gpu", "--concurrency", "1", "--loglevel", "INFO"]
+# One process per GPU; its threads are the requests the model batches: keep --concurrency equal
+# to the hf_local provider's max_batch_size (deploy/cascade.toml).
+CMD ["celery", "-q", "-A", "worker", "worker", "-Q", "chat.gpu", "--pool", "threads", "--concurrency", "8", \
+     "--loglevel", "INFO"]

@@ -4,9 +4,10 @@
 
 Runs, one after the other (each starts its own Redis and workers on loopback): the local
 model (``bench.local_model``), overhead per request (``bench.overhead``), throughput
-(``bench.throughput``), streaming rate (``bench.streaming``) and footprint
-(``bench.footprint``); replaces each one's section of the file, then writes a summary of every
-target with the total wall time. ``--quick`` uses small counts (a smoke test, not figures).
+(``bench.throughput``), streaming rate (``bench.streaming``), footprint
+(``bench.footprint``) and continuous batching (``bench.batching``); replaces each one's
+section of the file, then writes a summary of every target with the total wall time.
+``--quick`` uses small counts (a smoke test, not figures).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import footprint, overhead, streaming, throughput
+from bench import batching, footprint, overhead, streaming, throughput
 from bench.common import cpu_busy, flags, machine, settle, verdict, write_section
 
 SUMMARY_HEADING = "## Summary:"
@@ -107,6 +108,14 @@ BENCHMARKS: dict[str, Benchmark] = {
         footprint.run,
         footprint.report,
         footprint.checks,
+    ),
+    "batching": Benchmark(
+        batching.HEADING,
+        {"tokens": 32, "levels": "1,4,8,16"},
+        {"tokens": 4, "levels": "1,4"},
+        batching.run,
+        batching.report,
+        batching.checks,
     ),
 }
 

@@ -237,6 +237,30 @@ class HfLocalConfig(ProviderConfigBase):
     max_new_tokens: int = Field(default=512, ge=1)
     timeout_s: float = Field(default=600.0, gt=0)
     cooldown_failures: int = Field(default=0, ge=0)
+    # Continuous batching (providers.huggingface.batching): up to max_batch_size requests share
+    # the model at once in a worker started with `-P threads -c <max_batch_size>`; 1 generates
+    # one request at a time. The paged KV cache holds kv_num_blocks blocks of kv_block_size
+    # tokens; unset, it is sized for max_batch_size requests of max_tokens_per_request tokens
+    # each, or, with kv_memory_fraction, to that share of the device memory left free.
+    max_batch_size: int = Field(default=1, ge=1, le=512, description="requests generated together")
+    kv_block_size: int = Field(default=256, ge=4, le=8192, description="tokens per KV cache block")
+    kv_num_blocks: int | None = Field(default=None, ge=1, description="KV cache blocks (default: sized by the others)")
+    kv_memory_fraction: float | None = Field(default=None, gt=0, le=1, description="KV cache share of free memory")
+    max_tokens_per_request: int = Field(
+        default=2048, ge=2, description="prompt + generated tokens one batched request may hold"
+    )
+
+    @model_validator(mode="after")
+    def _batching(self) -> HfLocalConfig:
+        if self.max_batch_size == 1:
+            return self
+        if self.kv_num_blocks is not None and self.kv_memory_fraction is not None:
+            raise ValueError("set kv_num_blocks or kv_memory_fraction, not both")
+        if self.max_new_tokens >= self.max_tokens_per_request:
+            raise ValueError("max_tokens_per_request must exceed max_new_tokens (it holds the prompt too)")
+        if self.kv_num_blocks is not None and self.kv_num_blocks * self.kv_block_size < self.max_tokens_per_request:
+            raise ValueError("kv_num_blocks * kv_block_size must hold at least max_tokens_per_request tokens")
+        return self
 
 
 PROVIDER_CONFIG_TYPES: dict[str, type[ProviderConfigBase]] = {

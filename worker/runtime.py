@@ -9,8 +9,10 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -49,7 +51,34 @@ class WorkerRuntime:
     observers: list[RequestObserver] = field(default_factory=list)
 
 
-@functools.cache
+T = TypeVar("T")
+
+
+def once_per_process(build: Callable[[], T]) -> Callable[[], T]:
+    """``build`` run once, however many threads ask at once: a threads pool's first requests
+    arrive together, and ``functools.cache`` would let each of them build its own (a runtime
+    each, models loaded each). As with ``functools.cache``, a forked child keeps what its parent
+    built."""
+    state: dict[str, Any] = {"lock": threading.Lock()}
+
+    def new_lock_in_child() -> None:  # a thread of the parent may have held it at the fork
+        state["lock"] = threading.Lock()
+
+    os.register_at_fork(after_in_child=new_lock_in_child)
+
+    @functools.wraps(build)
+    def get() -> T:
+        if "value" not in state:
+            with state["lock"]:
+                if "value" not in state:
+                    state["value"] = build()
+        value: T = state["value"]
+        return value
+
+    return get
+
+
+@once_per_process
 def get_settings() -> Settings:
     """The settings of this process, loaded once (raises ``ConfigError``)."""
     return load_settings()
@@ -94,7 +123,7 @@ def build_runtime(settings: Settings, client: redis.Redis, worker_name: str | No
     )
 
 
-@functools.cache
+@once_per_process
 def get_runtime() -> WorkerRuntime:
     """The runtime of this process, built on first use."""
     settings = get_settings()

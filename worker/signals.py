@@ -17,7 +17,9 @@ Providers are built in ``worker_process_init``, i.e. in each pool process after 
 parent never imports torch or initialises CUDA, which forked children could not use. A local
 model is loaded there; an API provider imports its SDK and builds its client there (``import
 openai`` alone takes most of a second), while the parent is still connecting to the broker,
-instead of on the first request.
+instead of on the first request. Pools that run tasks in the main process without sending
+``worker_process_init`` (threads, and the green pools) warm up in ``worker_ready`` instead,
+before the consumer takes its first message.
 """
 
 from __future__ import annotations
@@ -75,6 +77,23 @@ def warm_up_providers(**_: Any) -> None:
             logger.exception("could not warm up %s; its requests will report why", provider_id)
 
 
+# The pools whose task processes send worker_process_init (prefork's children, solo's main).
+_POOLS_WITH_PROCESS_INIT = frozenset({"celery.concurrency.prefork", "celery.concurrency.solo"})
+
+
+def sends_process_init(pool: Any) -> bool:
+    """Whether ``pool`` (a worker's task pool) sends ``worker_process_init`` where tasks run."""
+    return type(pool).__module__ in _POOLS_WITH_PROCESS_INIT
+
+
+def warm_up_in_main_process(sender: Any = None, **_: Any) -> None:
+    """``worker_ready``: warm the providers up here when the pool runs tasks in this process and
+    sends no ``worker_process_init`` (``-P threads``); the pool's threads share what is built."""
+    pool = getattr(sender, "pool", None)
+    if pool is not None and not sends_process_init(pool):
+        warm_up_providers()
+
+
 def start_reaper(**_: Any) -> None:
     """Start this worker's reaper (main process only): it resends requests whose worker died."""
     from worker.celery_app import app
@@ -115,6 +134,7 @@ def publish_chain_routes(**_: Any) -> None:
 
 
 worker_process_init.connect(warm_up_providers, weak=False)
+worker_ready.connect(warm_up_in_main_process, weak=False)  # first: the routes go out once it is warm
 worker_ready.connect(publish_chain_routes, weak=False)
 worker_ready.connect(start_reaper, weak=False)
 before_task_publish.connect(no_time_limits_in_messages, weak=False)

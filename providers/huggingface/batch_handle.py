@@ -12,14 +12,42 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from providers import errors
 
-if TYPE_CHECKING:
-    from providers.huggingface.batching import BatchingEngine
-
 DONE = object()  # delivered to a handle when its request was cancelled
+
+
+class Pacing(Protocol):
+    """How often a handle looks at its inbox, and how long it waits for output before failing."""
+
+    @property
+    def poll_s(self) -> float:
+        """Seconds between two looks at the inbox."""
+
+    @property
+    def stall_timeout_s(self) -> float:
+        """Seconds without output after which the request fails."""
+
+
+class HandleOwner(Protocol):
+    """What a handle needs of the engine that routes its outputs (``BatchingEngine``)."""
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer that decodes the request's tokens."""
+
+    @property
+    def config(self) -> Pacing:
+        """The engine's pacing."""
+
+    @property
+    def eos_ids(self) -> frozenset[int]:
+        """Token ids that end a request and are not part of its text."""
+
+    def cancel(self, handle: BatchHandle) -> None:
+        """Take ``handle``'s request out of the batch."""
 
 
 @dataclass
@@ -75,7 +103,7 @@ class BatchHandle:
     """
 
     def __init__(
-        self, engine: BatchingEngine, request_id: str, prompt: list[int], max_new_tokens: int, stops: list[str]
+        self, engine: HandleOwner, request_id: str, prompt: list[int], max_new_tokens: int, stops: list[str]
     ) -> None:
         self.request_id = request_id
         self.prompt_tokens = len(prompt)

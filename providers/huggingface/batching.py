@@ -131,6 +131,11 @@ class BatchingEngine:
         self._pid = os.getpid()
         _ENGINES.add(self)
 
+    def start(self) -> None:
+        """Start the manager now (building its KV cache), instead of on the first ``submit``."""
+        with self._lock:
+            self._running_manager()
+
     # --- submitting ----------------------------------------------------------------------
 
     def submit(

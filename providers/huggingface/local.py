@@ -6,6 +6,14 @@ streamer and hands each piece to ``on_chunk``. A stopping criterion watches an e
 set when the request is cancelled, passes its deadline or ``timeout_s`` (through
 ``CallGuard``), so a stopped request stops generating instead of running on in the
 background. One generation runs at a time per model.
+
+With ``max_batch_size`` above 1 the provider serves up to that many requests at once from the
+one model, through a ``BatchingEngine`` (transformers' continuous batching): each request's
+thread submits its prompt and reads its own deltas, and a cancel, a deadline or a lost lease
+takes it out of the batch at once. The engine's manager then owns the model: ``generate`` is
+never called on it. Under batching a request's temperature, top-p, top-k, stop words and
+``max_new_tokens`` apply; ``seed``, ``repetition_penalty``, ``min_new_tokens`` and
+``num_beams`` do not (the batch samples with one generator and decodes without beams).
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any
 from providers import errors
 from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
 from providers.guard import CallGuard
+from providers.huggingface.batching import BatchHandle, BatchingConfig, BatchingEngine
 from providers.huggingface.local_models import LoadedModel, load_model
 from providers.messages import merge_generation_kwargs, to_chat_messages, usage_from
 from settings.providers import HfLocalConfig
@@ -52,18 +61,49 @@ class HfLocalProvider(ChatProvider):
         super().__init__(provider_id, config)
         self.config = config
         self._loaded: LoadedModel | None = None
+        self._engine: BatchingEngine | None = None
         self._load_lock = threading.Lock()
         self._generate_lock = threading.Lock()
+        self._template_lock = threading.Lock()
+
+    @property
+    def batching(self) -> bool:
+        """Whether requests are batched (``max_batch_size`` above 1)."""
+        return self.config.max_batch_size > 1
 
     def warm_up(self) -> None:
-        """Load the model now (called at worker start for the queues the worker consumes)."""
+        """Load the model now (called at worker start for the queues the worker consumes), and
+        when batching start the engine, so its KV cache is allocated before the first request."""
         self._model()
+        if self.batching:
+            self._batching_engine().start()
 
     def _model(self) -> LoadedModel:
         with self._load_lock:
             if self._loaded is None:
                 self._loaded = load_model(self.config)
             return self._loaded
+
+    def _batching_engine(self) -> BatchingEngine:
+        loaded = self._model()
+        with self._load_lock:
+            if self._engine is None:
+                config = self.config
+                self._engine = BatchingEngine(
+                    loaded.model,
+                    loaded.tokenizer,
+                    BatchingConfig(
+                        max_batch_size=config.max_batch_size,
+                        block_size=config.kv_block_size,
+                        num_blocks=config.kv_num_blocks,
+                        memory_fraction=config.kv_memory_fraction,
+                        max_tokens_per_request=config.max_tokens_per_request,
+                        # The call's guard enforces timeout_s and the deadline; this only catches
+                        # a generation loop that stopped answering.
+                        stall_timeout_s=config.timeout_s,
+                    ),
+                )
+            return self._engine
 
     def generate_kwargs(self, call: ProviderCall) -> dict[str, Any]:
         """``generate()`` arguments from the config's and the request's generation_kwargs.
@@ -89,23 +129,78 @@ class HfLocalProvider(ChatProvider):
             kwargs["stop_strings"] = stops
         return kwargs
 
+    def _template_kwargs(self) -> dict[str, Any]:
+        template_kwargs: dict[str, Any] = {"chat_template": self.config.chat_template}
+        if self.config.enable_thinking is not None:
+            template_kwargs["enable_thinking"] = self.config.enable_thinking
+        return template_kwargs
+
     def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
         """Generate a reply, streaming each decoded piece through ``on_chunk``."""
+        if self.batching:
+            return self._run_batched(call, on_chunk)
+        return self._run_alone(call, on_chunk)
+
+    def _run_batched(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        """One request in the shared batch: submit, read its own deltas, leave on any stop."""
+        engine = self._batching_engine()
+        # One tokenizer serves every request thread; the template step is the only one that
+        # may reconfigure it (padding, truncation), so it runs one thread at a time.
+        with self._template_lock:
+            encoded = engine.tokenizer.apply_chat_template(
+                to_chat_messages(call.messages), add_generation_prompt=True, return_dict=True, **self._template_kwargs()
+            )
+        prompt = [int(token) for token in encoded["input_ids"]]
+        kwargs = self.generate_kwargs(call)
+        pieces: list[str] = []
+        first_chunk_at: str | None = None
+        handle: BatchHandle | None = None
+        try:
+            with CallGuard(call, self.config, self.provider_id) as guard:
+                handle = engine.submit(
+                    prompt,
+                    max_new_tokens=kwargs["max_new_tokens"],
+                    do_sample=bool(kwargs["do_sample"]),
+                    temperature=kwargs.get("temperature"),
+                    top_p=kwargs.get("top_p"),
+                    top_k=kwargs.get("top_k"),
+                    stop=kwargs.get("stop_strings", ()),
+                )
+                submitted = handle
+                guard.attach(lambda: engine.cancel(submitted))
+                for text in handle:
+                    guard.chunk_received()
+                    first_chunk_at = first_chunk_at or utc_now_iso()
+                    pieces.append(text)
+                    on_chunk(StreamingChunk(content=text, meta={"model": self.config.model}))
+                guard.raise_if_fired()
+        finally:
+            if handle is not None and handle.result is None:
+                engine.cancel(handle)  # a stop raised from on_chunk: leave the batch now
+        result = handle.result
+        if result is None:
+            raise errors.ServerError(f"{self.provider_id}: the request left the batch without an answer")
+        meta = ReplyMeta(
+            model=self.config.model,
+            finish_reason=result.finish_reason,
+            usage=usage_from(result.prompt_tokens, result.completion_tokens),
+            completion_start_time=first_chunk_at or utc_now_iso(),
+        )
+        return [AssistantReply(content="".join(pieces), meta=meta)]
+
+    def _run_alone(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        """One generation at a time on the model, through ``generate``."""
         import torch
         from transformers import StoppingCriteria, StoppingCriteriaList, TextIteratorStreamer
 
         loaded = self._model()
         tokenizer = loaded.tokenizer
-        template_kwargs: dict[str, Any] = {}
-        if self.config.enable_thinking is not None:
-            template_kwargs["enable_thinking"] = self.config.enable_thinking
         inputs = tokenizer.apply_chat_template(
             to_chat_messages(call.messages),
             add_generation_prompt=True,
             return_tensors="pt",
             return_dict=True,
-            chat_template=self.config.chat_template,
-            **template_kwargs,
+            **self._template_kwargs(),
         ).to(loaded.model.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
         kwargs = self.generate_kwargs(call)

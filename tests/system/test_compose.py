@@ -34,7 +34,7 @@ pytestmark = pytest.mark.integration
 REPO = Path(__file__).resolve().parents[2]
 PASSWORD = "compose-smoke-password"
 # What an operator puts in .env; the concurrency is lowered to keep the local run light.
-COMPOSE_ENV = {"REDIS_PASSWORD": PASSWORD, "CASCADE_API_CONCURRENCY": "2"}
+COMPOSE_ENV = {"REDIS_PASSWORD": PASSWORD, "CASCADE_API_CONCURRENCY": "2", "CASCADE_GPU_BATCH_SIZE": "3"}
 
 # Stands in for deploy/cascade.toml: scripted providers on both queues (no keys, no model).
 CONFIG = """
@@ -121,7 +121,6 @@ def test_the_services_are_wired_for_operations(compose: dict[str, Any]) -> None:
         env = service["environment"]
         assert f":{PASSWORD}@redis:6379/" in env["CASCADE_REDIS_URL"]
         assert "container_name" not in service and "ports" not in service, f"{name} must scale with --scale"
-        assert option(service["command"], "--pool") == "prefork"
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         # The healthcheck pings this very worker through the broker.
         node = option(service["command"], "-n").split("@")[0]
@@ -136,11 +135,15 @@ def test_the_services_are_wired_for_operations(compose: dict[str, Any]) -> None:
         "chat",
         "2",
     )
-    assert (gpu["build"]["target"], option(gpu["command"], "-Q"), option(gpu["command"], "--concurrency")) == (
+    # API workers run one request per process; the GPU worker one process whose threads are the
+    # requests its model batches (continuous batching), as many as CASCADE_GPU_BATCH_SIZE says.
+    assert option(api["command"], "--pool") == "prefork"
+    assert (gpu["build"]["target"], option(gpu["command"], "-Q"), option(gpu["command"], "--pool")) == (
         "gpu",
         "chat.gpu",
-        "1",
+        "threads",
     )
+    assert option(gpu["command"], "--concurrency") == "3"
     (device,) = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
     assert any(volume.startswith("model-cache:/models") for volume in gpu["volumes"])
@@ -182,6 +185,20 @@ def test_the_deploy_config_is_valid_and_its_queues_have_workers(
     settings = load_settings()
     consumed = {option(s["command"], "-Q") for s in worker_services(compose).values()}
     assert {provider.queue for provider in settings.providers.values()} <= consumed
+
+
+def test_the_gpu_workers_threads_match_the_batch_size_of_the_deploy_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Unset, CASCADE_GPU_BATCH_SIZE gives the GPU worker as many threads as the deploy config's
+    local model batches requests: fewer would leave the batch short, more would hold messages
+    that only wait."""
+    result = compose_config({"REDIS_PASSWORD": PASSWORD})
+    assert result.returncode == 0, result.stderr
+    gpu = yaml.safe_load(result.stdout)["services"]["worker-gpu"]
+    monkeypatch.setenv("CASCADE_CONFIG", str(REPO / "deploy" / "cascade.toml"))
+    local = [p for p in load_settings().providers.values() if p.type == "hf_local" and p.queue == "chat.gpu"]
+    assert local, "the deploy config serves a local model on chat.gpu"
+    for provider in local:
+        assert getattr(provider, "max_batch_size", None) == int(option(gpu["command"], "--concurrency"))
 
 
 def wait_for(what: str, probe: Callable[[], Any], timeout_s: float = 30.0) -> Any:
