@@ -18,17 +18,26 @@ import threading
 import time
 from collections.abc import Callable
 from types import TracebackType
+from typing import Protocol
 
 from providers import errors
-from providers.base import ProviderCall
 from providers.timer import TIMER
 from settings.providers import ProviderConfigBase
+
+
+class Deadlined(Protocol):
+    """What a guard needs of the call it bounds: its request's deadline (``time.monotonic()``)."""
+
+    @property
+    def deadline(self) -> float:
+        """The request's deadline."""
+        ...
 
 
 class CallGuard:
     """Use as a context manager around one provider call; see the module docstring."""
 
-    def __init__(self, call: ProviderCall, config: ProviderConfigBase, provider_id: str) -> None:
+    def __init__(self, call: Deadlined, config: ProviderConfigBase, provider_id: str) -> None:
         self._started = time.monotonic()
         self._request_deadline = call.deadline
         self._call_deadline = min(self._started + config.timeout_s, call.deadline)

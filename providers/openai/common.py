@@ -23,7 +23,7 @@ import socket
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import httpx2
 import openai
@@ -135,35 +135,27 @@ def stream_closer(stream: openai.Stream[Any]) -> Callable[[], None]:
     return close
 
 
-class OpenAIFamilyProvider(ChatProvider):
-    """Base of the OpenAI-family providers; see the module docstring."""
+class TimedCall(Protocol):
+    """What the SDK helpers need of a call: the time left to its request's deadline."""
 
-    config: OpenAIFamilyConfig
+    def time_left(self) -> float:
+        """Seconds until the request's deadline."""
+        ...
 
-    def __init__(self, provider_id: str, config: OpenAIFamilyConfig) -> None:
-        super().__init__(provider_id, config)
-        self.config = config
+
+class OpenAISdk:
+    """The OpenAI SDK client of one provider entry, and the boundary its errors cross; shared
+    by the chat providers (``OpenAIFamilyProvider``) and the image providers."""
+
+    provider_id: str
+    config: OpenAIConfig | AzureOpenAIConfig
+
+    def init_sdk(self) -> None:
+        """Start with no client: it is built on first use (so a missing key fails a call, not
+        the worker)."""
         self._client: openai.OpenAI | None = None
         self._secrets: tuple[str, ...] = ()
         self._client_lock = threading.Lock()
-
-    # --- what subclasses adapt ----------------------------------------------------------
-
-    @property
-    def wire_model(self) -> str:
-        """The ``model`` sent in the request body."""
-        return self.config.model
-
-    @property
-    def max_tokens_key(self) -> str:
-        """Chat Completions' name for ``max_tokens``.
-
-        OpenAI wants ``max_completion_tokens`` (reasoning models reject ``max_tokens``); an
-        OpenAI-compatible server at ``api_base_url`` (vLLM, TGI, llama.cpp, Ollama) may only
-        know the older ``max_tokens``.
-        """
-        custom_server = isinstance(self.config, OpenAIConfig) and self.config.api_base_url is not None
-        return "max_tokens" if custom_server else "max_completion_tokens"
 
     def build_client(self) -> tuple[openai.OpenAI, tuple[str, ...]]:
         """A new SDK client and the secrets it holds (scrubbed from error messages)."""
@@ -181,14 +173,6 @@ class OpenAIFamilyProvider(ChatProvider):
         )
         return client, (api_key,) if api_key else ()
 
-    @abc.abstractmethod
-    def generate(
-        self, client: openai.OpenAI, call: ProviderCall, guard: CallGuard, on_chunk: OnChunk
-    ) -> list[AssistantReply]:
-        """Send the request and collect the replies, within ``guard``."""
-
-    # --- the call -----------------------------------------------------------------------
-
     def client(self) -> openai.OpenAI:
         """The provider's SDK client, built on first use (so a missing key fails a call, not
         the worker)."""
@@ -202,16 +186,7 @@ class OpenAIFamilyProvider(ChatProvider):
                     ) from None
             return self._client
 
-    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
-        """Generate the replies for ``call``; raises only taxonomy errors (and whatever
-        ``on_chunk`` raises)."""
-        if call.time_left() <= 0:
-            raise errors.DeadlineExceeded("the request's deadline passed")
-        client = self.client()
-        with CallGuard(call, self.config, self.provider_id) as guard:
-            return self.generate(client, call, guard, on_chunk)
-
-    def open(self, guard: CallGuard, call: ProviderCall, send: Callable[[], T]) -> T:
+    def open(self, guard: CallGuard, call: TimedCall, send: Callable[[], T]) -> T:
         """Send the request with ``send``, translating what the SDK raises."""
         try:
             return send()
@@ -220,7 +195,7 @@ class OpenAIFamilyProvider(ChatProvider):
         # Not chained to the SDK's exception: it holds the request, and so the credentials.
         raise error from error.__cause__
 
-    def events(self, guard: CallGuard, call: ProviderCall, stream: openai.Stream[T], emitted: Emitted) -> Iterator[T]:
+    def events(self, guard: CallGuard, call: TimedCall, stream: openai.Stream[T], emitted: Emitted) -> Iterator[T]:
         """The events of ``stream`` under ``guard``; read errors come out translated.
 
         Only reading is guarded here: what the caller does with an event (``on_chunk``) runs
@@ -244,7 +219,7 @@ class OpenAIFamilyProvider(ChatProvider):
             error = self.fail(fired, guard, call, emitted.chunks)
             raise error from error.__cause__
 
-    def fail(self, exc: BaseException, guard: CallGuard, call: ProviderCall, emitted: int) -> errors.CascadeError:
+    def fail(self, exc: BaseException, guard: CallGuard, call: TimedCall, emitted: int) -> errors.CascadeError:
         """The error to raise for ``exc``: the guard's limit if it fired, else the translation
         (a ``StreamInterrupted`` once chunks were emitted)."""
         fired = guard.failure()
@@ -262,6 +237,52 @@ class OpenAIFamilyProvider(ChatProvider):
         if not emitted or isinstance(error, errors.StreamInterrupted):
             return error
         return errors.StreamInterrupted.after(error, emitted)
+
+
+class OpenAIFamilyProvider(OpenAISdk, ChatProvider):
+    """Base of the OpenAI-family providers; see the module docstring."""
+
+    config: OpenAIFamilyConfig
+
+    def __init__(self, provider_id: str, config: OpenAIFamilyConfig) -> None:
+        super().__init__(provider_id, config)
+        self.config = config
+        self.init_sdk()
+
+    # --- what subclasses adapt ----------------------------------------------------------
+
+    @property
+    def wire_model(self) -> str:
+        """The ``model`` sent in the request body."""
+        return self.config.model
+
+    @property
+    def max_tokens_key(self) -> str:
+        """Chat Completions' name for ``max_tokens``.
+
+        OpenAI wants ``max_completion_tokens`` (reasoning models reject ``max_tokens``); an
+        OpenAI-compatible server at ``api_base_url`` (vLLM, TGI, llama.cpp, Ollama) may only
+        know the older ``max_tokens``.
+        """
+        custom_server = isinstance(self.config, OpenAIConfig) and self.config.api_base_url is not None
+        return "max_tokens" if custom_server else "max_completion_tokens"
+
+    @abc.abstractmethod
+    def generate(
+        self, client: openai.OpenAI, call: ProviderCall, guard: CallGuard, on_chunk: OnChunk
+    ) -> list[AssistantReply]:
+        """Send the request and collect the replies, within ``guard``."""
+
+    # --- the call -----------------------------------------------------------------------
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        """Generate the replies for ``call``; raises only taxonomy errors (and whatever
+        ``on_chunk`` raises)."""
+        if call.time_left() <= 0:
+            raise errors.DeadlineExceeded("the request's deadline passed")
+        client = self.client()
+        with CallGuard(call, self.config, self.provider_id) as guard:
+            return self.generate(client, call, guard, on_chunk)
 
     def ended_early(self, emitted: int) -> errors.ProviderError:
         """The stream ended before its end marker (a cut connection)."""

@@ -29,28 +29,21 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
-from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import httpx2
 import openai
 
 from providers import errors
-from providers.base import ProviderCall
 from providers.guard import CallGuard
 from providers.images import GeneratedImageData, ImageCall, ImageProvider, OnImage
-from providers.messages import read_secret
 from providers.openai.azure import build_azure_client
-from providers.openai.common import CONNECT_TIMEOUT_S, SDK_ERRORS, Emitted, request_timeout, stream_closer
-from providers.openai.errors import translate_openai_error
+from providers.openai.common import CONNECT_TIMEOUT_S, SDK_ERRORS, Emitted, OpenAISdk, request_timeout
 from providers.openai.image_models import checked_parameters, rules_for
 from settings.providers import AzureOpenAIImageConfig, OpenAIImageConfig
 
 T = TypeVar("T")
 
-# A read timeout this close to the request's deadline is the deadline (as for chat calls).
-_DEADLINE_SLACK_S = 0.05
 _MAX_REDIRECTS = 5
 _MIME_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp", "gif": "image/gif"}
 
@@ -68,7 +61,7 @@ def sniff_mime_type(data: bytes) -> str | None:
     return None
 
 
-class OpenAIImageProvider(ImageProvider):
+class OpenAIImageProvider(OpenAISdk, ImageProvider):
     """``type = "openai_image"``; see the module docstring."""
 
     config: OpenAIImageConfig | AzureOpenAIImageConfig
@@ -76,45 +69,22 @@ class OpenAIImageProvider(ImageProvider):
     def __init__(self, provider_id: str, config: OpenAIImageConfig | AzureOpenAIImageConfig) -> None:
         super().__init__(provider_id, config)
         self.config = config
-        self._client: openai.OpenAI | None = None
+        self.init_sdk()
         self._downloads: httpx2.Client | None = None
-        self._secrets: tuple[str, ...] = ()
-        self._client_lock = threading.Lock()
 
     @property
     def wire_model(self) -> str:
         """The ``model`` sent in the request body, and whose parameters are checked."""
         return self.config.model
 
-    def build_client(self) -> tuple[openai.OpenAI, tuple[str, ...]]:
-        """A new SDK client and the secrets it holds (scrubbed from error messages)."""
-        cfg = self.config
-        assert isinstance(cfg, OpenAIImageConfig), "the Azure provider overrides build_client"
-        # A local OpenAI-compatible server often needs no key; OpenAI itself always does.
-        api_key = read_secret(self.provider_id, cfg.api_key_env, required=cfg.api_base_url is None)
-        client = openai.OpenAI(
-            api_key=api_key or "unused",
-            organization=cfg.organization,
-            project=cfg.project,
-            base_url=cfg.api_base_url,
-            max_retries=0,
-            timeout=cfg.timeout_s,
-        )
-        return client, (api_key,) if api_key else ()
-
     def clients(self) -> tuple[openai.OpenAI, httpx2.Client]:
         """The SDK client and the download client, built on first use (so a missing key fails a
         call, not the worker)."""
+        client = self.client()
         with self._client_lock:
-            if self._client is None or self._downloads is None:
-                try:
-                    self._client, self._secrets = self.build_client()
-                except SDK_ERRORS as exc:  # a setting the SDK refuses (e.g. a malformed URL)
-                    raise errors.ProviderUnavailable(
-                        f"{self.provider_id}: cannot build the client ({type(exc).__name__})"
-                    ) from None
+            if self._downloads is None:
                 self._downloads = httpx2.Client(follow_redirects=True, max_redirects=_MAX_REDIRECTS)
-            return self._client, self._downloads
+            return client, self._downloads
 
     # --- the call -----------------------------------------------------------------------
 
@@ -129,9 +99,7 @@ class OpenAIImageProvider(ImageProvider):
             params["response_format"] = self.config.response_format
         streams = rules.streams_partial_images if rules is not None else True
         client, downloads = self.clients()
-        # The guard reads only the deadline of the call it bounds.
-        bounded = ProviderCall(messages=(), generation_kwargs={}, stream=False, deadline=call.deadline)
-        with CallGuard(bounded, self.config, self.provider_id) as guard:
+        with CallGuard(call, self.config, self.provider_id) as guard:
             if self.config.partial_images and streams and (call.n or 1) == 1:
                 return self._streamed(client, call, guard, params, on_image)
             return self._whole(client, downloads, call, guard, params, on_image)
@@ -146,7 +114,7 @@ class OpenAIImageProvider(ImageProvider):
         on_image: OnImage,
     ) -> list[GeneratedImageData]:
         timeout = request_timeout(guard)
-        answer = self._send(
+        answer = self.open(
             guard,
             call,
             lambda: client.images.generate(model=self.wire_model, prompt=call.prompt, timeout=timeout, **params),
@@ -165,7 +133,7 @@ class OpenAIImageProvider(ImageProvider):
                 image = self._image(index, data, declared, item.revised_prompt)
             except errors.ProviderError as exc:
                 # Subscribers may have seen the images before this one: a retry would show them again.
-                failure = self._interrupted(exc, len(images))
+                failure = self.interrupted(exc, len(images))
                 if failure is exc:
                     raise
                 raise failure from exc
@@ -180,7 +148,7 @@ class OpenAIImageProvider(ImageProvider):
     ) -> list[GeneratedImageData]:
         timeout = request_timeout(guard)
         partial_images = self.config.partial_images
-        stream = self._send(
+        stream = self.open(
             guard,
             call,
             lambda: client.images.generate(
@@ -194,8 +162,7 @@ class OpenAIImageProvider(ImageProvider):
         )
         emitted = Emitted()  # partial images passed to on_image
         with stream:  # closed at once on any exit, a cancel from on_image included
-            guard.attach(stream_closer(stream))
-            for event in self._events(stream, call, guard, emitted):
+            for event in self.events(guard, call, stream, emitted):
                 if event.type not in ("image_generation.partial_image", "image_generation.completed"):
                     continue
                 guard.chunk_received()
@@ -215,44 +182,16 @@ class OpenAIImageProvider(ImageProvider):
 
     # --- reading the answer -------------------------------------------------------------
 
-    def _send(self, guard: CallGuard, call: ImageCall, send: Callable[[], T]) -> T:
-        """Send the request with ``send``, translating what the SDK raises."""
-        try:
-            return send()
-        except SDK_ERRORS as exc:
-            error = self._fail(exc, guard, call, emitted=0)
-        # Not chained to the SDK's exception: it holds the request, and so the credentials.
-        raise error from error.__cause__
-
-    def _events(self, stream: openai.Stream[T], call: ImageCall, guard: CallGuard, emitted: Emitted) -> Iterator[T]:
-        """The events of ``stream``; read errors come out translated."""
-        iterator = iter(stream)
-        while True:
-            error: errors.CascadeError | None = None
-            try:
-                event = next(iterator)
-            except StopIteration:
-                break
-            except SDK_ERRORS as exc:
-                error = self._fail(exc, guard, call, emitted.chunks)
-            if error is not None:
-                raise error from error.__cause__
-            yield event
-        fired = guard.failure()
-        if fired is not None:  # the guard's close can look like a clean end
-            error = self._fail(fired, guard, call, emitted.chunks)
-            raise error from error.__cause__
-
     def _decoded(self, b64: str, index: int, emitted: int = 0) -> bytes:
         """The bytes of a base64 image, refused unread when they would pass ``max_image_bytes``."""
         if len(b64) // 4 * 3 > self.config.max_image_bytes + 2:  # base64: 4 characters per 3 bytes
-            raise self._interrupted(self._oversize(index, len(b64) // 4 * 3), emitted)
+            raise self.interrupted(self._oversize(index, len(b64) // 4 * 3), emitted)
         try:
             data = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
-            raise self._interrupted(self._unreadable(f"image {index} is not valid base64"), emitted) from None
+            raise self.interrupted(self._unreadable(f"image {index} is not valid base64"), emitted) from None
         if len(data) > self.config.max_image_bytes:
-            raise self._interrupted(self._oversize(index, len(data)), emitted)
+            raise self.interrupted(self._oversize(index, len(data)), emitted)
         return data
 
     def _downloaded(self, downloads: httpx2.Client, url: str, index: int, call: ImageCall, guard: CallGuard) -> bytes:
@@ -287,7 +226,7 @@ class OpenAIImageProvider(ImageProvider):
                     guard.raise_if_fired()  # a server that drips bytes is stopped by the call's limits
                 return b"".join(parts)
         except SDK_ERRORS as exc:
-            error = self._fail(exc, guard, call, emitted=0)
+            error = self.fail(exc, guard, call, emitted=0)
         raise error from error.__cause__
 
     def _image(
@@ -302,7 +241,7 @@ class OpenAIImageProvider(ImageProvider):
         mime_type = sniff_mime_type(data) or _MIME_TYPES.get(declared or "")
         if mime_type is None:
             error = self._unreadable(f"image {index} is not a PNG, JPEG, WebP or GIF image")
-            raise self._interrupted(error, emitted)
+            raise self.interrupted(error, emitted)
         return GeneratedImageData(
             index=index,
             data=data,
@@ -314,24 +253,6 @@ class OpenAIImageProvider(ImageProvider):
         )
 
     # --- errors -------------------------------------------------------------------------
-
-    def _fail(self, exc: BaseException, guard: CallGuard, call: ImageCall, emitted: int) -> errors.CascadeError:
-        """The error to raise for ``exc``: the guard's limit if it fired, else the translation
-        (a ``StreamInterrupted`` once partial images were emitted)."""
-        fired = guard.failure()
-        if isinstance(fired, errors.ProviderError):
-            return self._interrupted(fired, emitted)
-        if fired is not None:
-            return fired  # the request's deadline: a stop, never a provider failure
-        timed_out = isinstance(exc, openai.APITimeoutError | httpx2.TimeoutException)
-        if timed_out and call.time_left() <= _DEADLINE_SLACK_S:
-            return errors.DeadlineExceeded("the request's deadline passed")
-        return self._interrupted(translate_openai_error(exc, self.provider_id, secrets=self._secrets), emitted)
-
-    def _interrupted(self, error: errors.ProviderError, emitted: int) -> errors.ProviderError:
-        if not emitted or isinstance(error, errors.StreamInterrupted):
-            return error
-        return errors.StreamInterrupted.after(error, emitted)
 
     def _oversize(self, index: int, size: int, at_least: bool = False) -> errors.ProviderError:
         more = "more than " if at_least else ""
