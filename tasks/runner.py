@@ -176,6 +176,9 @@ class RequestRunner:
             start_index=start_index,
             attempts=attempts,
             local_queues=self.context.local_queues if self.session.can_hand_off else None,
+            tools=self.request.tools,
+            tool_choice=self.request.tool_choice,
+            parallel_tool_calls=self.request.parallel_tool_calls,
         )
         try:
             if lost and lost.lost:
@@ -215,21 +218,34 @@ class RequestRunner:
     # --- ChainListener ------------------------------------------------------------------
 
     def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
-        """Publish a chunk (when streaming) and stop on cancel or deadline."""
+        """Publish a chunk (when streaming) under its choice's ``index``: its text as ``delta``,
+        or its tool-call fragment as ``tool_call``; stop on cancel or deadline. Any chunk, a
+        tool fragment too, is the first token of the time-to-first-token."""
         now = time.monotonic()
         if now >= self.deadline:
             raise errors.DeadlineExceeded("the request's deadline passed")
         if self.first_chunk_at is None:
             self.first_chunk_at = time.time()
-        if self.request.stream and chunk.content:
-            cancelled = self.session.emit("chunk", delta=chunk.content, provider=provider_id, attempt=attempt)
-        elif now - self._last_cancel_check >= _WAIT_SLICE_S:
+        events = self._chunk_events(chunk) if self.request.stream else []
+        cancelled = False
+        for fields in events:
+            cancelled = self.session.emit("chunk", provider=provider_id, attempt=attempt, **fields) or cancelled
+        if not events and now - self._last_cancel_check >= _WAIT_SLICE_S:
             self._last_cancel_check = now
             cancelled = self.session.cancel_requested()
-        else:
-            cancelled = False
         if cancelled:
             raise errors.Cancelled("cancelled by the producer")
+
+    @staticmethod
+    def _chunk_events(chunk: StreamingChunk) -> list[dict[str, Any]]:
+        """The ``chunk`` events of a chunk: its text, its tool-call fragment (a chunk has one of
+        them; an empty one has none), each under the choice's ``index``."""
+        events: list[dict[str, Any]] = []
+        if chunk.content:
+            events.append({"index": chunk.index, "delta": chunk.content})
+        if chunk.tool_call is not None:
+            events.append({"index": chunk.index, "tool_call": chunk.tool_call.model_dump(exclude_none=True)})
+        return events
 
     def on_attempt_failed(self, record: AttemptRecord) -> None:
         """Publish a ``fallback`` event: subscribers discard the deltas of that attempt."""
