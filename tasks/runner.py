@@ -4,11 +4,13 @@
 ``fallback`` events, applies the deadline and cancel, and ends with exactly one terminal event
 and one stored reply — or, when the chain continues on another queue, hands the request off
 with its history. Everything it writes or reads in Redis goes through the run's
-``worker.state.session.RunSession``.
+``worker.state.session.RunSession``. A request that asks for ``hallucination_score`` has the
+winner's answer scored by that provider before the reply is stored (``providers.scoring``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun, CooldownGate
+from providers.scoring.sampler import ScoringOutcome, score_answer, scoring_config, with_scoring
 from tasks.contract.schemas import (
     DEFAULT_QUEUE,
     AttemptRecord,
@@ -191,6 +194,8 @@ class RequestRunner:
             if cancelled:
                 raise errors.Cancelled("cancelled before it started")
             outcome = run.execute()
+            if outcome.provider is not None and self.request.hallucination_score is not None:
+                outcome = self._scored(outcome)
         except LeaseLost:
             raise  # another worker runs the request now: it, not this run, will answer
         except errors.Cancelled as exc:
@@ -259,6 +264,24 @@ class RequestRunner:
             raise errors.Cancelled("cancelled by the producer")
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _scored(self, outcome: ChainOutcome) -> ChainOutcome:
+        """The winner's replies with their hallucination risk score (``providers.scoring``): the
+        decision calls go to the winning provider directly, never to the listener (nothing of
+        them is published), within the request's deadline. Scoring that fails leaves the
+        answer standing and says why in ``hallucination_error``."""
+        assert outcome.provider is not None
+        answer = [reply.to_message() for reply in outcome.replies[:1]]
+        try:
+            config = scoring_config(self.request.hallucination_score)
+            scoring = score_answer(
+                outcome.provider, [*self.request.conversation, *answer], config, deadline=self.deadline
+            )
+        except Exception as exc:  # a bug in scoring must not cost the answer
+            logger.exception("request %s: scoring its answer failed inside the worker", self.request_id)
+            scoring = ScoringOutcome(error=f"scoring failed inside the worker ({type(exc).__name__})")
+        logger.info("request %s scored with %d decision call(s)", self.request_id, scoring.calls)
+        return dataclasses.replace(outcome, replies=with_scoring(outcome.replies, scoring))
 
     def _wait(self, seconds: float) -> None:
         """Sleep, waking every slice to honour the deadline and a cancel.
