@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     max_input_image_bytes: int = Field(default=8 * 1024 * 1024, ge=0, le=MAX_CONTENT_PARTS * MAX_IMAGE_BYTES)
     max_input_images: int = Field(default=16, ge=0, le=MAX_MESSAGES * MAX_CONTENT_PARTS)
     allow_image_urls: bool = True
+    # Hallucination risk scoring: decision calls one request has in flight at once.
+    scoring_max_parallel: int = Field(default=8, ge=1, le=64)
 
     # Streaming: publish chunks that arrive within this many ms of the last publish as one
     # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.

@@ -274,9 +274,9 @@ class RequestRunner:
         answer = [reply.to_message() for reply in outcome.replies[:1]]
         try:
             config = scoring_config(self.request.hallucination_score)
-            scoring = score_answer(
-                outcome.provider, [*self.request.conversation, *answer], config, deadline=self.deadline
-            )
+            messages = [*self.request.conversation, *answer]
+            bound = self.runtime.settings.scoring_max_parallel
+            scoring = score_answer(outcome.provider, messages, config, deadline=self.deadline, max_parallel=bound)
         except Exception as exc:  # a bug in scoring must not cost the answer
             logger.exception("request %s: scoring its answer failed inside the worker", self.request_id)
             scoring = ScoringOutcome(error=f"scoring failed inside the worker ({type(exc).__name__})")

@@ -173,3 +173,41 @@ def test_scoring_counts_toward_the_deadline(fake_redis: fakeredis.FakeRedis, mon
     reply = run(runtime, timeout_s=0.5, hallucination_score={"n_samples": 1, "m": 1})
     assert reply.status == "succeeded" and reply.replies[0].content == ANSWER
     assert reply.replies[0].meta.hallucination_error == "the request's deadline passed before scoring finished"
+
+
+class CountingDecisions(Oracle):
+    """Decision calls that stay in flight a moment, counting how many overlap."""
+
+    def __init__(self, provider_id: str, config: ProviderConfigBase) -> None:
+        super().__init__(provider_id, config)
+        self.in_flight = 0
+        self.peak = 0
+
+    def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
+        if DECISION_MARK not in call.messages[-1].text():
+            return super().run(call, on_chunk)
+        with self._lock:
+            self.in_flight += 1
+            self.peak = max(self.peak, self.in_flight)
+        try:
+            time.sleep(0.01)
+            return super().run(call, on_chunk)
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+
+
+def test_decision_calls_in_flight_stay_within_the_setting(
+    fake_redis: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[CountingDecisions] = []
+    monkeypatch.setattr(
+        registry, "build_provider", lambda pid, config: built.append(CountingDecisions(pid, config)) or built[-1]
+    )
+    monkeypatch.setenv("CASCADE_SCORING_MAX_PARALLEL", "2")
+    settings = Settings(providers={"oracle": OpenAIConfig(model="gpt-test")}, chains={"default": ["oracle"]})
+    assert settings.scoring_max_parallel == 2
+    runtime = build_runtime(settings, fake_redis, worker_name="unit-worker")
+    reply = run(runtime, hallucination_score={"n_samples": 3, "m": 3})
+    assert reply.replies[0].meta.hallucination_scoring_calls == 12 == len(built[0].decisions)
+    assert 1 <= built[0].peak <= 2
