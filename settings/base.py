@@ -14,7 +14,8 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from settings.providers import PROVIDER_CONFIG_TYPES, ProviderConfigBase
-from tasks.contract.schemas import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE
+from tasks.contract.messages import MAX_CONTENT_PARTS, MAX_IMAGE_BYTES
+from tasks.contract.schemas import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE, MAX_MESSAGES
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -64,6 +65,15 @@ class Settings(BaseSettings):
     # ``max_new_tokens`` of hf_local): a longer ask is cut down to the cap, not refused.
     max_choices: int = Field(default=4, ge=1, le=128)
     max_num_beams: int = Field(default=4, ge=1, le=64)
+    # Images in requests, below the schema's own caps: the bytes of all the data: URL images of
+    # one request together, how many images one request may hold, and whether https:// image
+    # URLs are taken (off: only data: URLs, for a worker whose providers must not be told to
+    # fetch from addresses a producer chose).
+    max_input_image_bytes: int = Field(default=8 * 1024 * 1024, ge=0, le=MAX_CONTENT_PARTS * MAX_IMAGE_BYTES)
+    max_input_images: int = Field(default=16, ge=0, le=MAX_MESSAGES * MAX_CONTENT_PARTS)
+    allow_image_urls: bool = True
+    # Hallucination risk scoring: decision calls one request has in flight at once.
+    scoring_max_parallel: int = Field(default=8, ge=1, le=64)
 
     # Streaming: publish chunks that arrive within this many ms of the last publish as one
     # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.

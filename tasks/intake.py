@@ -11,8 +11,10 @@ from typing import Any
 from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge, UnknownChain
+from providers.scoring.sampler import scoring_config
 from settings import Settings
-from tasks.contract.schemas import REQUEST_ID_PATTERN, ChatRequest, usable_request_id
+from tasks.contract.messages import ImagePart
+from tasks.contract.schemas import REQUEST_ID_PATTERN, ChatMessage, ChatRequest, usable_request_id
 
 _REQUEST_ID = re.compile(REQUEST_ID_PATTERN)
 _MAX_ERRORS_SHOWN = 5
@@ -88,8 +90,11 @@ def _check_limits(request: ChatRequest, settings: Settings) -> None:
     chars = sum(message.text_chars() for message in messages)
     if chars > settings.max_input_chars:
         raise RequestTooLarge(f"{chars} characters of input exceed the limit of {settings.max_input_chars}")
+    _check_images(messages, settings)
     generation = request.generation_kwargs
     _check_generation_limits({**(generation.model_extra or {}), "n": generation.n}, settings)
+    if request.hallucination_score is not None:
+        _check_scoring(request)
     # metadata is echoed in the reply and the done event: keep it small.
     metadata_bytes = len(json.dumps(request.metadata, default=str).encode())
     if metadata_bytes > MAX_METADATA_BYTES:
@@ -110,6 +115,41 @@ def _check_generation_limits(kwargs: dict[str, Any], settings: Settings) -> None
         cap = getattr(settings, _CAPPED_FIELDS[name]) if name in _CAPPED_FIELDS else None
         if cap is not None and value > cap:
             raise RequestTooLarge(f"generation_kwargs.{name} of {value} exceeds this worker's limit of {cap}")
+
+
+def _check_images(messages: list[ChatMessage], settings: Settings) -> None:
+    """The worker's caps on images, smaller than the schema's: how many, their bytes in all,
+    and whether https URLs are taken. The error names the first image past a cap."""
+    count = total = 0
+    for number, message in enumerate(messages):
+        if not isinstance(message.content, list):
+            continue
+        for position, part in enumerate(message.content):
+            if not isinstance(part, ImagePart):
+                continue
+            where = f"messages.{number}.content.{position}.image_url"
+            count += 1
+            if count > settings.max_input_images:
+                raise RequestTooLarge(f"{where}: more than this worker's limit of {settings.max_input_images} images")
+            size = part.image_url.data_bytes()
+            if size == 0 and not settings.allow_image_urls:
+                raise InvalidRequest(f"{where}.url: this worker takes images as data: URLs only, not https URLs")
+            total += size
+            if total > settings.max_input_image_bytes:
+                limit = settings.max_input_image_bytes
+                raise RequestTooLarge(f"{where}: {total} bytes of images exceed this worker's limit of {limit}")
+
+
+def _check_scoring(request: ChatRequest) -> None:
+    """A ``hallucination_score`` option whose fields are each in range may still ask for too
+    many decision calls in all (``n_samples * (m + 1)``): refused here, naming the field."""
+    try:
+        scoring_config(request.hallucination_score)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in ("hallucination_score", *first["loc"]))
+        reason = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidRequest(f"invalid request: {where}: {reason}") from None
 
 
 def _describe(exc: ValidationError) -> str:

@@ -4,11 +4,13 @@
 ``fallback`` events, applies the deadline and cancel, and ends with exactly one terminal event
 and one stored reply — or, when the chain continues on another queue, hands the request off
 with its history. Everything it writes or reads in Redis goes through the run's
-``worker.state.session.RunSession``.
+``worker.state.session.RunSession``. A request that asks for ``hallucination_score`` has the
+winner's answer scored by that provider before the reply is stored (``providers.scoring``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -23,6 +25,7 @@ from celery.exceptions import SoftTimeLimitExceeded
 from providers import errors
 from providers.base import StreamingChunk
 from providers.chain import ChainOutcome, ChainRun, CooldownGate
+from providers.scoring.sampler import ScoringOutcome, score_answer, scoring_config, with_scoring
 from tasks.contract.schemas import (
     DEFAULT_QUEUE,
     AttemptRecord,
@@ -176,6 +179,9 @@ class RequestRunner:
             start_index=start_index,
             attempts=attempts,
             local_queues=self.context.local_queues if self.session.can_hand_off else None,
+            tools=self.request.tools,
+            tool_choice=self.request.tool_choice,
+            parallel_tool_calls=self.request.parallel_tool_calls,
         )
         try:
             if lost and lost.lost:
@@ -188,6 +194,8 @@ class RequestRunner:
             if cancelled:
                 raise errors.Cancelled("cancelled before it started")
             outcome = run.execute()
+            if outcome.provider is not None and self.request.hallucination_score is not None:
+                outcome = self._scored(outcome)
         except LeaseLost:
             raise  # another worker runs the request now: it, not this run, will answer
         except errors.Cancelled as exc:
@@ -215,21 +223,34 @@ class RequestRunner:
     # --- ChainListener ------------------------------------------------------------------
 
     def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
-        """Publish a chunk (when streaming) and stop on cancel or deadline."""
+        """Publish a chunk (when streaming) under its choice's ``index``: its text as ``delta``,
+        or its tool-call fragment as ``tool_call``; stop on cancel or deadline. Any chunk, a
+        tool fragment too, is the first token of the time-to-first-token."""
         now = time.monotonic()
         if now >= self.deadline:
             raise errors.DeadlineExceeded("the request's deadline passed")
         if self.first_chunk_at is None:
             self.first_chunk_at = time.time()
-        if self.request.stream and chunk.content:
-            cancelled = self.session.emit("chunk", delta=chunk.content, provider=provider_id, attempt=attempt)
-        elif now - self._last_cancel_check >= _WAIT_SLICE_S:
+        events = self._chunk_events(chunk) if self.request.stream else []
+        cancelled = False
+        for fields in events:
+            cancelled = self.session.emit("chunk", provider=provider_id, attempt=attempt, **fields) or cancelled
+        if not events and now - self._last_cancel_check >= _WAIT_SLICE_S:
             self._last_cancel_check = now
             cancelled = self.session.cancel_requested()
-        else:
-            cancelled = False
         if cancelled:
             raise errors.Cancelled("cancelled by the producer")
+
+    @staticmethod
+    def _chunk_events(chunk: StreamingChunk) -> list[dict[str, Any]]:
+        """The ``chunk`` events of a chunk: its text, its tool-call fragment (a chunk has one of
+        them; an empty one has none), each under the choice's ``index``."""
+        events: list[dict[str, Any]] = []
+        if chunk.content:
+            events.append({"index": chunk.index, "delta": chunk.content})
+        if chunk.tool_call is not None:
+            events.append({"index": chunk.index, "tool_call": chunk.tool_call.model_dump(exclude_none=True)})
+        return events
 
     def on_attempt_failed(self, record: AttemptRecord) -> None:
         """Publish a ``fallback`` event: subscribers discard the deltas of that attempt."""
@@ -243,6 +264,24 @@ class RequestRunner:
             raise errors.Cancelled("cancelled by the producer")
 
     # --- helpers --------------------------------------------------------------------------
+
+    def _scored(self, outcome: ChainOutcome) -> ChainOutcome:
+        """The winner's replies with their hallucination risk score (``providers.scoring``): the
+        decision calls go to the winning provider directly, never to the listener (nothing of
+        them is published), within the request's deadline. Scoring that fails leaves the
+        answer standing and says why in ``hallucination_error``."""
+        assert outcome.provider is not None
+        answer = [reply.to_message() for reply in outcome.replies[:1]]
+        try:
+            config = scoring_config(self.request.hallucination_score)
+            messages = [*self.request.conversation, *answer]
+            bound = self.runtime.settings.scoring_max_parallel
+            scoring = score_answer(outcome.provider, messages, config, deadline=self.deadline, max_parallel=bound)
+        except Exception as exc:  # a bug in scoring must not cost the answer
+            logger.exception("request %s: scoring its answer failed inside the worker", self.request_id)
+            scoring = ScoringOutcome(error=f"scoring failed inside the worker ({type(exc).__name__})")
+        logger.info("request %s scored with %d decision call(s)", self.request_id, scoring.calls)
+        return dataclasses.replace(outcome, replies=with_scoring(outcome.replies, scoring))
 
     def _wait(self, seconds: float) -> None:
         """Sleep, waking every slice to honour the deadline and a cancel.

@@ -25,7 +25,7 @@ from providers.scoring.config import HallucinationScoreConfig
 from providers.scoring.decisions import DECISION_MAX_TOKENS, decision_messages, parse_decision
 from providers.scoring.edfl import DecisionLabel, HallucinationScore, score_decisions
 from providers.scoring.skeletons import build_skeletons
-from tasks.contract.schemas import ChatMessage, Usage
+from tasks.contract.schemas import AssistantReply, ChatMessage, Usage
 
 # Provider types whose answers can be scored (Chat Completions and Azure OpenAI chat).
 SCORABLE_TYPES = frozenset({"openai", "azure_openai"})
@@ -128,6 +128,13 @@ def score_answer(
         return outcome
     outcome.score = score_decisions(tally[0], tally[1:], config)
     return outcome
+
+
+def with_scoring(replies: Sequence[AssistantReply], outcome: ScoringOutcome) -> list[AssistantReply]:
+    """``replies`` with the scoring's keys (``ScoringOutcome.meta``) in each reply's meta: the
+    score is the prompt's, so every choice of one answer carries the same."""
+    keys = outcome.meta()
+    return [reply.model_copy(update={"meta": reply.meta.model_copy(update=keys)}) for reply in replies]
 
 
 def _ignore_chunk(_chunk: StreamingChunk) -> None:

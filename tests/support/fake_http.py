@@ -3,7 +3,9 @@
 Each test queues ``Reply`` objects (status, headers, JSON body or server-sent events with
 pacing, or a connection cut mid-way); the server answers requests in order and records what it
 received (method, path, query, headers, JSON body) so a test can check the exact wire format.
-When the queue is empty it answers with ``default`` (a 500 unless set).
+When the queue is empty it answers with ``default`` (a 500 unless set). A ``responder`` set on
+the server answers from what each request holds (concurrent requests in any order); it goes
+first, and the queue answers when it returns None.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -65,6 +68,7 @@ class FakeHTTPServer:
         self.replies: deque[Reply] = deque()
         self.received: list[Received] = []
         self.default = Reply(status=500, json_body={"error": {"message": "no scripted reply"}})
+        self.responder: Callable[[Received], Reply | None] | None = None
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler_class())
         self._server.daemon_threads = True
@@ -90,7 +94,10 @@ class FakeHTTPServer:
         self._server.server_close()
         self._thread.join(timeout=5)
 
-    def _next(self) -> Reply:
+    def _next(self, received: Received) -> Reply:
+        reply = self.responder(received) if self.responder is not None else None
+        if reply is not None:
+            return reply
         with self._lock:
             return self.replies.popleft() if self.replies else self.default
 
@@ -117,10 +124,9 @@ class FakeHTTPServer:
                 except ValueError:
                     body = raw.decode("utf-8", "replace")
                 parts = urlsplit(self.path)
-                fake.received.append(
-                    Received(self.command, parts.path, parse_qs(parts.query), dict(self.headers.items()), body)
-                )
-                reply = fake._next()
+                received = Received(self.command, parts.path, parse_qs(parts.query), dict(self.headers.items()), body)
+                fake.received.append(received)
+                reply = fake._next(received)
                 if reply.delay_s:
                     time.sleep(reply.delay_s)
                 if reply.events is not None:

@@ -57,9 +57,8 @@ def pass_time(timer: Timer, clock: FakeClock, seconds: float) -> None:
 
 def publisher(client: fakeredis.FakeRedis, timer: Timer, coalesce_s: float = WINDOW_S, **kw: Any) -> EventPublisher:
     store = ReplyStore(client, ttl_s=3_600)
-    return EventPublisher(
-        client, RID, store=store, events_maxlen=1_000, events_ttl_s=600, coalesce_s=coalesce_s, timer=timer, **kw
-    )
+    options: dict[str, Any] = {"events_maxlen": 1_000, "events_ttl_s": 600, **kw}
+    return EventPublisher(client, RID, store=store, coalesce_s=coalesce_s, timer=timer, **options)
 
 
 def stored_events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
@@ -264,3 +263,99 @@ def test_the_read_ahead_answers_once_then_asks_redis(fake_redis: fakeredis.FakeR
     fake_redis.set("cascade:cooldown:cold", "1")
     assert gate.is_cooling_down(cold) is False  # the value read ahead
     assert gate.is_cooling_down(cold) is True  # then Redis
+
+
+# Groups (worker.state.coalescing): one choice's text, or one tool call's fragments, per event.
+
+
+def chunk_events(client: fakeredis.FakeRedis) -> list[StreamEvent]:
+    return [event for event in stored_events(client) if event.type == "chunk"]
+
+
+def test_text_of_two_choices_never_merges(fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)
+    pub.emit("start", chain="c", worker="w")  # the window is open: every chunk below waits
+    for piece in ("Bon", "jour", " à", " tous"):
+        for index, text in ((0, piece), (1, piece.upper())):
+            pub.emit("chunk", delta=text, index=index, provider="p", attempt=1)
+    pub.finish("done", reply())
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert [(event.index, event.delta) for event in chunk_events(fake_redis)] == [
+        (0, "Bonjour à tous"),
+        (1, "BONJOUR À TOUS"),
+    ]
+    assert [event.type for event in events] == ["start", "chunk", "chunk", "done"]
+
+
+def test_fragments_of_one_call_merge_keeping_its_id_and_name(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)
+    pub.emit("start", chain="c", worker="w")
+    fragments = [
+        {"index": 0, "id": "call_a", "name": "get_weather", "arguments_delta": ""},
+        {"index": 0, "arguments_delta": '{"city": '},
+        {"index": 1, "id": "call_b", "name": "get_time", "arguments_delta": "{"},
+        {"index": 0, "arguments_delta": '"Paris"}'},
+        {"index": 1, "arguments_delta": "}"},
+    ]
+    for fragment in fragments:
+        pub.emit("chunk", tool_call=fragment, index=0, provider="p", attempt=1)
+    pub.finish("done", reply())
+    assert_contract(stored_events(fake_redis))
+    merged = [event.tool_call.model_dump() for event in chunk_events(fake_redis) if event.tool_call]
+    assert merged == [
+        {"index": 0, "id": "call_a", "name": "get_weather", "arguments_delta": '{"city": "Paris"}'},
+        {"index": 1, "id": "call_b", "name": "get_time", "arguments_delta": "{}"},
+    ]
+    assert all(event.delta is None for event in chunk_events(fake_redis))
+
+
+def test_text_never_merges_with_a_tool_fragment(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)
+    pub.emit("start", chain="c", worker="w")
+    pub.emit("chunk", delta="Let me ", index=0, provider="p", attempt=1)
+    pub.emit("chunk", tool_call={"index": 0, "id": "c1", "name": "look", "arguments_delta": "{}"}, index=0,
+             provider="p", attempt=1)  # fmt: skip
+    pub.emit("chunk", delta="check.", index=0, provider="p", attempt=1)
+    pub.flush()
+    summary = [(event.delta, event.tool_call.name if event.tool_call else None) for event in chunk_events(fake_redis)]
+    assert summary == [("Let me check.", None), (None, "look")]
+
+
+def test_a_chunk_of_another_attempt_publishes_every_waiting_group_first(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    pub = publisher(fake_redis, timer, coalesce_s=10.0)
+    pub.emit("start", chain="c", worker="w")
+    pub.emit("chunk", delta="a", index=0, provider="p", attempt=1)
+    pub.emit("chunk", delta="b", index=1, provider="p", attempt=1)
+    pub.emit("chunk", delta="c", index=0, provider="q", attempt=2)
+    pub.finish("done", reply())
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert [(e.attempt, e.index, e.delta) for e in chunk_events(fake_redis)] == [(1, 0, "a"), (1, 1, "b"), (2, 0, "c")]
+
+
+def test_three_choices_past_the_budget_stay_within_maxlen(
+    fake_redis: fakeredis.FakeRedis, timer: Timer, clock: FakeClock
+) -> None:
+    maxlen = 30
+    pub = publisher(fake_redis, timer, coalesce_s=0.002, events_maxlen=maxlen)
+    pub.emit("start", chain="c", worker="w")
+    texts: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for number in range(200):
+        for index, pieces in texts.items():
+            pieces.append(f"{index}:{number} ")
+            pub.emit("chunk", delta=pieces[-1], index=index, provider="p", attempt=1)
+        pass_time(timer, clock, 0.2)  # the windows of the slow part end between rounds
+    pub.finish("done", reply())
+    assert pub.next_seq <= maxlen  # every event written, not only those MAXLEN kept
+    events = stored_events(fake_redis)
+    assert_contract(events)
+    assert [event.seq for event in events] == list(range(len(events)))  # nothing trimmed from the start
+    for index, pieces in texts.items():
+        assert "".join(e.delta or "" for e in events if e.type == "chunk" and e.index == index) == "".join(pieces)

@@ -14,11 +14,12 @@ resend count (``worker.state.pending``): one round trip ends a request.
 
 Coalescing (``coalesce_s`` > 0, ``CASCADE_COALESCE_MS``, 2 ms by default): a chunk that comes
 less than ``coalesce_s`` after the last publish waits, and the chunks that follow it within the
-window join its ``delta``; the process's timer (``providers.timer``) publishes them at the
-window's end, and any
-other event (``fallback``, the terminal event) publishes them first. A chunk after a quiet
-window (the first one, say) still goes out at once, so the first token is not delayed, and a
-fast stream costs one round trip per window instead of one per chunk. ``seq`` stays strictly
+window join it, each in its group (one choice's text, one tool call's fragments: see
+``worker.state.coalescing``; one event per group); the process's timer (``providers.timer``)
+publishes them at the window's end, and any other event (``fallback``, the terminal event)
+publishes them first. A chunk after a quiet window (the first one, say) still goes out at once,
+so the first token is not delayed, and a fast stream costs one round trip per window instead of
+one per chunk. ``seq`` stays strictly
 increasing, a cancel seen by a background flush is reported by the next ``emit``, and a
 failure there (a lost lease, Redis gone) is raised by the next call.
 
@@ -26,10 +27,11 @@ The event budget: the stream is XADDed with ``MAXLEN ~ events_maxlen``, which wo
 request's first entries and make "replay from the start" silently false. So a request's events
 stay below ``events_maxlen``: past half of its chunk budget (``events_maxlen`` less a reserve of
 a tenth) the coalescing window grows as the budget shrinks, and once the budget is spent chunks
-merge into one waiting chunk that goes out with the next ``fallback``, hand-off or the terminal
+merge into one waiting chunk per group that goes out with the next ``fallback``, hand-off or the terminal
 event, while the lease and cancel key are still read every ``MAX_WINDOW_S``. The reserve keeps
-room for the ``fallback`` events, the last chunk of each attempt and the terminal event, which
-are never held; MAXLEN stays as the memory bound for a request that still outgrows it.
+room for the ``fallback`` events, the last chunks of each attempt and the terminal event, which
+are never held (the budget shrinks by what several groups waiting at once would add to those);
+MAXLEN stays as the memory bound for a request that still outgrows it.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis
@@ -46,27 +47,13 @@ from providers.timer import TIMER, Timer
 from tasks.contract import keys
 from tasks.contract.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
 from worker.state import lua
+from worker.state.coalescing import PendingChunks
 from worker.state.lease import LeaseLost
 from worker.state.store import ReplyStore
 
 
 class StreamClosed(RuntimeError):
     """An event was emitted after the request's terminal event."""
-
-
-@dataclass
-class PendingChunk:
-    """Chunk deltas of one attempt waiting for their window to end."""
-
-    fields: dict[str, Any]
-    due: float
-    deltas: list[str] = field(default_factory=list)
-
-    def merged(self) -> dict[str, Any]:
-        return {**self.fields, "delta": "".join(self.deltas)}
-
-    def same_attempt(self, fields: dict[str, Any]) -> bool:
-        return all(self.fields.get(name) == fields.get(name) for name in ("provider", "attempt"))
 
 
 # The longest a chunk waits once a request nears its event budget, and how often a request that
@@ -122,7 +109,8 @@ class EventPublisher:
         self._cancel = keys.cancel_key(request_id)
         self._coalesce_s = coalesce_s
         self._lock = threading.RLock()
-        self._pending: PendingChunk | None = None
+        self._pending: PendingChunks | None = None
+        self._widest = 1  # the most groups that waited at once
         self._last_sent = -float("inf")
         self._cancelled = False
         self._failure: BaseException | None = None
@@ -174,7 +162,10 @@ class EventPublisher:
     def _window(self) -> float | None:
         """How long the next chunk may wait: ``coalesce_s``, longer past half the event budget;
         None once the budget is spent (the chunk waits for the next other event)."""
-        left = self._budget - self.next_seq
+        # Held chunks go out one event per group (``worker.state.coalescing``): with G groups
+        # waiting at once, the flush that spends the budget and the final one each take G
+        # events, so the budget shrinks by what the reserve would otherwise have to hold.
+        left = self._budget - self.next_seq - 2 * (self._widest - 1)
         if left <= 0:
             return None
         half = self._budget / 2
@@ -186,7 +177,7 @@ class EventPublisher:
         """Coalescing: publish the chunk now after a quiet window, else let it wait (lock held)."""
         pending = self._pending
         if pending is not None and not pending.same_attempt(fields):
-            self._send(None)  # never merge text of two attempts
+            self._send(None)  # never merge chunks of two attempts
             pending = None
             window = self._window()
         now = self._clock()
@@ -195,10 +186,11 @@ class EventPublisher:
             return self._send(("chunk", fields))
         if pending is None:
             due = self._last_sent + window if window is not None else math.inf
-            pending = self._pending = PendingChunk(fields, due=due)
+            pending = self._pending = PendingChunks(due=due)
             if window is not None:
                 self._timer.schedule(self, due, self.flush_due)
-        pending.deltas.append(str(fields.get("delta") or ""))
+        pending.add(fields)
+        self._widest = max(self._widest, len(pending))
         if window is None and quiet >= MAX_WINDOW_S:
             self._check()  # the text waits, the lease and the cancel key are still read
         return self._cancelled
@@ -235,7 +227,7 @@ class EventPublisher:
         first_seq = self.next_seq
         payloads = []
         if pending is not None:
-            payloads.append(self._next_event("chunk", pending.merged()))
+            payloads += [self._next_event("chunk", fields) for fields in pending.events()]
         if event is not None:
             payloads.append(self._next_event(*event))
         try:
@@ -301,9 +293,13 @@ class EventPublisher:
             return self._finish(event_type, reply, fields)
 
     def _finish(self, event_type: str, reply: ChatReply, fields: dict[str, Any]) -> bool:
+        if self._pending is not None and len(self._pending) > 1:
+            # The terminal script takes one waiting chunk: several groups go out first, in a
+            # round trip of their own (which checks the lease as the terminal write does).
+            self._send(None)
         pending, self._pending = self._pending, None
         first_seq = self.next_seq
-        chunk = self._next_event("chunk", pending.merged()) if pending is not None else ""
+        chunk = self._next_event("chunk", pending.events()[0]) if pending is not None else ""
         payload = self._next_event(event_type, {**fields, "reply": reply})
         try:
             written = lua.FINISH.call(
