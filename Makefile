@@ -37,9 +37,11 @@ bench: $(VENV)/.installed
 	$(PIP) install -e '.[bench]'
 	$(BIN)/python -m bench --write BENCHMARKS.md
 
+# The architecture check reads every import in the tree: no cycles, layers only import below.
 lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/unit/test_architecture.py
 
 typecheck: $(VENV)/.installed
 	$(BIN)/mypy
