@@ -60,9 +60,11 @@ class Resends:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.tasks: list[str] = []
 
-    def __call__(self, queue: str, kwargs: dict[str, Any]) -> None:
+    def __call__(self, queue: str, kwargs: dict[str, Any], task: str) -> None:
         self.sent.append((queue, kwargs))
+        self.tasks.append(task)
 
 
 def sweep(rdb: redis.Redis, resend: Resends, suspects: dict[str, float]) -> list[str]:

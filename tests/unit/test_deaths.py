@@ -36,9 +36,11 @@ def runtime(fake_redis: fakeredis.FakeRedis, make_settings: SettingsFactory) -> 
 class Resends:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.tasks: list[str] = []
 
-    def __call__(self, queue: str, kwargs: dict[str, Any]) -> None:
+    def __call__(self, queue: str, kwargs: dict[str, Any], task: str) -> None:
         self.sent.append((queue, kwargs))
+        self.tasks.append(task)
 
 
 def run_dies(client: fakeredis.FakeRedis, window: tuple[float, float], *, chunks: int = 2) -> None:

@@ -11,6 +11,9 @@ and abandons a run.
 - ``emit`` / ``flush`` / ``cancel_requested``: the run's events (``worker.state.publisher``),
   written only while the lease holds this run's token; a run whose lease was taken over stops
   with ``LeaseLost``.
+Every record a run writes (in flight, pending) names its task (``cascade.chat`` or
+``cascade.image``), so a reaper resends the request as the task it is.
+
 - ``hand_off``: the chain continues on another queue. One script records the message as pending
   (``worker.state.pending``) and releases the lease, then the ``TaskSender`` sends it: the next
   queue's worker may take the message at once, and would drop it as a duplicate of a lease
@@ -37,11 +40,13 @@ import redis
 
 from providers.timer import TIMER, Timer
 from tasks.contract import keys
+from tasks.contract.images import ImageReply
 from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME, ChatReply
 from tasks.producer.pending import PENDING_TTL_S, now_ms
 from worker.state import lua
 from worker.state.deaths import carried_window
 from worker.state.lease import RequestLease
+from worker.boundary.envelope import CASCADE_TASKS
 from worker.state.pending import request_id_in
 from worker.state.publisher import EventPublisher, start_event
 from worker.state.recovery import LostRun, read_lost_run
@@ -56,11 +61,11 @@ logger = logging.getLogger(__name__)
 
 
 class TaskSender(Protocol):
-    """Sends a ``cascade.chat`` message: a hand-off, or a reaper's resend."""
+    """Sends a Cascade task message: a hand-off, or a reaper's resend."""
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
-        """Send a message with ``kwargs`` to ``queue``, with the request id header (read from
-        ``kwargs`` when not given)."""
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = TASK_NAME) -> None:
+        """Send a ``task`` message with ``kwargs`` to ``queue``, with the request id header
+        (read from ``kwargs`` when not given)."""
 
 
 class CelerySender:
@@ -69,11 +74,17 @@ class CelerySender:
     def __init__(self, app: Celery) -> None:
         self._app = app
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
-        """Send ``cascade.chat`` to ``queue`` (see ``TaskSender``)."""
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = TASK_NAME) -> None:
+        """Send ``task`` (one of ``CASCADE_TASKS``) to ``queue`` (see ``TaskSender``)."""
+        if task not in CASCADE_TASKS:
+            raise ValueError(f"not a Cascade task: {task!r}")
         request_id = request_id if request_id is not None else request_id_in(kwargs)
         headers = {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
-        self._app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers=headers)
+        self._app.send_task(task, kwargs=kwargs, queue=queue, headers=headers)
+
+    def resend(self, queue: str, kwargs: dict[str, Any], task: str) -> None:
+        """A reaper's resend (``worker.state.reaper.Resend``) of a ``task`` message."""
+        self.send(queue, kwargs, task=task)
 
 
 @dataclass(frozen=True)
@@ -109,8 +120,10 @@ class RunSession:
         coalesce_s: float = 0.0,
         sender: TaskSender | None = None,
         timer: Timer = TIMER,
+        task: str = TASK_NAME,
     ) -> None:
         self._client = client
+        self.task = task
         self.request_id = request_id
         self.replies = replies
         self.worker = worker
@@ -126,9 +139,15 @@ class RunSession:
 
     @classmethod
     def of(
-        cls, runtime: WorkerRuntime, request_id: str, *, sender: TaskSender | None = None, timer: Timer = TIMER
+        cls,
+        runtime: WorkerRuntime,
+        request_id: str,
+        *,
+        sender: TaskSender | None = None,
+        timer: Timer = TIMER,
+        task: str = TASK_NAME,
     ) -> RunSession:
-        """A session of ``runtime``'s worker, with its settings."""
+        """A session of ``runtime``'s worker, with its settings, for a ``task`` request."""
         settings = runtime.settings
         return cls(
             runtime.redis,
@@ -142,6 +161,7 @@ class RunSession:
             coalesce_s=settings.coalesce_ms / 1000,
             sender=sender,
             timer=timer,
+            task=task,
         )
 
     @property
@@ -167,7 +187,9 @@ class RunSession:
         hand-off) if it is new. Events go on from ``next_seq`` at least. None if a live worker
         holds the lease: this copy is a duplicate."""
         lease = self.lease
-        record = json.dumps({"queue": queue, "kwargs": kwargs, "started_at": window[0], "deadline_at": window[1]})
+        record = json.dumps(
+            {"queue": queue, "kwargs": kwargs, "task": self.task, "started_at": window[0], "deadline_at": window[1]}
+        )
         start = start_event(self.request_id, start_chain, self.worker) if start_chain is not None else ""
         result = lua.OPEN.call(
             self._client,
@@ -257,7 +279,7 @@ class RunSession:
 
     # --- ends -------------------------------------------------------------------------------
 
-    def finish(self, event_type: str, reply: ChatReply, **fields: Any) -> bool:
+    def finish(self, event_type: str, reply: ChatReply | ImageReply, **fields: Any) -> bool:
         """Store ``reply``, publish the terminal event and release the lease, in one script;
         False (nothing written) if the request has a reply already. Raises ``LeaseLost`` if
         another worker took the lease over."""
@@ -267,7 +289,7 @@ class RunSession:
             self._held = False
         return written
 
-    def stored_reply(self) -> ChatReply | None:
+    def stored_reply(self) -> ChatReply | ImageReply | None:
         """The reply stored for the request, if any."""
         return self.replies.get(self.request_id)
 
@@ -286,7 +308,7 @@ class RunSession:
                 **self._lease_keys(),
             },
             args={
-                "record": json.dumps({"queue": queue, "kwargs": kwargs}),
+                "record": json.dumps({"queue": queue, "kwargs": kwargs, "task": self.task}),
                 "pending_ttl_s": PENDING_TTL_S,
                 "sent_at_ms": now_ms(),
                 "token": self.lease.token,
@@ -294,7 +316,7 @@ class RunSession:
             },
         )
         self._held = False
-        self._sender.send(queue, kwargs, self.request_id)
+        self._sender.send(queue, kwargs, self.request_id, task=self.task)
 
     def abandon(self) -> None:
         """Stop renewing the lease but keep it and the in-flight record: the lease lapses
