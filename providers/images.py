@@ -146,7 +146,8 @@ class ImageListener(FailureListener, Protocol):
 class ImageChainRun(ChainWalk[ImageProvider, GeneratedImageData]):
     """An image request's walk down a chain of image providers (see ``ChainWalk``): each attempt
     calls ``run`` with ``call`` (its attempt number and ``wait`` filled in), its images going
-    to ``listener.on_image``. The outcome's ``results`` are the finished images."""
+    to ``listener.on_image`` (every finished image the provider returns is announced, in the
+    attempt, even by a provider that did not). The outcome's ``results`` are the finished images."""
 
     call: ImageCall
     listener: ImageListener
@@ -154,12 +155,20 @@ class ImageChainRun(ChainWalk[ImageProvider, GeneratedImageData]):
     def _attempt(
         self, provider: ImageProvider, attempt: int, provider_attempt: int, emitted: Callable[[], None]
     ) -> list[GeneratedImageData]:
+        announced: set[int] = set()
+
         def on_image(image: GeneratedImageData) -> None:
             emitted()
+            if not image.partial:
+                announced.add(image.index)
             self.listener.on_image(provider.provider_id, attempt, image)
 
         call = dataclasses.replace(self.call, deadline=self.deadline, provider_attempt=provider_attempt, wait=self.wait)
-        return provider.run(call, on_image)
+        images = provider.run(call, on_image)
+        for image in images:
+            if image.index not in announced:
+                on_image(image)  # a provider that returned an image without announcing it: announced now
+        return images
 
 
 def is_image_provider(config: ProviderConfigBase) -> bool:

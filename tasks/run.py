@@ -232,7 +232,7 @@ class Run(Generic[Req, Rep]):
             # leave a hole in its seq. The run stops; its lease lapses and a reaper resends it.
             self._log.warning("request %s lost its Redis connection; it will be sent again", self.request_id)
             raise
-        except Exception as exc:  # a bug must still end the stream and store a reply
+        except Exception as exc:  # noqa: BLE001 - a bug must still end the stream and store a reply
             self._log.exception("request %s failed inside the worker", self.request_id)
             error = ErrorInfo(type="internal_error", message=f"internal error ({type(exc).__name__})")
             return self._finish("error", run, None, error)
@@ -297,7 +297,7 @@ class Run(Generic[Req, Rep]):
         for observer in self.runtime.observers:
             try:
                 call(observer)
-            except Exception:
+            except Exception:  # noqa: BLE001 - logged; an observer never fails the request
                 self._log.exception("request observer %r failed", observer)
 
     def _hand_off(self, run: ChainWalk[Any, Any], index: int) -> HandOff:

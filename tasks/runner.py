@@ -34,7 +34,9 @@ class RequestRunner(Run[ChatRequest, ChatReply]):
             **fields,
         )
 
-    def _reply(self, status: str, outcome: ChainOutcome[Any] | None, meta: ChainMeta, error: ErrorInfo | None) -> ChatReply:
+    def _reply(
+        self, status: str, outcome: ChainOutcome[Any] | None, meta: ChainMeta, error: ErrorInfo | None
+    ) -> ChatReply:
         return ChatReply(
             request_id=self.request_id,
             status=status,  # type: ignore[arg-type]

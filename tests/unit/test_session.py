@@ -54,12 +54,12 @@ def test_a_new_request_is_leased_recorded_and_started_in_one_script(
         assert fake_redis.get(session.lease.key) == session.lease.token.encode()
         record = json.loads(fake_redis.get(keys.inflight_record(RID)) or "")
         assert record == {
-                "queue": "chat",
-                "kwargs": MESSAGE,
-                "task": "cascade.chat",
-                "started_at": WINDOW[0],
-                "deadline_at": WINDOW[1],
-            }
+            "queue": "chat",
+            "kwargs": MESSAGE,
+            "task": "cascade.chat",
+            "started_at": WINDOW[0],
+            "deadline_at": WINDOW[1],
+        }
         assert fake_redis.zscore(keys.INFLIGHT_SET, RID) is not None
         [start] = events(fake_redis)
         assert (start.type, start.seq, start.chain, start.worker) == ("start", 0, "default", "w/1")

@@ -5,12 +5,12 @@ unacknowledged (the ``unacked`` hash). A worker killed between the two, or with 
 still unread in its socket, leaves the message nowhere in Redis: no queue entry, no unacked
 entry, no lease — and the broker's visibility timeout cannot restore what it never recorded.
 
-So whoever sends a Cascade task message (``cascade.chat``, ``cascade.image``) records it: the producer client after each submit,
-a worker before it hands a request to another queue. ``cascade:pending`` (sorted set: request
-id -> when its message was last sent, in ms) indexes ``cascade:pending:{id}`` (the queue and the
-task's keyword arguments, and the task's name: a record without one is a ``cascade.chat``
-message's, as records written before there was another task are). The Lua script that stores the reply (``worker.state.publisher``) removes
-both, so a request is pending exactly until it is answered.
+So whoever sends a Cascade task message (``cascade.chat``, ``cascade.image``) records it: the
+producer client after each submit, a worker before it hands a request to another queue.
+``cascade:pending`` (sorted set: request id -> when its message was last sent, in ms) indexes
+``cascade:pending:{id}`` (the queue, the task's keyword arguments and the task's name; a record
+that names no task is a ``cascade.chat`` message's). The Lua script that stores the reply
+(``worker.state.publisher``) removes both, so a request is pending exactly until it is answered.
 
 One reaper at a time sweeps (``lead_sweep``); each of its passes (``resend_lost``) looks at
 requests pending for longer than ``older_than_s``.

@@ -19,6 +19,8 @@ Every record a run writes (in flight, pending) names its task (``cascade.chat`` 
   queue's worker may take the message at once, and would drop it as a duplicate of a lease
   still held; if the send fails or this process dies, a reaper finds the request pending,
   unleased and unqueued, and sends it.
+- ``store_image``: a generated image's bytes (``cascade.image``), under the lease as events
+  are, written before the event that announces them and before the reply that lists them.
 - ``finish``: the reply, the terminal event and the lease's release, one script.
 - ``abandon``: cut off from Redis before the request ended, the run keeps its lease to lapse
   (releasing would drop the request's only record); a reaper sends the request again.
@@ -43,10 +45,10 @@ from tasks.contract import keys
 from tasks.contract.images import ImageReply
 from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME, ChatReply
 from tasks.producer.pending import PENDING_TTL_S, now_ms
+from worker.boundary.envelope import CASCADE_TASKS
 from worker.state import lua
 from worker.state.deaths import carried_window
-from worker.state.lease import RequestLease
-from worker.boundary.envelope import CASCADE_TASKS
+from worker.state.lease import LeaseLost, RequestLease
 from worker.state.pending import request_id_in
 from worker.state.publisher import EventPublisher, start_event
 from worker.state.recovery import LostRun, read_lost_run
@@ -268,6 +270,17 @@ class RunSession:
     def cancel_requested(self) -> bool:
         """True if a producer set the cancel key (one round trip)."""
         return self.publisher.cancel_requested()
+
+    def store_image(self, key: str, data: bytes, ttl_s: int) -> None:
+        """Store an image's bytes at ``key`` for ``ttl_s`` seconds (one script, lease-checked);
+        raises ``LeaseLost`` if another worker took the request over."""
+        written = lua.STORE_IMAGE.call(
+            self._client,
+            keys={"lease_key": self.lease.key, "image_key": key},
+            args={"token": self.lease.token, "data": data, "ttl_s": max(1, int(ttl_s))},
+        )
+        if written != 1:
+            raise LeaseLost(f"request {self.request_id}: image not stored, it is now run by another worker")
 
     def lost_run(self, since_seq: int, chain: list[str]) -> LostRun:
         """What an earlier run of this request, which died, left in its stream from ``since_seq``."""

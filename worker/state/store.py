@@ -7,10 +7,9 @@ import time
 from typing import Any
 
 import redis
-
-from tasks.contract import keys
 from pydantic import TypeAdapter
 
+from tasks.contract import keys
 from tasks.contract.images import ImageReply
 from tasks.contract.schemas import AnyReply, ChatReply
 
