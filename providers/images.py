@@ -158,10 +158,10 @@ class ImageChainRun(ChainWalk[ImageProvider, GeneratedImageData]):
         announced: set[int] = set()
 
         def on_image(image: GeneratedImageData) -> None:
-            emitted()
             if not image.partial:
                 announced.add(image.index)
             self.listener.on_image(provider.provider_id, attempt, image)
+            emitted()  # counted once announced: an image the listener refused was never seen
 
         call = dataclasses.replace(self.call, deadline=self.deadline, provider_attempt=provider_attempt, wait=self.wait)
         images = provider.run(call, on_image)
