@@ -385,7 +385,10 @@ def test_a_chain_mixing_chat_and_image_providers_is_a_config_error_naming_the_ch
 
 
 def test_an_image_is_bounded_by_its_provider_and_by_the_worker() -> None:
-    providers = {"small": OpenAIImageConfig(model="dall-e-3", max_image_bytes=1_000), "big": OpenAIImageConfig(model="gpt-image-1")}
+    providers = {
+        "small": OpenAIImageConfig(model="dall-e-3", max_image_bytes=1_000),
+        "big": OpenAIImageConfig(model="gpt-image-1"),
+    }
     settings = Settings(providers=providers, chains={"images": ["small", "big"]}, max_image_bytes=5_000)
     assert settings.image_bytes_limit("small") == 1_000
     assert settings.image_bytes_limit("big") == 5_000
