@@ -332,3 +332,25 @@ def test_an_in_flight_image_run_is_recorded_as_cascade_image(
     painters.script("first", look)
     run_image(runtime_for(fake_redis, ["first"]))
     assert seen["task"] == "cascade.image" and seen["kwargs"]["request"]["request_id"] == RID
+
+
+class Watching:
+    """A request observer that records whatever it hears."""
+
+    def __init__(self) -> None:
+        self.heard: list[str] = []
+
+    def request_finished(self, request: Any, reply: Any) -> None:
+        self.heard.append("finished")
+
+    def request_handed_off(self, request: Any, state: Any, queue: str) -> None:
+        self.heard.append("handed_off")
+
+
+def test_request_observers_are_skipped_for_image_requests(fake_redis: fakeredis.FakeRedis, painters: Painters) -> None:
+    painters.script("first", makes(image(0, png(30))))
+    runtime = runtime_for(fake_redis, ["first"])
+    watching = Watching()
+    runtime.observers.append(watching)
+    assert run_image(runtime).status == "succeeded"
+    assert watching.heard == []
