@@ -203,7 +203,7 @@ def test_a_worker_answers_a_request_whose_message_vanished(
 class BrokerDown:
     """A task sender whose send fails, as it does while the broker is unreachable."""
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = "") -> None:
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused. (injected)")
 
 
