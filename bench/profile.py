@@ -27,7 +27,7 @@ WATCHED = [
     ("chat", "chat.py"),
     ("read_request", "intake.py"),
     ("open_run", "opening.py"),
-    ("ChainRun.execute", "chain.py"),
+    ("ChainWalk.execute", "chain.py"),
     ("EventPublisher._send", "publisher.py"),
     ("EventPublisher._finish", "publisher.py"),
     ("Backend.store_result", "base.py"),

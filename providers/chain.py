@@ -19,6 +19,12 @@ The semantics follow DESIGN.md's table:
 
 Reply meta mirrors Haystack's ``FallbackChatGenerator`` keys, with ``total_attempts``
 counting every call (retries included) and ``failed_chat_generators`` naming provider ids.
+
+``ChainWalk`` holds all of that for any kind of provider; what one attempt does is its
+subclass's: ``ChainRun`` calls a chat provider (chunks to ``ChainListener.on_chunk``),
+``providers.images.ImageChainRun`` an image provider (images to its listener). What a
+provider streams before it fails - chunks or images - counts the same: the attempt is then
+never retried.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt
 from tenacity.stop import stop_base
@@ -35,6 +41,7 @@ from tenacity.stop import stop_base
 from providers import errors
 from providers.base import ChatProvider, ProviderCall, StreamingChunk
 from providers.requirements import OutputCheck, needs_of
+from settings.providers import ProviderConfigBase
 from tasks.contract.schemas import AssistantReply, AttemptRecord, ChatMessage, ErrorInfo, ToolChoice, ToolDefinition
 
 
@@ -48,54 +55,76 @@ class stop_when(stop_base):
         return self._predicate(retry_state)
 
 
-class ChainListener(Protocol):
-    """Receives what happens during a run (the task turns it into stream events)."""
+class ChainMember(Protocol):
+    """What the chain reads of a provider, of whatever kind: its id, its entry and its queue."""
+
+    provider_id: str
+    config: ProviderConfigBase
+
+    @property
+    def queue(self) -> str:
+        """The Celery queue whose workers may call the provider."""
+
+
+P = TypeVar("P", bound=ChainMember)
+T = TypeVar("T")
+
+
+class FailureListener(Protocol):
+    """Told of each failed attempt (the task turns it into a ``fallback`` event)."""
+
+    def on_attempt_failed(self, record: AttemptRecord) -> None:
+        """An attempt failed; what it streamed, if anything, is void."""
+
+
+class ChainListener(FailureListener, Protocol):
+    """Receives what happens during a chat run (the task turns it into stream events)."""
 
     def on_chunk(self, provider_id: str, attempt: int, chunk: StreamingChunk) -> None:
         """A chunk of ``attempt`` for choice ``chunk.index``: text (``chunk.content``) or a
         tool-call fragment (``chunk.tool_call``); may raise ``Cancelled`` or ``DeadlineExceeded``."""
 
-    def on_attempt_failed(self, record: AttemptRecord) -> None:
-        """An attempt failed; its chunks, if any, are void."""
-
 
 class CooldownGate(Protocol):
     """Shared memory of which providers failed too often lately."""
 
-    def is_cooling_down(self, provider: ChatProvider) -> bool:
+    def is_cooling_down(self, provider: ChainMember) -> bool:
         """True while ``provider`` must be skipped."""
 
-    def record_failure(self, provider: ChatProvider) -> None:
+    def record_failure(self, provider: ChainMember) -> None:
         """Count one failure of ``provider`` (which may start its cooldown)."""
 
 
 @dataclass
-class ChainOutcome:
-    """The result of a chain run that ended without being stopped."""
+class ChainOutcome(Generic[T]):
+    """The result of a chain run that ended without being stopped: what the winning provider
+    returned (``results``: a chat run's replies, an image run's images), or the error."""
 
-    replies: list[AssistantReply]
+    results: list[T]
     succeeded_index: int | None
-    provider: ChatProvider | None
+    provider: ChainMember | None
     error: ErrorInfo | None
     handoff_index: int | None = None
 
+    @property
+    def replies(self) -> list[T]:
+        """A chat run's name for ``results``."""
+        return self.results
 
-@dataclass
-class ChainRun:
-    """One request's walk down a chain; ``attempts`` stays readable if the run is stopped.
+
+@dataclass(kw_only=True)
+class ChainWalk(Generic[P, T]):
+    """One request's walk down a chain of providers of one kind; ``attempts`` stays readable if
+    the run is stopped. A subclass says what one attempt is (``_attempt``), what a provider
+    must offer to be tried (``_lacking``) and what makes a whole answer unusable (``_check``).
 
     ``start_index`` and ``attempts`` let a run resume a chain (after a hand-off to another
-    queue) with the history of the attempts made so far. ``tools``, ``tool_choice`` and
-    ``parallel_tool_calls`` are the request's; its ``response_format`` and ``n`` come in
-    ``generation_kwargs`` (``ProviderCall`` takes them out into fields of its own).
+    queue) with the history of the attempts made so far.
     """
 
-    providers: Sequence[ChatProvider]
-    messages: Sequence[ChatMessage]
-    generation_kwargs: dict[str, Any]
+    providers: Sequence[P]
     deadline: float
-    listener: ChainListener
-    stream: bool = True
+    listener: FailureListener
     worker: str | None = None
     wait: Callable[[float], None] = time.sleep
     cooldowns: CooldownGate | None = None
@@ -103,16 +132,24 @@ class ChainRun:
     attempts: list[AttemptRecord] = field(default_factory=list)
     local_queues: frozenset[str] | None = None
     rng: random.Random = field(default_factory=random.Random)
-    tools: Sequence[ToolDefinition] | None = None
-    tool_choice: ToolChoice | None = None
-    parallel_tool_calls: bool | None = None
 
-    def __post_init__(self) -> None:
-        self._template = self._provider_call(provider_attempt=1)
-        self._needs = needs_of(self._template)
-        self._output_check = OutputCheck(self._template.response_format)
+    # --- what a kind of provider decides ------------------------------------------------
 
-    def execute(self) -> ChainOutcome:
+    def _attempt(self, provider: P, attempt: int, provider_attempt: int, emitted: Callable[[], None]) -> list[T]:
+        """Call ``provider`` once (attempt number ``attempt``, its ``provider_attempt``-th call
+        in this request), calling ``emitted`` before each output subscribers will see."""
+        raise NotImplementedError
+
+    def _lacking(self, provider: P) -> list[str]:
+        """What the request needs that ``provider`` lacks (it is then skipped)."""
+        return []
+
+    def _check(self, provider_id: str, results: list[T]) -> None:
+        """Raise ``InvalidOutput`` if ``results`` came whole but are unusable."""
+
+    # --- the walk -----------------------------------------------------------------------
+
+    def execute(self) -> ChainOutcome[T]:
         """Walk the chain from ``start_index``; raise ``RequestStopped`` when told to stop.
 
         With ``local_queues`` set, the walk ends at the first provider served on another
@@ -122,7 +159,7 @@ class ChainRun:
             provider = self.providers[index]
             if time.monotonic() >= self.deadline:
                 raise errors.DeadlineExceeded("the request's deadline passed")
-            lacking = self._needs.missing(provider.config.capabilities())
+            lacking = self._lacking(provider)
             if lacking:
                 reason = errors.Unsupported(f"{provider.provider_id} does not take {', '.join(lacking)}")
                 self._record(provider, index, "skipped", reason, 0.0, 0)
@@ -131,15 +168,15 @@ class ChainRun:
                 self._record(provider, index, "skipped", errors.ProviderUnavailable("in cooldown"), 0.0, 0)
                 continue
             if self.local_queues is not None and provider.queue not in self.local_queues:
-                return ChainOutcome(replies=[], succeeded_index=None, provider=None, error=None, handoff_index=index)
+                return ChainOutcome(results=[], succeeded_index=None, provider=None, error=None, handoff_index=index)
             try:
-                replies = self._with_retries(provider, index)
+                results = self._with_retries(provider, index)
             except errors.ProviderError:
                 continue
-            return ChainOutcome(replies=replies, succeeded_index=index, provider=provider, error=None)
-        return ChainOutcome(replies=[], succeeded_index=None, provider=None, error=self._final_error())
+            return ChainOutcome(results=results, succeeded_index=index, provider=provider, error=None)
+        return ChainOutcome(results=[], succeeded_index=None, provider=None, error=self._final_error())
 
-    def meta(self, outcome: ChainOutcome | None = None) -> dict[str, Any]:
+    def meta(self, outcome: ChainOutcome[T] | None = None) -> dict[str, Any]:
         """The chain part of the reply meta (Haystack's four keys, provider, attempts)."""
         winner = outcome.provider if outcome else None
         # As in Haystack, the winner is never listed, even if it needed a retry.
@@ -159,7 +196,7 @@ class ChainRun:
 
     # --- one provider -------------------------------------------------------------------
 
-    def _with_retries(self, provider: ChatProvider, index: int) -> list[AssistantReply]:
+    def _with_retries(self, provider: P, index: int) -> list[T]:
         cfg = provider.config
         retrying = Retrying(
             retry=retry_if_exception(lambda exc: self._worth_retrying(exc, cfg.retry_after_max_s)),
@@ -170,66 +207,51 @@ class ChainRun:
         )
         provider_attempt = 0
 
-        def call_once() -> list[AssistantReply]:
+        def call_once() -> list[T]:
             nonlocal provider_attempt
             provider_attempt += 1
             return self._call_once(provider, index, provider_attempt)
 
-        result: list[AssistantReply] = retrying(call_once)
+        result: list[T] = retrying(call_once)
         return result
 
-    def _call_once(self, provider: ChatProvider, index: int, provider_attempt: int) -> list[AssistantReply]:
+    def _call_once(self, provider: P, index: int, provider_attempt: int) -> list[T]:
         attempt = self._next_attempt()
-        chunks = 0
+        outputs = 0
 
-        def on_chunk(chunk: StreamingChunk) -> None:
-            nonlocal chunks
-            chunks += 1
-            self.listener.on_chunk(provider.provider_id, attempt, chunk)
+        def emitted() -> None:
+            nonlocal outputs
+            outputs += 1
 
-        call = self._provider_call(provider_attempt)
         started = time.monotonic()
         try:
-            replies = provider.run(call, on_chunk)
+            results = self._attempt(provider, attempt, provider_attempt, emitted)
         except errors.ProviderError as exc:
             failure = exc
-            if chunks and not isinstance(exc, errors.StreamInterrupted):
-                # Retrying would replay text subscribers already saw: treat as a cut stream.
-                failure = errors.StreamInterrupted.after(exc, chunks)
-            record = self._record(provider, index, "failed", failure, started, chunks)
+            if outputs and not isinstance(exc, errors.StreamInterrupted):
+                # Retrying would replay what subscribers already saw: treat as a cut stream.
+                failure = errors.StreamInterrupted.after(exc, outputs)
+            record = self._record(provider, index, "failed", failure, started, outputs)
             if self.cooldowns is not None and errors.counts_against_provider(failure):
                 self.cooldowns.record_failure(provider)
             self.listener.on_attempt_failed(record)
             raise failure from exc
         except BaseException as exc:
-            self._record(provider, index, "stopped", exc, started, chunks)
+            self._record(provider, index, "stopped", exc, started, outputs)
             raise
         try:
-            self._output_check.check(provider.provider_id, replies)
+            self._check(provider.provider_id, results)
         except errors.InvalidOutput as invalid:
-            # The answer came whole but is unusable: its chunks are void; another call of the same
-            # model is no likelier to comply than the next provider.
-            self.listener.on_attempt_failed(self._record(provider, index, "failed", invalid, started, chunks))
+            # The answer came whole but is unusable: what it streamed is void; another call of the
+            # same model is no likelier to comply than the next provider.
+            self.listener.on_attempt_failed(self._record(provider, index, "failed", invalid, started, outputs))
             raise
-        self._record(provider, index, "succeeded", None, started, chunks)
-        return replies
-
-    def _provider_call(self, provider_attempt: int) -> ProviderCall:
-        return ProviderCall(
-            messages=self.messages,
-            generation_kwargs=self.generation_kwargs,
-            stream=self.stream,
-            deadline=self.deadline,
-            provider_attempt=provider_attempt,
-            wait=self.wait,
-            tools=self.tools,
-            tool_choice=self.tool_choice,
-            parallel_tool_calls=self.parallel_tool_calls,
-        )
+        self._record(provider, index, "succeeded", None, started, outputs)
+        return results
 
     def _record(
         self,
-        provider: ChatProvider,
+        provider: ChainMember,
         index: int,
         outcome: str,
         exc: BaseException | None,
@@ -288,12 +310,68 @@ class ChainRun:
             message = "every provider of the chain is cooling down" + (" or lacks what it needs" if unsupported else "")
             return ErrorInfo(type="all_providers_failed", message=message)
         summary = "; ".join(f"{r.provider}: {r.error_type}" for r in self.attempts)
-        return ErrorInfo(
-            type="all_providers_failed",
-            message=f"all {len(tried)} attempt(s) failed ({summary})",
+        message = f"all {len(tried)} attempt(s) failed ({summary})"
+        if all(r.error_type == errors.BadProviderRequest.code for r in tried):
+            # Every provider refused the request itself (a parameter its model does not take):
+            # their own words name the field, which the summary alone would not.
+            message += ": " + "; ".join(dict.fromkeys(r.error_message or r.provider for r in tried))
+        return ErrorInfo(type="all_providers_failed", message=message)
+
+
+@dataclass(kw_only=True)
+class ChainRun(ChainWalk[ChatProvider, AssistantReply]):
+    """A chat request's walk down a chain (see ``ChainWalk``): each attempt calls a chat
+    provider, its chunks going to ``listener.on_chunk``.
+
+    ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are the request's; its
+    ``response_format`` and ``n`` come in ``generation_kwargs`` (``ProviderCall`` takes them
+    out into fields of its own). A provider that lacks what the request needs
+    (``providers.requirements``) is skipped; an answer that fails the ``response_format`` is
+    an ``InvalidOutput``.
+    """
+
+    messages: Sequence[ChatMessage]
+    generation_kwargs: dict[str, Any]
+    listener: ChainListener
+    stream: bool = True
+    tools: Sequence[ToolDefinition] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+
+    def __post_init__(self) -> None:
+        self._template = self._provider_call(provider_attempt=1)
+        self._needs = needs_of(self._template)
+        self._output_check = OutputCheck(self._template.response_format)
+
+    def _attempt(
+        self, provider: ChatProvider, attempt: int, provider_attempt: int, emitted: Callable[[], None]
+    ) -> list[AssistantReply]:
+        def on_chunk(chunk: StreamingChunk) -> None:
+            emitted()
+            self.listener.on_chunk(provider.provider_id, attempt, chunk)
+
+        return provider.run(self._provider_call(provider_attempt), on_chunk)
+
+    def _lacking(self, provider: ChatProvider) -> list[str]:
+        return self._needs.missing(provider.config.capabilities())
+
+    def _check(self, provider_id: str, results: list[AssistantReply]) -> None:
+        self._output_check.check(provider_id, results)
+
+    def _provider_call(self, provider_attempt: int) -> ProviderCall:
+        return ProviderCall(
+            messages=self.messages,
+            generation_kwargs=self.generation_kwargs,
+            stream=self.stream,
+            deadline=self.deadline,
+            provider_attempt=provider_attempt,
+            wait=self.wait,
+            tools=self.tools,
+            tool_choice=self.tool_choice,
+            parallel_tool_calls=self.parallel_tool_calls,
         )
 
 
-def _class_name(provider: ChatProvider) -> str:
+def _class_name(provider: ChainMember) -> str:
     """The provider's class name, seen through a lazy handle."""
     return str(getattr(provider, "provider_class_name", type(provider).__name__))

@@ -13,7 +13,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from settings.providers import PROVIDER_CONFIG_TYPES, ProviderConfigBase
+from settings.providers import DEFAULT_MAX_IMAGE_BYTES, PROVIDER_CONFIG_TYPES, ImageProviderFields, ProviderConfigBase
 from tasks.contract.messages import MAX_CONTENT_PARTS, MAX_IMAGE_BYTES
 from tasks.contract.schemas import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_QUEUE, MAX_MESSAGES
 
@@ -74,6 +74,9 @@ class Settings(BaseSettings):
     allow_image_urls: bool = True
     # Hallucination risk scoring: decision calls one request has in flight at once.
     scoring_max_parallel: int = Field(default=8, ge=1, le=64)
+    # The most bytes one generated image (cascade.image) may take in Redis, whatever a provider
+    # entry's own max_image_bytes allows: the smaller of the two bounds each image.
+    max_image_bytes: int = Field(default=DEFAULT_MAX_IMAGE_BYTES, ge=1, le=256 * 1024 * 1024)
 
     # Streaming: publish chunks that arrive within this many ms of the last publish as one
     # event (one Redis round trip per window, not per chunk); 0 publishes every chunk at once.
@@ -157,6 +160,7 @@ class Settings(BaseSettings):
             for position, provider_id in enumerate(provider_ids):
                 if provider_id not in self.providers:
                     raise ValueError(f"chains.{name}[{position}]: unknown provider {provider_id!r}")
+            _check_one_kind(name, provider_ids, self.providers)
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s: must not exceed max_timeout_s")
         if self.hard_time_limit_s <= self.task_soft_time_limit_s:
@@ -209,6 +213,31 @@ class Settings(BaseSettings):
     def queue_of(self, provider_id: str) -> str:
         """The queue that serves ``provider_id``."""
         return self.providers[provider_id].queue
+
+    def is_image_chain(self, chain: str) -> bool:
+        """True if ``chain`` is a chain of image providers (``cascade.image``); False for a chat
+        chain or one that does not exist. A chain is all of one kind (checked at load)."""
+        provider_ids = self.chains.get(chain) or []
+        return bool(provider_ids) and isinstance(self.providers[provider_ids[0]], ImageProviderFields)
+
+    def image_bytes_limit(self, provider_id: str) -> int:
+        """The most bytes one image of ``provider_id`` may take: its entry's ``max_image_bytes``
+        within this worker's ``max_image_bytes``."""
+        config = self.providers[provider_id]
+        own = config.max_image_bytes if isinstance(config, ImageProviderFields) else self.max_image_bytes
+        return min(own, self.max_image_bytes)
+
+
+def _check_one_kind(chain: str, provider_ids: list[str], providers: dict[str, ProviderConfigBase]) -> None:
+    """A chain is of chat providers (``cascade.chat``) or of image providers (``cascade.image``),
+    never both: a request runs every provider of its chain the same way."""
+    images = [pid for pid in provider_ids if isinstance(providers[pid], ImageProviderFields)]
+    if images and len(images) != len(provider_ids):
+        chat = [pid for pid in provider_ids if pid not in images]
+        raise ValueError(
+            f"chains.{chain}: mixes image providers ({', '.join(images)}) with chat providers "
+            f"({', '.join(chat)}); a chain serves either cascade.chat or cascade.image"
+        )
 
 
 def _is_simple_name(name: str) -> bool:

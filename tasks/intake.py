@@ -1,18 +1,22 @@
-"""Turning whatever arrived as the task's argument into a valid ``ChatRequest``, or a
-request-fatal error that names the problem."""
+"""Turning whatever arrived as the task's argument into a valid request (a ``ChatRequest`` for
+``cascade.chat``, an ``ImageRequest`` for ``cascade.image``), or a request-fatal error that
+names the problem. Both tasks read their message the same way: the size cap, JSON, the
+request id rules, the schema, the metadata bound, and a chain of the task's own kind."""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from pydantic import ValidationError
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge, UnknownChain
 from providers.scoring.sampler import scoring_config
 from settings import Settings
+from tasks.contract.images import ImageRequest
 from tasks.contract.messages import ImagePart
 from tasks.contract.schemas import REQUEST_ID_PATTERN, ChatMessage, ChatRequest, usable_request_id
 
@@ -26,21 +30,37 @@ _CAPPED_FIELDS = {"n": "max_choices", "num_beams": "max_num_beams"}
 _MAX_COUNT = 1_000_000
 
 
+Req = TypeVar("Req", ChatRequest, ImageRequest)
+
+
 @dataclass
-class Intake:
+class Intake(Generic[Req]):
     """The outcome of reading a task message: a request, or an error with the id to report to."""
 
     request_id: str | None
-    request: ChatRequest | None = None
+    request: Req | None = None
     error: RequestError | None = None
 
 
-def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
-    """Validate ``raw`` (the ``request`` keyword) against the schema and the worker's limits.
+def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake[ChatRequest]:
+    """Validate ``raw`` (the ``request`` keyword of ``cascade.chat``) against the schema and
+    the worker's limits.
 
     The reply goes to the producer's ``request_id`` when it is usable as a key, else to the
     Celery task id; ``request_id`` is None only when neither is usable.
     """
+    return _read(raw, task_id, settings, ChatRequest, _check_limits)
+
+
+def read_image_request(raw: Any, task_id: str | None, settings: Settings) -> Intake[ImageRequest]:
+    """Validate ``raw`` (the ``request`` keyword of ``cascade.image``) as ``read_request`` does.
+    The image parameters are the providers' to check against their models."""
+    return _read(raw, task_id, settings, ImageRequest, lambda request, _settings: _check_metadata(request.metadata))
+
+
+def _read(
+    raw: Any, task_id: str | None, settings: Settings, schema: type[Req], check: Callable[[Req, Settings], None]
+) -> Intake[Req]:
     request_id = usable_request_id(task_id)
     try:
         if isinstance(raw, (str, bytes)):
@@ -57,16 +77,15 @@ def read_request(raw: Any, task_id: str | None, settings: Settings) -> Intake:
                 raise InvalidRequest(f"request_id must match {REQUEST_ID_PATTERN}")
             request_id = producer_id
         try:
-            request = ChatRequest.model_validate(raw)
+            request = schema.model_validate(raw)
         except ValidationError as exc:
             raise InvalidRequest(_describe(exc)) from None
         if request.request_id is None:
             if request_id is None:
                 raise InvalidRequest("no request_id and no task id to stand in for it")
             request = request.model_copy(update={"request_id": request_id})
-        _check_limits(request, settings)
-        if request.chain not in settings.chains:
-            raise UnknownChain(f"unknown chain {request.chain!r}")
+        check(request, settings)
+        _check_chain(request.chain, settings, images=schema is ImageRequest)
     except RequestError as exc:
         return Intake(request_id=request_id, error=exc)
     except RecursionError:
@@ -95,10 +114,23 @@ def _check_limits(request: ChatRequest, settings: Settings) -> None:
     _check_generation_limits({**(generation.model_extra or {}), "n": generation.n}, settings)
     if request.hallucination_score is not None:
         _check_scoring(request)
+    _check_metadata(request.metadata)
+
+
+def _check_metadata(metadata: dict[str, Any]) -> None:
     # metadata is echoed in the reply and the done event: keep it small.
-    metadata_bytes = len(json.dumps(request.metadata, default=str).encode())
+    metadata_bytes = len(json.dumps(metadata, default=str).encode())
     if metadata_bytes > MAX_METADATA_BYTES:
         raise RequestTooLarge(f"metadata of {metadata_bytes} bytes exceeds the limit of {MAX_METADATA_BYTES}")
+
+
+def _check_chain(chain: str, settings: Settings, *, images: bool) -> None:
+    """The chain exists and is of the task's kind (an image chain for ``cascade.image``)."""
+    if chain not in settings.chains:
+        raise UnknownChain(f"chain: unknown chain {chain!r}")
+    if settings.is_image_chain(chain) != images:
+        kind, task = ("an image", "cascade.chat") if not images else ("a chat", "cascade.image")
+        raise UnknownChain(f"chain: {chain!r} is {kind} chain, which {task} cannot run")
 
 
 def _check_generation_limits(kwargs: dict[str, Any], settings: Settings) -> None:

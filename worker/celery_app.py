@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def create_app(settings: Settings) -> Celery:
     """A Celery app configured from ``settings``."""
-    app = Celery("cascade", include=["tasks.chat", "worker.signals"])
+    app = Celery("cascade", include=["tasks.chat", "tasks.image", "worker.signals"])
     queues = sorted(settings.task_queues)
     _OWN_TIME_LIMITS.add((settings.hard_time_limit_s, settings.task_soft_time_limit_s))
     app.conf.update(
@@ -43,7 +43,7 @@ def create_app(settings: Settings) -> Celery:
         result_accept_content=["json"],
         task_default_queue=DEFAULT_QUEUE,
         task_queues=[Queue(name) for name in queues],  # type: ignore[no-untyped-call]
-        task_routes={"cascade.chat": {"queue": DEFAULT_QUEUE}},
+        task_routes={name: {"queue": DEFAULT_QUEUE} for name in sorted(CASCADE_TASKS)},
         # Ack after the task ran, and requeue if the worker process dies, so a crash never
         # loses a request; idempotency by request_id makes the rerun safe.
         # https://docs.celeryq.dev/en/stable/userguide/configuration.html#task-acks-late

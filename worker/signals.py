@@ -111,12 +111,13 @@ def start_reaper(**_: Any) -> None:
         )
 
     Reaper(
-        runtime.redis, sender.send, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)
+        runtime.redis, sender.resend, runtime.settings.reaper_interval_s, give_up=give_up, ends=RunEnds.of(runtime)
     ).start()
 
 
 def publish_chain_routes(**_: Any) -> None:
-    """Write ``cascade:routes`` (chain name -> queue of its first provider), replacing what was
+    """Write ``cascade:routes`` (chain name -> queue of its first provider, image chains as chat
+    chains), replacing what was
     there in one MULTI: a chain this configuration no longer has loses its route, so producers
     stop sending it to a queue that may have no consumer left, and the hash is never seen
     empty. Every worker of a deployment shares one chain table; during a rolling deploy the

@@ -54,6 +54,16 @@ def image_key(request_id: str, index: int) -> str:
     return IMAGE.format(request_id=request_id, index=index)
 
 
+# String key of a partial image's bytes (a preview some providers stream before image
+# ``index`` is done): its own key, so a partial never stands where the finished image belongs.
+PARTIAL_IMAGE = "cascade:image-partial:{request_id}:{index}:{partial_index}"
+
+
+def partial_image_key(request_id: str, index: int, partial_index: int) -> str:
+    """Key of the bytes of partial image ``partial_index`` of image ``index``."""
+    return PARTIAL_IMAGE.format(request_id=request_id, index=index, partial_index=partial_index)
+
+
 def pending_record(request_id: str) -> str:
     """String key of the queue and keyword arguments of ``request_id``'s last message."""
     return PENDING_RECORD.format(request_id=request_id)

@@ -60,9 +60,11 @@ class Resends:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.tasks: list[str] = []
 
-    def __call__(self, queue: str, kwargs: dict[str, Any]) -> None:
+    def __call__(self, queue: str, kwargs: dict[str, Any], task: str) -> None:
         self.sent.append((queue, kwargs))
+        self.tasks.append(task)
 
 
 def sweep(rdb: redis.Redis, resend: Resends, suspects: dict[str, float]) -> list[str]:
@@ -201,7 +203,7 @@ def test_a_worker_answers_a_request_whose_message_vanished(
 class BrokerDown:
     """A task sender whose send fails, as it does while the broker is unreachable."""
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = "") -> None:
         raise OperationalError("Error 111 connecting to 127.0.0.1:6379. Connection refused. (injected)")
 
 

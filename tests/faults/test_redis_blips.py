@@ -104,7 +104,7 @@ def run_then_resend(client: BlinkingRedis, request_id: str) -> None:
     resent: list[dict[str, Any]] = []
 
     def reap() -> bool:
-        reclaim_expired(client, lambda _queue, kwargs: resent.append(kwargs))
+        reclaim_expired(client, lambda _queue, kwargs, _task: resent.append(kwargs))
         return bool(resent)
 
     wait_until(reap, timeout_s=10 * LEASE_TTL_S, what="the reaper resends the request")

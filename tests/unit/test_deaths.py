@@ -4,6 +4,7 @@ resume; a resumed run keeps the first run's deadline."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import pytest
 
 from settings import Settings
 from tasks.contract import keys
+from tasks.contract.images import ImageReply
 from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
 from tests.support.sessions import opened
@@ -36,9 +38,11 @@ def runtime(fake_redis: fakeredis.FakeRedis, make_settings: SettingsFactory) -> 
 class Resends:
     def __init__(self) -> None:
         self.sent: list[tuple[str, dict[str, Any]]] = []
+        self.tasks: list[str] = []
 
-    def __call__(self, queue: str, kwargs: dict[str, Any]) -> None:
+    def __call__(self, queue: str, kwargs: dict[str, Any], task: str) -> None:
         self.sent.append((queue, kwargs))
+        self.tasks.append(task)
 
 
 def run_dies(client: fakeredis.FakeRedis, window: tuple[float, float], *, chunks: int = 2) -> None:
@@ -163,3 +167,40 @@ def test_a_resumed_run_keeps_the_first_runs_deadline(runtime: WorkerRuntime) -> 
     assert isinstance(reply, ChatReply) and reply.status == "failed"
     assert reply.error is not None and reply.error.type == "deadline_exceeded"
     assert [(a.attempt, a.outcome, a.error_type) for a in reply.meta.attempts][:1] == [(1, "failed", "worker_lost")]
+
+
+IMAGE_KWARGS = {"request": {"request_id": REQUEST_ID, "prompt": "a lighthouse", "chain": "images"}}
+
+
+def image_run_dies(client: fakeredis.FakeRedis) -> None:
+    """An image run takes the lease (its record naming cascade.image) and dies."""
+    options: dict[str, Any] = {"lease_ttl_s": 60, "record_ttl_s": 600, "task": "cascade.image"}
+    opened(client, REQUEST_ID, IMAGE_KWARGS, window=later(), **options).abandon()
+    client.delete(keys.lease_key(REQUEST_ID))
+    client.zadd(keys.INFLIGHT_SET, {REQUEST_ID: 0})
+
+
+def test_a_lost_image_run_is_resent_as_cascade_image(runtime: WorkerRuntime) -> None:
+    client, resend = runtime.redis, Resends()
+    image_run_dies(client)
+    assert reclaim_expired(client, resend, ends=RunEnds.of(runtime)) == [REQUEST_ID]
+    assert resend.sent == [("chat", IMAGE_KWARGS)] and resend.tasks == ["cascade.image"]
+    # What is in flight now is pending as the same task, for the lost-message sweep.
+    assert json.loads(client.get(keys.pending_record(REQUEST_ID)) or b"{}")["task"] == "cascade.image"
+
+
+def test_a_chat_run_is_still_resent_as_cascade_chat(runtime: WorkerRuntime) -> None:
+    client, resend = runtime.redis, Resends()
+    run_dies(client, later())
+    assert reclaim_expired(client, resend) == [REQUEST_ID]
+    assert resend.tasks == ["cascade.chat"]
+
+
+def test_an_image_request_that_keeps_killing_its_worker_ends_with_an_image_reply(runtime: WorkerRuntime) -> None:
+    client, resend = runtime.redis, Resends()
+    image_run_dies(client)
+    ends = dataclasses.replace(RunEnds.of(runtime), max_deaths=1)
+    assert reclaim_expired(client, resend, ends=ends) == []
+    reply = runtime.replies.get(REQUEST_ID)
+    assert isinstance(reply, ImageReply) and reply.status == "failed" and reply.images == []
+    assert reply.error is not None and reply.error.type == "worker_lost"

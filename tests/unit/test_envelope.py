@@ -69,12 +69,14 @@ def test_a_celery_task_message_passes_as_sent() -> None:
 
 def test_every_registered_cascade_task_is_accepted(make_settings: SettingsFactory) -> None:
     """A new ``cascade.*`` task (``cascade.image``) must be added to CASCADE_TASKS."""
-    import tasks.chat  # noqa: F401 - registers cascade.chat
+    import tasks.chat  # registers cascade.chat
+    import tasks.image  # noqa: F401 - registers cascade.image
 
     app = create_app(make_settings())
     registered = {name for name in app.tasks if name.startswith("cascade.")}
-    assert TASK_NAME in registered
+    assert {TASK_NAME, "cascade.image"} <= registered
     assert registered <= CASCADE_TASKS
+    assert create_app(make_settings()).conf.task_routes["cascade.image"] == {"queue": "chat"}
     assert "celery.chord_unlock" in app.tasks and "celery.chord_unlock" not in CASCADE_TASKS
 
 

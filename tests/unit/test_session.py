@@ -53,7 +53,13 @@ def test_a_new_request_is_leased_recorded_and_started_in_one_script(
         assert opening == Opening(last_event=[], stored_reply=None, cancelled=False, cooling=False, started=True)
         assert fake_redis.get(session.lease.key) == session.lease.token.encode()
         record = json.loads(fake_redis.get(keys.inflight_record(RID)) or "")
-        assert record == {"queue": "chat", "kwargs": MESSAGE, "started_at": WINDOW[0], "deadline_at": WINDOW[1]}
+        assert record == {
+            "queue": "chat",
+            "kwargs": MESSAGE,
+            "task": "cascade.chat",
+            "started_at": WINDOW[0],
+            "deadline_at": WINDOW[1],
+        }
         assert fake_redis.zscore(keys.INFLIGHT_SET, RID) is not None
         [start] = events(fake_redis)
         assert (start.type, start.seq, start.chain, start.worker) == ("start", 0, "default", "w/1")
@@ -146,7 +152,8 @@ class Recording:
         self._client = client
         self.sent: list[tuple[str, dict[str, Any], str | None, bool, bool]] = []
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = "") -> None:
+        assert task == "cascade.chat"
         leased = bool(self._client.exists(keys.lease_key(RID)))
         pending = self._client.zscore(keys.PENDING_SET, RID) is not None
         self.sent.append((queue, kwargs, request_id, leased, pending))
@@ -165,7 +172,11 @@ def test_a_hand_off_records_the_request_pending_and_lets_the_lease_go_before_it_
         kwargs = {"request": {"request_id": RID}, "handoff": {"next_seq": 3}}
         session.hand_off("chat.gpu", kwargs)
     assert sender.sent == [("chat.gpu", kwargs, RID, False, True)]
-    assert json.loads(fake_redis.get(keys.pending_record(RID)) or "") == {"queue": "chat.gpu", "kwargs": kwargs}
+    assert json.loads(fake_redis.get(keys.pending_record(RID)) or "") == {
+        "queue": "chat.gpu",
+        "kwargs": kwargs,
+        "task": "cascade.chat",
+    }
     assert not fake_redis.exists(keys.inflight_record(RID)) and fake_redis.zscore(keys.INFLIGHT_SET, RID) is None
     assert [e.delta for e in events(fake_redis) if e.type == "chunk"] == ["a", "b"]  # flushed before the send
 

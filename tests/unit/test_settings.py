@@ -5,8 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from settings import ConfigError, ScriptedConfig, Settings, load_settings, redact_url
+from settings.providers import OpenAIImageConfig
 
 GOOD_TOML = """
 reply_ttl_s = 600
@@ -370,3 +372,23 @@ def test_a_capability_must_be_a_boolean(tmp_path: Path) -> None:
 def test_a_scripted_tool_call_needs_a_valid_name(tmp_path: Path) -> None:
     text = '[providers.a]\ntype = "scripted"\ntool_calls = [{ name = "get weather" }]\n'
     assert "providers.a.tool_calls.0.name" in _config_error(tmp_path, text)
+
+
+def test_a_chain_mixing_chat_and_image_providers_is_a_config_error_naming_the_chain() -> None:
+    providers = {"painter": OpenAIImageConfig(model="dall-e-3"), "talker": ScriptedConfig(text="hi")}
+    with pytest.raises(ValidationError) as raised:
+        Settings(providers=providers, chains={"mixed": ["talker", "painter"]})
+    assert "chains.mixed: mixes image providers (painter) with chat providers (talker)" in str(raised.value)
+    settings = Settings(providers=providers, chains={"images": ["painter"], "default": ["talker"]})
+    assert settings.is_image_chain("images") and not settings.is_image_chain("default")
+    assert not settings.is_image_chain("nowhere")
+
+
+def test_an_image_is_bounded_by_its_provider_and_by_the_worker() -> None:
+    providers = {
+        "small": OpenAIImageConfig(model="dall-e-3", max_image_bytes=1_000),
+        "big": OpenAIImageConfig(model="gpt-image-1"),
+    }
+    settings = Settings(providers=providers, chains={"images": ["small", "big"]}, max_image_bytes=5_000)
+    assert settings.image_bytes_limit("small") == 1_000
+    assert settings.image_bytes_limit("big") == 5_000

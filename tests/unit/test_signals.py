@@ -13,7 +13,7 @@ import pytest
 from providers import registry
 from providers.base import ChatProvider
 from settings import ScriptedConfig, Settings
-from settings.providers import HfLocalConfig
+from settings.providers import HfLocalConfig, OpenAIImageConfig
 from tasks.contract.keys import ROUTES
 from worker import signals
 from worker.celery_app import create_app
@@ -87,3 +87,13 @@ def test_the_routes_are_those_of_the_current_chains(monkeypatch: pytest.MonkeyPa
     signals.publish_chain_routes()
     assert client.hgetall(ROUTES) == {b"default": b"chat", b"local": b"chat.gpu"}
     assert 0 < client.ttl(ROUTES) <= signals.ROUTES_TTL_S
+
+
+def test_image_chains_get_routes_as_chat_chains_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(
+        providers={"api": ScriptedConfig(text="hi"), "painter": OpenAIImageConfig(model="dall-e-3", queue="images")},
+        chains={"default": ["api"], "images": ["painter"]},
+    )
+    use_runtime(monkeypatch, settings)
+    signals.publish_chain_routes()
+    assert signals.get_runtime().redis.hgetall(ROUTES) == {b"default": b"chat", b"images": b"images"}

@@ -216,7 +216,9 @@ def test_a_hand_off_continues_the_trace_on_the_next_queue(
     sent: dict[str, Any] = {}
 
     class Sender:  # what tasks.chat's sender does, through Celery
-        def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
+        def send(
+            self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = "cascade.chat"
+        ) -> None:
             state = HandOff.model_validate(kwargs["handoff"])
             sent.update(queue=queue, state=state, headers=broker.send(queue, kwargs, "hop-task-2"))
 

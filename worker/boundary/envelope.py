@@ -27,11 +27,12 @@ from celery.app.task import Context
 from kombu.serialization import registry
 from kombu.utils.json import loads as kombu_loads
 
+from tasks.contract.images import IMAGE_TASK_NAME
 from tasks.contract.schemas import REQUEST_ID_HEADER, REQUEST_ID_PATTERN, SUBMITTED_AT_HEADER, TASK_NAME
 
-# The tasks a Cascade queue carries; a new Cascade task (``cascade.image``) is added here
-# (tests/unit/test_envelope.py fails while a registered ``cascade.*`` task is missing).
-CASCADE_TASKS = frozenset({TASK_NAME})
+# The tasks a Cascade queue carries; a new Cascade task is added here (tests/unit/test_envelope.py
+# fails while a registered ``cascade.*`` task is missing). The reaper resends only these.
+CASCADE_TASKS = frozenset({TASK_NAME, IMAGE_TASK_NAME})
 
 # An envelope this far over the body cap is not even parsed for the id to answer to.
 HARD_LIMIT_FACTOR = 8
@@ -69,6 +70,7 @@ class Refusal:
     preview: Any  # what the dead letter keeps (bounded by DeadLetters): body text, or the raw entry
     task_id: str | None = None
     request_id: str | None = None  # the usable ``cascade_request_id`` header, where a reply goes
+    task: str | None = None  # the Cascade task it names, whose kind of reply it gets
 
 
 class _Refused(Exception):
@@ -96,12 +98,15 @@ def screen(raw: bytes | str, *, max_body_bytes: int) -> dict[str, Any] | Refusal
     headers = headers if isinstance(headers, dict) else {}
     task_id = _text(headers.get("id"))
     request_id = _usable_id(headers.get(REQUEST_ID_HEADER))
+    named = headers.get("task")
+    task = named if isinstance(named, str) and named in CASCADE_TASKS else None
     try:
         _check_headers(envelope, headers)
         properties = _properties(envelope)
         _check_body(_body_bytes(envelope, max_body_bytes))
     except _Refused as refused:
-        return Refusal(refused.reason, refused.detail, _preview(envelope, raw, max_body_bytes), task_id, request_id)
+        preview = _preview(envelope, raw, max_body_bytes)
+        return Refusal(refused.reason, refused.detail, preview, task_id, request_id, task)
     except Exception as exc:  # noqa: BLE001 - a bug here must not stop the consumer: refuse what was not vetted
         detail = f"message could not be checked ({type(exc).__name__})"
         return Refusal("invalid_task", detail, _preview(envelope, raw, max_body_bytes), task_id)

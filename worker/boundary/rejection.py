@@ -12,7 +12,8 @@ import logging
 from typing import Any
 
 from providers.errors import RequestError
-from tasks.contract.schemas import ChainMeta, ChatReply, ErrorInfo
+from tasks.contract.images import IMAGE_TASK_NAME, ImageReply
+from tasks.contract.schemas import TASK_NAME, ChainMeta, ChatReply, ErrorInfo
 from worker.runtime import WorkerRuntime
 from worker.state.publisher import EventPublisher
 
@@ -30,6 +31,7 @@ def reject(
     queue: str | None = None,
     reason: str | None = None,
     redelivery: bool = True,
+    task: str = TASK_NAME,
 ) -> dict[str, Any]:
     """Dead-letter a message (with ``reason``, else the error's code) and, when ``reply_to``
     (an id already known to be usable as a key) is given, store a ``failed`` reply there with
@@ -39,6 +41,8 @@ def reject(
     message acked late), so a reply already stored means it was handled: nothing is written
     again. Without it (a message the screen took off its queue, which nothing redelivers) the
     dead letter is always written and only the reply is skipped when one exists.
+
+    The reply is of ``task``'s kind: an ``ImageReply`` for ``cascade.image``.
     """
     stored = runtime.replies.get(reply_to) if reply_to else None
     if stored is not None and redelivery:
@@ -53,7 +57,8 @@ def reject(
         return {"status": "failed", "error": {"type": error.code, "message": error.message}}
     if stored is not None:
         return stored.model_dump(mode="json")
-    reply = ChatReply(request_id=reply_to, status="failed", error=info, meta=ChainMeta(worker=runtime.worker_name))
+    reply_type = ImageReply if task == IMAGE_TASK_NAME else ChatReply
+    reply = reply_type(request_id=reply_to, status="failed", error=info, meta=ChainMeta(worker=runtime.worker_name))
     publisher = EventPublisher(
         runtime.redis,
         reply_to,

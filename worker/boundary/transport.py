@@ -31,7 +31,7 @@ import redis
 from kombu.transport import redis as kombu_redis
 
 from providers.errors import InvalidRequest, RequestError, RequestTooLarge
-from tasks.contract.schemas import usable_request_id
+from tasks.contract.schemas import TASK_NAME, usable_request_id
 from worker.boundary import envelope, rejection
 from worker.runtime import get_runtime
 
@@ -145,6 +145,7 @@ def _end(refusal: envelope.Refusal, queue: str) -> None:
         queue=queue,
         reason=refusal.reason,
         redelivery=False,
+        task=refusal.task or TASK_NAME,
     )
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import redis
 
-from providers.base import ChatProvider
+from providers.chain import ChainMember
 from tasks.contract import keys
 
 FAILURES_KEY = keys.COOLDOWN_FAILURES
@@ -33,13 +33,13 @@ class RedisCooldowns:
         """The key whose existence means ``provider_id`` cools down; None when its cooldown is off."""
         return keys.cooldown_key(provider_id) if cooldown_failures else None
 
-    def is_cooling_down(self, provider: ChatProvider) -> bool:
+    def is_cooling_down(self, provider: ChainMember) -> bool:
         """True while the provider's cooldown key exists."""
         if provider.config.cooldown_failures == 0:
             return False
         return bool(self._client.exists(keys.cooldown_key(provider.provider_id)))
 
-    def record_failure(self, provider: ChatProvider) -> None:
+    def record_failure(self, provider: ChainMember) -> None:
         """Count a failure; start the cooldown when the window holds enough of them."""
         cfg = provider.config
         if cfg.cooldown_failures == 0:
@@ -70,13 +70,13 @@ class ReadAhead:
         self._provider_id = provider_id
         self._cooling: bool | None = cooling
 
-    def is_cooling_down(self, provider: ChatProvider) -> bool:
+    def is_cooling_down(self, provider: ChainMember) -> bool:
         """The value read ahead (once), else the gate's answer."""
         if provider.provider_id == self._provider_id and self._cooling is not None:
             cooling, self._cooling = self._cooling, None
             return cooling
         return self._gate.is_cooling_down(provider)
 
-    def record_failure(self, provider: ChatProvider) -> None:
+    def record_failure(self, provider: ChainMember) -> None:
         """Count a failure (the gate's job)."""
         self._gate.record_failure(provider)

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import redis
 
 from tasks.contract import keys
+from tasks.contract.images import IMAGE_TASK_NAME, ImageReply
 from tasks.contract.schemas import AttemptRecord, ChainMeta, ChatReply, ErrorInfo
 from worker.state.publisher import EventPublisher
 from worker.state.recovery import WORKER_LOST, read_lost_run
@@ -52,7 +53,7 @@ def deaths_key(request_id: str) -> str:
 
 
 def read_record(raw: Any) -> dict[str, Any] | None:
-    """An in-flight record (``{"queue", "kwargs", "started_at"?, "deadline_at"?}``), or None if
+    """An in-flight record (``{"queue", "kwargs", "task"?, "started_at"?, "deadline_at"?}``), or None if
     it is unreadable."""
     try:
         record = json.loads(raw) if raw else None
@@ -149,11 +150,13 @@ class RunEnds:
     def _end(self, request_id: str, record: dict[str, Any], error: ErrorInfo) -> bool:
         request = record["kwargs"].get("request")
         request = request if isinstance(request, dict) else {}
-        chain = request.get("chain", "default")
+        images = record.get("task") == IMAGE_TASK_NAME
+        chain = request.get("chain", "images" if images else "default")
         chain = chain if isinstance(chain, str) and chain in self.chains else None
         attempts = self._attempts(request_id, self.chains[chain] if chain else [])
         metadata = request.get("metadata")
-        reply = ChatReply(
+        # The reply of the request's own task: an image request's is an ImageReply.
+        reply = (ImageReply if images else ChatReply)(
             request_id=request_id,
             status="failed",
             error=error,

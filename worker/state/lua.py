@@ -150,6 +150,20 @@ return 0
 """,
 )
 
+STORE_IMAGE = Script(
+    "store_image",
+    keys=("lease_key", "image_key"),
+    args=("token", "data", "ttl_s"),
+    body="""
+-- A generated image's bytes (cascade.image), written only while the lease holds this run's
+-- token: a run taken over by another worker must not overwrite the images of the one that
+-- answers.
+if redis.call('GET', lease_key) ~= token then return -1 end
+redis.call('SET', image_key, data, 'EX', ttl_s)
+return 1
+""",
+)
+
 EMIT = Script(
     "emit",
     keys=("channel", "events_stream", "cancel_key", "lease_key"),

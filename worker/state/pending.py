@@ -5,11 +5,12 @@ unacknowledged (the ``unacked`` hash). A worker killed between the two, or with 
 still unread in its socket, leaves the message nowhere in Redis: no queue entry, no unacked
 entry, no lease — and the broker's visibility timeout cannot restore what it never recorded.
 
-So whoever sends a ``cascade.chat`` message records it: the producer client after each submit,
-a worker before it hands a request to another queue. ``cascade:pending`` (sorted set: request
-id -> when its message was last sent, in ms) indexes ``cascade:pending:{id}`` (the queue and the
-task's keyword arguments). The Lua script that stores the reply (``worker.state.publisher``) removes
-both, so a request is pending exactly until it is answered.
+So whoever sends a Cascade task message (``cascade.chat``, ``cascade.image``) records it: the
+producer client after each submit, a worker before it hands a request to another queue.
+``cascade:pending`` (sorted set: request id -> when its message was last sent, in ms) indexes
+``cascade:pending:{id}`` (the queue, the task's keyword arguments and the task's name; a record
+that names no task is a ``cascade.chat`` message's). The Lua script that stores the reply
+(``worker.state.publisher``) removes both, so a request is pending exactly until it is answered.
 
 One reaper at a time sweeps (``lead_sweep``); each of its passes (``resend_lost``) looks at
 requests pending for longer than ``older_than_s``.
@@ -39,6 +40,7 @@ from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME
 from tasks.producer.pending import PENDING_TTL_S as PENDING_TTL_S
 from tasks.producer.pending import note_sent as note_sent
 from tasks.producer.pending import now_ms
+from worker.boundary.envelope import CASCADE_TASKS
 from worker.state import lua
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,8 @@ RESENDS = keys.RESENDS
 SWEEPER = keys.SWEEPER
 UNACKED = keys.UNACKED
 
-Resend = Callable[[str, dict[str, Any]], None]
+# Sends a message again: (queue, keyword arguments, task name).
+Resend = Callable[[str, dict[str, Any], str], None]
 GiveUp = Callable[[str, dict[str, Any]], None]
 
 # A request resent this many times and lost again is not sent again: it is dead-lettered.
@@ -57,12 +60,19 @@ MAX_RESENDS = 5
 record_key = keys.pending_record
 
 
+def task_of(record: dict[str, Any]) -> str | None:
+    """The task a record (in flight or pending) was sent as: its ``task``, ``cascade.chat``
+    when it names none; None when it names a task that is not Cascade's (it is not resent)."""
+    task = record.get("task", TASK_NAME)
+    return task if isinstance(task, str) and task in CASCADE_TASKS else None
+
+
 def task_kwargs(message: Any) -> dict[str, Any] | None:
     """The keyword arguments of a kombu message (as stored in Redis, decoded from JSON) if it
-    is a ``cascade.chat`` message with a readable body; else None."""
+    is a message of one of Cascade's tasks with a readable body; else None."""
     try:
         headers = message.get("headers") or {}
-        if headers.get("task") != TASK_NAME:
+        if headers.get("task") not in CASCADE_TASKS:
             return None
         body = message["body"]
         if message.get("properties", {}).get("body_encoding") == "base64":
@@ -74,7 +84,7 @@ def task_kwargs(message: Any) -> dict[str, Any] | None:
 
 
 def request_id_in(kwargs: dict[str, Any] | None) -> str | None:
-    """The request id in a ``cascade.chat`` message's keyword arguments (its ``request`` an
+    """The request id in a Cascade task message's keyword arguments (its ``request`` an
     object or JSON text), or None."""
     request = (kwargs or {}).get("request")
     try:
@@ -151,7 +161,7 @@ def resend_lost(
             request_id,
             record["queue"],
         )
-        resend(record["queue"], record["kwargs"])
+        resend(record["queue"], record["kwargs"], task_of(record) or TASK_NAME)
         resent.append(request_id)
     suspects.clear()
     suspects.update({request_id: score for request_id, (score, _r) in lost.items() if request_id not in resent})
@@ -214,7 +224,7 @@ def _read_record(raw: Any) -> dict[str, Any] | None:
         record = json.loads(raw) if raw else None
     except (ValueError, TypeError):
         return None
-    if not isinstance(record, dict) or not isinstance(record.get("queue"), str):
+    if not isinstance(record, dict) or not isinstance(record.get("queue"), str) or task_of(record) is None:
         return None
     return record if isinstance(record.get("kwargs"), dict) else None
 

@@ -45,6 +45,7 @@ import redis
 
 from providers.timer import TIMER, Timer
 from tasks.contract import keys
+from tasks.contract.images import ImageReply
 from tasks.contract.schemas import TERMINAL_EVENT_TYPES, ChatReply, StreamEvent
 from worker.state import lua
 from worker.state.coalescing import PendingChunks
@@ -277,7 +278,7 @@ class EventPublisher:
         """True if a producer set the cancel key (one round trip)."""
         return bool(self._client.exists(self._cancel))
 
-    def finish(self, event_type: str, reply: ChatReply, **fields: Any) -> bool:
+    def finish(self, event_type: str, reply: ChatReply | ImageReply, **fields: Any) -> bool:
         """Store ``reply`` and publish the terminal event, atomically; False (and nothing
         written) if the request already has a reply, or if this publisher has no lease and a
         worker holds the request's (``leased_elsewhere`` then). Raises ``LeaseLost`` if another
@@ -292,7 +293,7 @@ class EventPublisher:
                 raise StreamClosed(f"request {self.request_id} already ended")
             return self._finish(event_type, reply, fields)
 
-    def _finish(self, event_type: str, reply: ChatReply, fields: dict[str, Any]) -> bool:
+    def _finish(self, event_type: str, reply: ChatReply | ImageReply, fields: dict[str, Any]) -> bool:
         if self._pending is not None and len(self._pending) > 1:
             # The terminal script takes one waiting chunk: several groups go out first, in a
             # round trip of their own (which checks the lease as the terminal write does).

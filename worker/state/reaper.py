@@ -7,13 +7,14 @@ killing its worker process is ended instead, and a resumed run keeps the first r
 It also puts back orphans: a message a worker took from the queue but never started (the worker
 died in the few milliseconds before the task took its lease) has no lease and no in-flight
 record, only kombu's unacked entry, which the broker would restore only after its visibility
-timeout (longer than the longest request). An unacked ``cascade.chat`` message that has waited
+timeout (longer than the longest request). An unacked Cascade task message that has waited
 ``orphan_after_s`` and whose request never started — no lease, no in-flight record, no reply,
 no event since the message was sent — goes back to its queue. A copy delivered twice runs once:
 the lease and the stored reply drop the other.
 
 Last, it resends requests whose message was lost before kombu recorded it anywhere
-(``worker.state.pending``).
+(``worker.state.pending``). Every resend is of the task the record names (``cascade.chat`` or
+``cascade.image``; ``cascade.chat`` for a record that names none).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -33,11 +33,9 @@ from tasks.contract.schemas import StreamEvent, usable_request_id
 from tasks.producer.pending import note_sent
 from worker.state import lua
 from worker.state.deaths import DEATHS_TTL_S, RunEnds, keep_window, read_record
-from worker.state.pending import UNACKED, GiveUp, lead_sweep, request_id_in, resend_lost, task_kwargs
+from worker.state.pending import UNACKED, GiveUp, Resend, lead_sweep, request_id_in, resend_lost, task_kwargs, task_of
 
 logger = logging.getLogger(__name__)
-
-Resend = Callable[[str, dict[str, Any]], None]
 
 UNACKED_INDEX = keys.UNACKED_INDEX
 
@@ -69,7 +67,8 @@ def reclaim_expired(client: redis.Redis, resend: Resend, *, ends: RunEnds | None
             continue  # it finished after all (the reply landed just before the worker died)
         raw_record, deaths = claimed
         record = read_record(raw_record)
-        if record is None:
+        task = task_of(record) if record is not None else None
+        if record is None or task is None:
             logger.error("request %s lost its worker and left no readable record to resend", request_id)
             continue
         window = keep_window(client, request_id, record)
@@ -82,14 +81,14 @@ def reclaim_expired(client: redis.Redis, resend: Resend, *, ends: RunEnds | None
         logger.warning(
             "request %s lost its worker (%d time(s)); sending it to %s again", request_id, int(deaths), record["queue"]
         )
-        resend(record["queue"], record["kwargs"])
-        note_sent(client, request_id, record["queue"], record["kwargs"])  # what is in flight now
+        resend(record["queue"], record["kwargs"], task)
+        note_sent(client, request_id, record["queue"], record["kwargs"], task=task)  # what is in flight now
         reclaimed.append(request_id)
     return reclaimed
 
 
 def restore_orphans(client: redis.Redis, *, orphan_after_s: float, page: int = 200, max_pages: int = 50) -> list[str]:
-    """Put back on its queue every ``cascade.chat`` message a worker took and never started
+    """Put back on its queue every Cascade task message a worker took and never started
     (see the module docstring); return the request ids. Two round trips per page of unacked
     messages older than ``orphan_after_s`` (most are long requests still running)."""
     ceil = time.time() - orphan_after_s
@@ -148,7 +147,7 @@ def _unstarted_since_handoff(last: Any, handoff: dict[str, Any] | None) -> bool:
 
 def _parse(raw: Any) -> tuple[str, str, str, dict[str, Any] | None] | None:
     """(request id, queue, message to push back, hand-off state) of an unacked message if it is
-    a ``cascade.chat`` message the task can run; else None (the visibility timeout deals with it)."""
+    a Cascade task message a task can run; else None (the visibility timeout deals with it)."""
     if not isinstance(raw, bytes):
         return None
     try:

@@ -35,7 +35,8 @@ def read_lost_run(client: redis.Redis, request_id: str, since_seq: int, chain: l
     run = LostRun()
     chunks: dict[int, tuple[str, int]] = {}  # attempt -> (provider, chunk count)
     for event in events:
-        if event.type == "chunk" and event.attempt is not None and event.provider:
+        # An image event (cascade.image) is an attempt's output as a chunk is.
+        if event.type in ("chunk", "image") and event.attempt is not None and event.provider:
             provider, count = chunks.get(event.attempt, (event.provider, 0))
             chunks[event.attempt] = (provider, count + 1)
         elif event.type == "fallback" and event.attempt is not None and event.provider:

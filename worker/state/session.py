@@ -11,11 +11,16 @@ and abandons a run.
 - ``emit`` / ``flush`` / ``cancel_requested``: the run's events (``worker.state.publisher``),
   written only while the lease holds this run's token; a run whose lease was taken over stops
   with ``LeaseLost``.
+Every record a run writes (in flight, pending) names its task (``cascade.chat`` or
+``cascade.image``), so a reaper resends the request as the task it is.
+
 - ``hand_off``: the chain continues on another queue. One script records the message as pending
   (``worker.state.pending``) and releases the lease, then the ``TaskSender`` sends it: the next
   queue's worker may take the message at once, and would drop it as a duplicate of a lease
   still held; if the send fails or this process dies, a reaper finds the request pending,
   unleased and unqueued, and sends it.
+- ``store_image``: a generated image's bytes (``cascade.image``), under the lease as events
+  are, written before the event that announces them and before the reply that lists them.
 - ``finish``: the reply, the terminal event and the lease's release, one script.
 - ``abandon``: cut off from Redis before the request ended, the run keeps its lease to lapse
   (releasing would drop the request's only record); a reaper sends the request again.
@@ -37,11 +42,13 @@ import redis
 
 from providers.timer import TIMER, Timer
 from tasks.contract import keys
+from tasks.contract.images import ImageReply
 from tasks.contract.schemas import REQUEST_ID_HEADER, TASK_NAME, ChatReply
 from tasks.producer.pending import PENDING_TTL_S, now_ms
+from worker.boundary.envelope import CASCADE_TASKS
 from worker.state import lua
 from worker.state.deaths import carried_window
-from worker.state.lease import RequestLease
+from worker.state.lease import LeaseLost, RequestLease
 from worker.state.pending import request_id_in
 from worker.state.publisher import EventPublisher, start_event
 from worker.state.recovery import LostRun, read_lost_run
@@ -56,11 +63,11 @@ logger = logging.getLogger(__name__)
 
 
 class TaskSender(Protocol):
-    """Sends a ``cascade.chat`` message: a hand-off, or a reaper's resend."""
+    """Sends a Cascade task message: a hand-off, or a reaper's resend."""
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
-        """Send a message with ``kwargs`` to ``queue``, with the request id header (read from
-        ``kwargs`` when not given)."""
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = TASK_NAME) -> None:
+        """Send a ``task`` message with ``kwargs`` to ``queue``, with the request id header
+        (read from ``kwargs`` when not given)."""
 
 
 class CelerySender:
@@ -69,11 +76,17 @@ class CelerySender:
     def __init__(self, app: Celery) -> None:
         self._app = app
 
-    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None) -> None:
-        """Send ``cascade.chat`` to ``queue`` (see ``TaskSender``)."""
+    def send(self, queue: str, kwargs: dict[str, Any], request_id: str | None = None, *, task: str = TASK_NAME) -> None:
+        """Send ``task`` (one of ``CASCADE_TASKS``) to ``queue`` (see ``TaskSender``)."""
+        if task not in CASCADE_TASKS:
+            raise ValueError(f"not a Cascade task: {task!r}")
         request_id = request_id if request_id is not None else request_id_in(kwargs)
         headers = {REQUEST_ID_HEADER: request_id} if request_id is not None else {}
-        self._app.send_task(TASK_NAME, kwargs=kwargs, queue=queue, headers=headers)
+        self._app.send_task(task, kwargs=kwargs, queue=queue, headers=headers)
+
+    def resend(self, queue: str, kwargs: dict[str, Any], task: str) -> None:
+        """A reaper's resend (``worker.state.reaper.Resend``) of a ``task`` message."""
+        self.send(queue, kwargs, task=task)
 
 
 @dataclass(frozen=True)
@@ -109,8 +122,10 @@ class RunSession:
         coalesce_s: float = 0.0,
         sender: TaskSender | None = None,
         timer: Timer = TIMER,
+        task: str = TASK_NAME,
     ) -> None:
         self._client = client
+        self.task = task
         self.request_id = request_id
         self.replies = replies
         self.worker = worker
@@ -126,9 +141,15 @@ class RunSession:
 
     @classmethod
     def of(
-        cls, runtime: WorkerRuntime, request_id: str, *, sender: TaskSender | None = None, timer: Timer = TIMER
+        cls,
+        runtime: WorkerRuntime,
+        request_id: str,
+        *,
+        sender: TaskSender | None = None,
+        timer: Timer = TIMER,
+        task: str = TASK_NAME,
     ) -> RunSession:
-        """A session of ``runtime``'s worker, with its settings."""
+        """A session of ``runtime``'s worker, with its settings, for a ``task`` request."""
         settings = runtime.settings
         return cls(
             runtime.redis,
@@ -142,6 +163,7 @@ class RunSession:
             coalesce_s=settings.coalesce_ms / 1000,
             sender=sender,
             timer=timer,
+            task=task,
         )
 
     @property
@@ -167,7 +189,9 @@ class RunSession:
         hand-off) if it is new. Events go on from ``next_seq`` at least. None if a live worker
         holds the lease: this copy is a duplicate."""
         lease = self.lease
-        record = json.dumps({"queue": queue, "kwargs": kwargs, "started_at": window[0], "deadline_at": window[1]})
+        record = json.dumps(
+            {"queue": queue, "kwargs": kwargs, "task": self.task, "started_at": window[0], "deadline_at": window[1]}
+        )
         start = start_event(self.request_id, start_chain, self.worker) if start_chain is not None else ""
         result = lua.OPEN.call(
             self._client,
@@ -247,6 +271,17 @@ class RunSession:
         """True if a producer set the cancel key (one round trip)."""
         return self.publisher.cancel_requested()
 
+    def store_image(self, key: str, data: bytes, ttl_s: int) -> None:
+        """Store an image's bytes at ``key`` for ``ttl_s`` seconds (one script, lease-checked);
+        raises ``LeaseLost`` if another worker took the request over."""
+        written = lua.STORE_IMAGE.call(
+            self._client,
+            keys={"lease_key": self.lease.key, "image_key": key},
+            args={"token": self.lease.token, "data": data, "ttl_s": max(1, int(ttl_s))},
+        )
+        if written != 1:
+            raise LeaseLost(f"request {self.request_id}: image not stored, it is now run by another worker")
+
     def lost_run(self, since_seq: int, chain: list[str]) -> LostRun:
         """What an earlier run of this request, which died, left in its stream from ``since_seq``."""
         return read_lost_run(self._client, self.request_id, since_seq, chain)
@@ -257,7 +292,7 @@ class RunSession:
 
     # --- ends -------------------------------------------------------------------------------
 
-    def finish(self, event_type: str, reply: ChatReply, **fields: Any) -> bool:
+    def finish(self, event_type: str, reply: ChatReply | ImageReply, **fields: Any) -> bool:
         """Store ``reply``, publish the terminal event and release the lease, in one script;
         False (nothing written) if the request has a reply already. Raises ``LeaseLost`` if
         another worker took the lease over."""
@@ -267,7 +302,7 @@ class RunSession:
             self._held = False
         return written
 
-    def stored_reply(self) -> ChatReply | None:
+    def stored_reply(self) -> ChatReply | ImageReply | None:
         """The reply stored for the request, if any."""
         return self.replies.get(self.request_id)
 
@@ -286,7 +321,7 @@ class RunSession:
                 **self._lease_keys(),
             },
             args={
-                "record": json.dumps({"queue": queue, "kwargs": kwargs}),
+                "record": json.dumps({"queue": queue, "kwargs": kwargs, "task": self.task}),
                 "pending_ttl_s": PENDING_TTL_S,
                 "sent_at_ms": now_ms(),
                 "token": self.lease.token,
@@ -294,7 +329,7 @@ class RunSession:
             },
         )
         self._held = False
-        self._sender.send(queue, kwargs, self.request_id)
+        self._sender.send(queue, kwargs, self.request_id, task=self.task)
 
     def abandon(self) -> None:
         """Stop renewing the lease but keep it and the in-flight record: the lease lapses

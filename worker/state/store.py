@@ -7,15 +7,20 @@ import time
 from typing import Any
 
 import redis
+from pydantic import TypeAdapter
 
 from tasks.contract import keys
-from tasks.contract.schemas import ChatReply
+from tasks.contract.images import ImageReply
+from tasks.contract.schemas import AnyReply, ChatReply
 
 # How much of an unprocessable message is kept in its dead letter.
 DEAD_BODY_PREVIEW_CHARS = 2_000
 # The other fields come from the message too (a task id header can be any length): bounded.
 DEAD_ID_CHARS = 256
 DEAD_MESSAGE_CHARS = 1_000
+
+
+_ANY_REPLY: TypeAdapter[ChatReply | ImageReply] = TypeAdapter(AnyReply)
 
 
 class ReplyStore:
@@ -25,10 +30,10 @@ class ReplyStore:
         self._client = client
         self.ttl_s = ttl_s
 
-    def get(self, request_id: str) -> ChatReply | None:
-        """The stored reply of ``request_id``, if any."""
+    def get(self, request_id: str) -> ChatReply | ImageReply | None:
+        """The stored reply of ``request_id``, if any (an ``ImageReply`` for ``cascade.image``)."""
         raw = self._client.get(keys.reply_key(request_id))
-        return ChatReply.model_validate_json(raw) if raw else None
+        return _ANY_REPLY.validate_json(raw) if raw else None
 
 
 class DeadLetters:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from settings import ProviderConfigBase
+from settings.providers import ImageProviderFields
 
 OPERATION_NAME = "gen_ai.operation.name"
 PROVIDER_NAME = "gen_ai.provider.name"
@@ -28,6 +29,9 @@ OUTPUT_MESSAGES = "gen_ai.output.messages"
 ERROR_TYPE = "error.type"
 
 CHAT = "chat"
+# The spec's operation for content other than chat text (its example: Gemini's generateContent);
+# an image provider's calls (cascade.image) are that.
+GENERATE_CONTENT = "generate_content"
 
 # Provider type -> gen_ai.provider.name (the spec's well-known values where one exists).
 _PROVIDER_NAMES = {
@@ -38,7 +42,15 @@ _PROVIDER_NAMES = {
     "hf_api": "huggingface",
     "hf_local": "transformers",
     "scripted": "cascade.scripted",
+    "openai_image": "openai",
+    "azure_openai_image": "azure.ai.openai",
 }
+
+
+def operation_name(config: ProviderConfigBase | None) -> str:
+    """``gen_ai.operation.name`` of a provider entry's calls: ``generate_content`` for an image
+    provider, ``chat`` for every other."""
+    return GENERATE_CONTENT if isinstance(config, ImageProviderFields) else CHAT
 
 
 def provider_name(config: ProviderConfigBase | None) -> str:
@@ -58,7 +70,7 @@ def request_model(config: ProviderConfigBase | None) -> str | None:
 
 def provider_attributes(config: ProviderConfigBase | None) -> dict[str, Any]:
     """The attributes that name the operation, the provider and the requested model."""
-    attributes: dict[str, Any] = {OPERATION_NAME: CHAT, PROVIDER_NAME: provider_name(config)}
+    attributes: dict[str, Any] = {OPERATION_NAME: operation_name(config), PROVIDER_NAME: provider_name(config)}
     attributes[SYSTEM] = attributes[PROVIDER_NAME]
     model = request_model(config)
     if model is not None:
