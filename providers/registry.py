@@ -54,6 +54,12 @@ class ProviderPool:
                 self._providers[provider_id] = provider
             return provider
 
+    def built(self, provider_id: str) -> ChatProvider | None:
+        """The provider ``provider_id`` if this process has built it (never builds it).
+
+        Read without the lock, which ``get`` holds while a model loads: one dict lookup is atomic."""
+        return self._providers.get(provider_id)
+
     def chain(self, provider_ids: list[str]) -> list[ChatProvider]:
         """Handles on the providers of a chain, in order; each is built when first called, so
         a worker never builds (or imports the libraries of) a provider it hands off."""
@@ -65,8 +71,19 @@ class ProviderHandle(ChatProvider):
     without building it."""
 
     def __init__(self, pool: ProviderPool, provider_id: str, config: ProviderConfigBase) -> None:
-        super().__init__(provider_id, config)
         self._pool = pool
+        super().__init__(provider_id, config)
+
+    @property
+    def config(self) -> ProviderConfigBase:
+        """The entry; once this process has built the provider, the provider's own, which may
+        know more (a local model's ``supports_tools``, read from its chat template)."""
+        built = self._pool.built(self.provider_id)
+        return built.config if built is not None else self._entry
+
+    @config.setter
+    def config(self, entry: ProviderConfigBase) -> None:
+        self._entry = entry
 
     @property
     def provider_class_name(self) -> str:

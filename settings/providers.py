@@ -79,9 +79,10 @@ NO_CAPABILITIES = Capabilities(tools=False, images=False, json_schema=False, n=F
 _ALL = Capabilities(tools=True, images=True, json_schema=True, n=True)
 # The defaults of each type. The Responses API has no ``n``. TGI ignores ``n`` and many models
 # served by ``hf_api`` read no images, so an ``hf_api`` entry for a vision model says
-# ``supports_images = true``. ``hf_local`` takes text only for now (its chat template is not
-# given tools or images). ``scripted`` stands in for a capable model: an entry that plays one
-# lacking something says so.
+# ``supports_images = true``. ``hf_local`` takes tools when its model's chat template does: an
+# entry that leaves ``supports_tools`` unset is taken to, until the worker that loads the model
+# reads its template (``HfLocalConfig``); it takes no images, JSON schema or ``n``.
+# ``scripted`` stands in for a capable model: an entry that plays one lacking something says so.
 TYPE_CAPABILITIES: dict[str, Capabilities] = {
     "scripted": _ALL,
     "openai": _ALL,
@@ -89,7 +90,7 @@ TYPE_CAPABILITIES: dict[str, Capabilities] = {
     "openai_responses": _ALL._replace(n=False),
     "azure_openai_responses": _ALL._replace(n=False),
     "hf_api": Capabilities(tools=True, images=False, json_schema=True, n=False),
-    "hf_local": NO_CAPABILITIES,
+    "hf_local": NO_CAPABILITIES._replace(tools=True),
 }
 
 
@@ -219,6 +220,13 @@ class HfLocalConfig(ProviderConfigBase):
 
     ``model`` is a hub id (resolved offline from the local cache, or from the GGUF file a
     package ships — see ``providers.huggingface.local_models``) or a local folder.
+
+    Tools: the request's tools go to the chat template, and the model's calls are read in
+    ``tool_call_format`` (``providers.huggingface.tool_calls``: ``hermes``, ``template``,
+    ``json``; ``auto`` picks by the tokenizer). With ``supports_tools`` unset, the worker that
+    loads the model sets it from the chat template: one that never reads ``tools`` makes the
+    provider one without tools. Set it to ``false`` to skip the provider for tool requests on
+    any worker, before a hand-off to the model's queue.
     """
 
     type: Literal["hf_local"] = "hf_local"
@@ -231,6 +239,9 @@ class HfLocalConfig(ProviderConfigBase):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     chat_template: str | None = Field(default=None, description="a Jinja template overriding the tokenizer's")
     enable_thinking: bool | None = None
+    tool_call_format: Literal["auto", "hermes", "template", "json"] = Field(
+        default="auto", description="how the model writes tool calls"
+    )
     generation_kwargs: dict[str, Any] = Field(default_factory=dict)
     stop_words: list[str] = Field(default_factory=list, max_length=16)
     # The default and the cap of generated tokens: a request may ask for fewer, never more.

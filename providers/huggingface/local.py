@@ -14,6 +14,14 @@ takes it out of the batch at once. The engine's manager then owns the model: ``g
 never called on it. Under batching a request's temperature, top-p, top-k, stop words and
 ``max_new_tokens`` apply; ``seed``, ``repetition_penalty``, ``min_new_tokens`` and
 ``num_beams`` do not (the batch samples with one generator and decodes without beams).
+
+Tools (``providers.huggingface.tool_calls``): a call that offers tools gives them to the chat
+template, and the answer is read in the entry's ``tool_call_format``: text outside tool-call
+blocks streams as it comes, each call goes out as one tool-call fragment when its block
+completes, and the reply ends with ``tool_calls``. ``tool_choice`` ``required`` or a named
+function cannot be enforced on a local model: the template gets the tools and the model
+decides. Once the model is loaded, an entry without ``supports_tools`` gets it from the chat
+template (``template_takes_tools``), and the provider's ``config`` says so.
 """
 
 from __future__ import annotations
@@ -22,13 +30,24 @@ import threading
 from typing import Any
 
 from providers import errors
-from providers.base import ChatProvider, OnChunk, ProviderCall, StreamingChunk, utc_now_iso
+from providers.base import ChatProvider, OnChunk, ProviderCall
 from providers.guard import CallGuard
 from providers.huggingface.batching import BatchHandle, BatchingConfig, BatchingEngine
 from providers.huggingface.local_models import LoadedModel, load_model
-from providers.messages import merge_generation_kwargs, to_chat_messages, usage_from
+from providers.huggingface.tool_calls import (
+    TOOL_CALL_FORMATS,
+    GeneratedReply,
+    PassThrough,
+    Splitter,
+    detect_format,
+    template_messages,
+    template_source,
+    template_takes_tools,
+)
+from providers.messages import merge_generation_kwargs, usage_from
+from providers.requirements import needs_of
 from settings.providers import HfLocalConfig
-from tasks.contract.schemas import AssistantReply, ReplyMeta
+from tasks.contract.schemas import AssistantReply
 
 # generation_kwargs names -> transformers' generate() names; anything else is dropped.
 _GENERATE_KWARGS = {
@@ -65,6 +84,7 @@ class HfLocalProvider(ChatProvider):
         self._load_lock = threading.Lock()
         self._generate_lock = threading.Lock()
         self._template_lock = threading.Lock()
+        self.tool_call_format: str = config.tool_call_format
 
     @property
     def batching(self) -> bool:
@@ -81,8 +101,18 @@ class HfLocalProvider(ChatProvider):
     def _model(self) -> LoadedModel:
         with self._load_lock:
             if self._loaded is None:
-                self._loaded = load_model(self.config)
+                self._loaded = self._read_template(load_model(self.config))
             return self._loaded
+
+    def _read_template(self, loaded: LoadedModel) -> LoadedModel:
+        """Learn from the loaded tokenizer whether the template takes tools and how calls read."""
+        config = self.config
+        if config.supports_tools is None:
+            takes_tools = template_takes_tools(template_source(loaded.tokenizer, config.chat_template))
+            self.config = config.model_copy(update={"supports_tools": takes_tools})
+        if config.tool_call_format == "auto":
+            self.tool_call_format = detect_format(loaded.tokenizer, config.chat_template)
+        return loaded
 
     def _batching_engine(self) -> BatchingEngine:
         loaded = self._model()
@@ -129,14 +159,52 @@ class HfLocalProvider(ChatProvider):
             kwargs["stop_strings"] = stops
         return kwargs
 
-    def _template_kwargs(self) -> dict[str, Any]:
+    def _template_kwargs(self, call: ProviderCall) -> dict[str, Any]:
         template_kwargs: dict[str, Any] = {"chat_template": self.config.chat_template}
         if self.config.enable_thinking is not None:
             template_kwargs["enable_thinking"] = self.config.enable_thinking
+        if call.offers_tools and call.tools:
+            template_kwargs["tools"] = [tool.model_dump(mode="json", exclude_none=True) for tool in call.tools]
         return template_kwargs
+
+    def render_prompt(self, call: ProviderCall) -> str:
+        """The prompt text the chat template makes of ``call`` (tools included)."""
+        tokenizer = self._model().tokenizer
+        with self._template_lock:
+            rendered = tokenizer.apply_chat_template(
+                template_messages(call.messages),
+                add_generation_prompt=True,
+                tokenize=False,
+                **self._template_kwargs(call),
+            )
+        return str(rendered)
+
+    def _encode(self, tokenizer: Any, call: ProviderCall, **kwargs: Any) -> Any:
+        # One tokenizer serves every request thread; the template step is the only one that
+        # may reconfigure it (padding, truncation), so it runs one thread at a time.
+        with self._template_lock:
+            return tokenizer.apply_chat_template(
+                template_messages(call.messages),
+                add_generation_prompt=True,
+                return_dict=True,
+                **kwargs,
+                **self._template_kwargs(call),
+            )
+
+    def splitter(self, call: ProviderCall, tokenizer: Any, prompt: list[int]) -> Splitter:
+        """How this call's answer is read: for tool calls when it offers tools, else as text."""
+        if not call.offers_tools:
+            return PassThrough()
+        prefix = tokenizer.decode(prompt) if self.tool_call_format == "template" else ""
+        return TOOL_CALL_FORMATS[self.tool_call_format](tokenizer, prefix)
 
     def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
         """Generate a reply, streaming each decoded piece through ``on_chunk``."""
+        self._model()
+        if needs_of(call).tools and not self.config.capabilities().tools:
+            # The chain skips such a provider once it is loaded; this catches a call that
+            # reached it before (the model loads on its first call).
+            raise errors.Unsupported(f"{self.provider_id}: the model's chat template takes no tools")
         if self.batching:
             return self._run_batched(call, on_chunk)
         return self._run_alone(call, on_chunk)
@@ -144,16 +212,10 @@ class HfLocalProvider(ChatProvider):
     def _run_batched(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
         """One request in the shared batch: submit, read its own deltas, leave on any stop."""
         engine = self._batching_engine()
-        # One tokenizer serves every request thread; the template step is the only one that
-        # may reconfigure it (padding, truncation), so it runs one thread at a time.
-        with self._template_lock:
-            encoded = engine.tokenizer.apply_chat_template(
-                to_chat_messages(call.messages), add_generation_prompt=True, return_dict=True, **self._template_kwargs()
-            )
+        encoded = self._encode(engine.tokenizer, call)
         prompt = [int(token) for token in encoded["input_ids"]]
         kwargs = self.generate_kwargs(call)
-        pieces: list[str] = []
-        first_chunk_at: str | None = None
+        reply = GeneratedReply(on_chunk, self.config.model, self.splitter(call, engine.tokenizer, prompt))
         handle: BatchHandle | None = None
         try:
             with CallGuard(call, self.config, self.provider_id) as guard:
@@ -170,23 +232,16 @@ class HfLocalProvider(ChatProvider):
                 guard.attach(lambda: engine.cancel(submitted))
                 for text in handle:
                     guard.chunk_received()
-                    first_chunk_at = first_chunk_at or utc_now_iso()
-                    pieces.append(text)
-                    on_chunk(StreamingChunk(content=text, meta={"model": self.config.model}))
+                    reply.feed(text)
                 guard.raise_if_fired()
+                reply.close()
         finally:
             if handle is not None and handle.result is None:
                 engine.cancel(handle)  # a stop raised from on_chunk: leave the batch now
         result = handle.result
         if result is None:
             raise errors.ServerError(f"{self.provider_id}: the request left the batch without an answer")
-        meta = ReplyMeta(
-            model=self.config.model,
-            finish_reason=result.finish_reason,
-            usage=usage_from(result.prompt_tokens, result.completion_tokens),
-            completion_start_time=first_chunk_at or utc_now_iso(),
-        )
-        return [AssistantReply(content="".join(pieces), meta=meta)]
+        return reply.replies(result.finish_reason, usage_from(result.prompt_tokens, result.completion_tokens))
 
     def _run_alone(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:
         """One generation at a time on the model, through ``generate``."""
@@ -195,14 +250,10 @@ class HfLocalProvider(ChatProvider):
 
         loaded = self._model()
         tokenizer = loaded.tokenizer
-        inputs = tokenizer.apply_chat_template(
-            to_chat_messages(call.messages),
-            add_generation_prompt=True,
-            return_tensors="pt",
-            return_dict=True,
-            **self._template_kwargs(),
-        ).to(loaded.model.device)
+        inputs = self._encode(tokenizer, call, return_tensors="pt").to(loaded.model.device)
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        prompt = [int(token) for token in inputs["input_ids"][0]]
+        reply = GeneratedReply(on_chunk, self.config.model, self.splitter(call, tokenizer, prompt))
         kwargs = self.generate_kwargs(call)
         if "stop_strings" in kwargs:
             kwargs["tokenizer"] = tokenizer
@@ -228,8 +279,6 @@ class HfLocalProvider(ChatProvider):
                 outcome["error"] = exc
                 streamer.end()
 
-        pieces: list[str] = []
-        first_chunk_at: str | None = None
         with self._generate_lock, CallGuard(call, self.config, self.provider_id) as guard:
             guard.attach(stop.set)
             worker = threading.Thread(target=generate, name=f"generate-{self.provider_id}", daemon=True)
@@ -237,14 +286,13 @@ class HfLocalProvider(ChatProvider):
             try:
                 for text in streamer:
                     guard.chunk_received()
-                    if text:
-                        first_chunk_at = first_chunk_at or utc_now_iso()
-                        pieces.append(text)
-                        on_chunk(StreamingChunk(content=text, meta={"model": self.config.model}))
+                    reply.feed(text)
             finally:
                 stop.set()
                 worker.join()
             guard.raise_if_fired()
+            if "error" not in outcome:
+                reply.close()
         if "error" in outcome:
             raise translate_local_error(outcome["error"], self.provider_id)
 
@@ -255,13 +303,7 @@ class HfLocalProvider(ChatProvider):
         eos_ids = set(eos if isinstance(eos, list) else [eos])
         if completion_tokens >= kwargs["max_new_tokens"] and int(generated[-1]) not in eos_ids:
             finish_reason = "length"
-        meta = ReplyMeta(
-            model=self.config.model,
-            finish_reason=finish_reason,
-            usage=usage_from(prompt_tokens, completion_tokens),
-            completion_start_time=first_chunk_at or utc_now_iso(),
-        )
-        return [AssistantReply(content="".join(pieces), meta=meta)]
+        return reply.replies(finish_reason, usage_from(prompt_tokens, completion_tokens))
 
 
 def translate_local_error(exc: BaseException, provider_id: str) -> errors.ProviderError:

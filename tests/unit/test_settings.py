@@ -352,7 +352,7 @@ def test_capabilities_default_per_type_and_are_overridden_per_entry(tmp_path: Pa
         "resp": (True, True, True, False),
         "tgi": (True, False, True, False),
         "vision-tgi": (True, True, True, False),
-        "smol": (False, False, False, False),
+        "smol": (True, False, False, False),
         "caller": (True, True, True, True),
     }
 
