@@ -113,8 +113,9 @@ class ProviderCall:
         return self.deadline - time.monotonic()
 
 
-class ChatProvider(abc.ABC):
-    """A configured provider: one ``[providers.<id>]`` entry, built once per worker process."""
+class ConfiguredProvider(abc.ABC):  # noqa: B024 - a base for both kinds; each kind adds its abstract run
+    """A configured provider of any kind: one ``[providers.<id>]`` entry, built once per worker
+    process."""
 
     def __init__(self, provider_id: str, config: ProviderConfigBase) -> None:
         self.provider_id = provider_id
@@ -127,6 +128,10 @@ class ChatProvider(abc.ABC):
 
     def warm_up(self) -> None:  # noqa: B027 - optional hook, most providers need nothing
         """Prepare expensive state (load a model) before the first request."""
+
+
+class ChatProvider(ConfiguredProvider):
+    """A configured chat provider."""
 
     @abc.abstractmethod
     def run(self, call: ProviderCall, on_chunk: OnChunk) -> list[AssistantReply]:

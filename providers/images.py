@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from providers import errors
+from providers.base import ConfiguredProvider
 from providers.chain import ChainWalk, FailureListener
 from providers.registry import PROVIDER_CLASSES, ProviderPool
 from settings.providers import ImageProviderFields, ProviderConfigBase
@@ -108,20 +109,8 @@ class UnsupportedParameter(errors.BadProviderRequest):
         self.field = field
 
 
-class ImageProvider(abc.ABC):
-    """A configured image provider: one ``[providers.<id>]`` entry, built once per worker process."""
-
-    def __init__(self, provider_id: str, config: ProviderConfigBase) -> None:
-        self.provider_id = provider_id
-        self.config = config
-
-    @property
-    def queue(self) -> str:
-        """The Celery queue whose workers may call this provider."""
-        return self.config.queue
-
-    def warm_up(self) -> None:  # noqa: B027 - optional hook, most providers need nothing
-        """Prepare expensive state before the first request."""
+class ImageProvider(ConfiguredProvider):
+    """A configured image provider."""
 
     @abc.abstractmethod
     def run(self, call: ImageCall, on_image: OnImage) -> list[GeneratedImageData]:

@@ -27,6 +27,7 @@ from tasks.producer.client import (
     build_request,
     message_bytes,
 )
+from tests.support.recording_celery import RecordingCelery
 from worker.state.publisher import EventPublisher
 from worker.state.store import ReplyStore
 
@@ -140,17 +141,6 @@ def test_build_request_keeps_what_it_is_given() -> None:
 def test_build_request_validates() -> None:
     with pytest.raises(ValueError):
         build_request({"prompt": "hi", "generation_kwargs": {"api_key": "sk-x"}})
-
-
-class RecordingCelery:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def send_task(self, name: str, **options: Any) -> None:
-        self.sent.append((name, options))
-
-    def close(self) -> None:
-        pass
 
 
 def test_submit_sends_one_json_keyword_with_the_request_id_as_task_id(client: CascadeClient) -> None:

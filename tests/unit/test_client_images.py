@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import fakeredis
 import pytest
@@ -16,19 +15,9 @@ from tasks.contract import keys
 from tasks.contract.schemas import IMAGE_TASK_NAME, GeneratedImage, ImageReply, ImageRequest
 from tasks.producer.cli import save_images
 from tasks.producer.client import CascadeClient
+from tests.support.recording_celery import RecordingCelery
 
 PNG = b"\x89PNG\r\n\x1a\n" + b"\x01" * 32
-
-
-class RecordingCelery:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, dict[str, Any]]] = []
-
-    def send_task(self, name: str, **options: Any) -> None:
-        self.sent.append((name, options))
-
-    def close(self) -> None:
-        pass
 
 
 @pytest.fixture
