@@ -1,0 +1,235 @@
+"""The slowest first tokens, taken apart: where Cascade's and Haystack-in-Celery's tails come from.
+
+The openai scenario of ``bench.overhead`` (a chain of two ``openai`` providers against the fake
+server, first chunk after 20 ms), with both workers started through probe apps
+(``bench.tail_cascade``, ``bench.tail_haystack``; ``bench.tail_probe``) that record, per
+request, when the consumer received the message, when the task started, the opening script's
+round trip, when the first chunk came from the provider and when its write returned, and every
+garbage collection in each worker process. Requests go one at a time, the paths interleaved in
+a shuffled order per round (``bench.overhead.measure``).
+
+The report gives, for each path, the median of each stage over all requests and over the
+slowest 5 % by first token, then those slowest requests one by one, with the collections that
+ran during them.
+
+``--ab ARM`` adds a second Cascade worker on its own queue that leaves ``ARM`` out
+(``bench.tail_cascade``), interleaved with the first: ``cascade`` has it, ``cascade-<ARM>``
+does not. ``--repeat N`` runs the whole thing N times on fresh stacks.
+
+    python -m bench.tail [--requests 200] [--warmup 10] [--ab no-gc-freeze] [--repeat 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from celery import Celery
+
+from bench import fake_openai
+from bench.common import PROMPT, TEXT, Stack, cpu_busy, percentile
+from bench.haystack_baseline import CHANNEL, HAYSTACK_QUEUE, HAYSTACK_TASK
+from bench.overhead import CHUNK_SIZE, FIRST_MS, PACE_MS, Subscriber, Timing, measure
+from tasks.contract import keys
+from tasks.producer.client import CascadeClient
+
+
+@dataclass
+class Sent:
+    """One request as the benchmark saw it."""
+
+    path: str
+    task_id: str
+    sent: float  # time.time() just before sending
+    timing: Timing | None = None
+    stamps: dict[str, float] = field(default_factory=dict)
+    gcs: list[tuple[str, int, float]] = field(default_factory=list)  # (process, generation, ms) in the window
+
+    @property
+    def first_read(self) -> float:
+        return self.sent + (self.timing.ttft_s if self.timing else 0.0)
+
+
+CASCADE_STAGES = (
+    ("sent", "received"),
+    ("received", "prerun"),
+    ("prerun", "open_start"),
+    ("open_start", "open_end"),
+    ("open_end", "chunk_in"),
+    ("chunk_in", "chunk_out"),
+    ("chunk_out", "read"),
+)
+HAYSTACK_STAGES = (
+    ("sent", "received"),
+    ("received", "prerun"),
+    ("prerun", "chunk_in"),
+    ("chunk_in", "chunk_out"),
+    ("chunk_out", "read"),
+)
+
+
+def _config(stack: Stack, base_url: str, queues: list[str]) -> Path:
+    toml = ""
+    chains = ""
+    for queue in queues:
+        for role in ("primary", "secondary"):
+            toml += (
+                f'[providers.{role}_{queue}]\ntype = "openai"\nmodel = "gpt-4.1-mini"\n'
+                f'api_base_url = "{base_url}"\ntimeout_s = 30\nqueue = "{queue}"\n'
+            )
+        chains += f'{queue} = ["primary_{queue}", "secondary_{queue}"]\n'
+    return stack.config(toml + "[chains]\n" + chains)
+
+
+def _load_probes(folder: Path) -> tuple[dict[str, dict[str, Any]], list[tuple[str, int, float, float]]]:
+    """Per task id: the stamps of the main and the pool process; and every collection."""
+    stamps: dict[str, dict[str, Any]] = {}
+    gcs: list[tuple[str, int, float, float]] = []
+    for path in folder.glob("*.jsonl"):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            where = f"{'main' if record.get('main') else 'pool'}:{record['pid']}"
+            gcs += [(where, gen, start, stop) for gen, start, stop in record.pop("gcs", [])]
+            task = stamps.setdefault(record.get("task_id") or "", {})
+            task.update({k: v for k, v in record.items() if isinstance(v, float)})
+    return stamps, sorted(set(gcs), key=lambda g: g[2])
+
+
+def run_once(requests: int, warmup: int, arm: str | None, seed: int) -> list[Sent]:
+    """One stack, every path interleaved; the requests with their stamps."""
+    pace = fake_openai.Pace(TEXT, CHUNK_SIZE, FIRST_MS, PACE_MS)
+    sent: list[Sent] = []
+    with Stack("tail") as stack:
+        probes = stack.workdir / "probes"
+        probes.mkdir()
+        server, base_url = fake_openai.start(pace, log=stack.log("fake-openai"))
+        stack.adopt(server)
+        queues = ["chat"] + (["chat_b"] if arm else [])
+        config = _config(stack, base_url, queues)
+        env = {"CASCADE_REDIS_URL": stack.url, "CASCADE_CONFIG": str(config), "BENCH_TAIL_DIR": str(probes)}
+        stack.celery_worker("bench.tail_cascade", queues="chat", env=env)
+        if arm:
+            stack.celery_worker("bench.tail_cascade", queues="chat_b", env={**env, "BENCH_TAIL_ARM": arm})
+        hay_env = {"BENCH_OPENAI_BASE_URL": base_url, "BENCH_TAIL_DIR": str(probes)}
+        stack.celery_worker("bench.tail_haystack", queues=HAYSTACK_QUEUE, env=hay_env)
+        producer = Celery("bench-producer", broker=stack.url, set_as_current=False)
+        producer.conf.update(task_serializer="json", accept_content=["json"])
+        subscriber = Subscriber(stack.url)
+        try:
+            with CascadeClient(stack.url) as client:
+
+                def cascade(path: str, chain: str) -> Timing:
+                    request_id = uuid.uuid4().hex
+                    record = Sent(path, request_id, time.time())
+                    started = time.perf_counter()
+                    client.submit(request_id=request_id, prompt=PROMPT, chain=chain)
+                    record.timing = subscriber.follow(keys.stream_channel(request_id), started)
+                    sent.append(record)
+                    return record.timing
+
+                def haystack() -> Timing:
+                    request_id = uuid.uuid4().hex
+                    record = Sent("haystack", request_id, time.time())
+                    started = time.perf_counter()
+                    producer.send_task(
+                        HAYSTACK_TASK,
+                        task_id=request_id,
+                        kwargs={"request_id": request_id, "messages": [{"role": "user", "content": PROMPT}]},
+                        queue=HAYSTACK_QUEUE,
+                    )
+                    record.timing = subscriber.follow(CHANNEL.format(request_id=request_id), started)
+                    sent.append(record)
+                    return record.timing
+
+                paths: dict[str, Callable[[], Timing]] = {
+                    "cascade": lambda: cascade("cascade", "chat"),
+                    "haystack": haystack,
+                }
+                if arm:
+                    paths[f"cascade-{arm}"] = lambda: cascade(f"cascade-{arm}", "chat_b")
+                for name in paths:  # the first requests wait for the workers to start
+                    paths[name]()
+                sent.clear()
+                measure(paths, requests, warmup, seed)
+        finally:
+            subscriber.close()
+            producer.close()
+        time.sleep(0.5)  # the last postrun lines
+        stamps, gcs = _load_probes(probes)
+    for record in sent:
+        record.stamps = {"sent": record.sent, **stamps.get(record.task_id, {}), "read": record.first_read}
+        record.gcs = [
+            (where, gen, (stop - start) * 1000) for where, gen, start, stop in gcs if record.sent <= stop and start <= record.first_read
+        ]
+    # measure() drops warm-up rounds from its own results; drop them here too.
+    by_path: dict[str, list[Sent]] = {}
+    for record in sent:
+        by_path.setdefault(record.path, []).append(record)
+    return [record for records in by_path.values() for record in records[warmup:]]
+
+
+def _stage_ms(record: Sent, start: str, end: str) -> float | None:
+    if start in record.stamps and end in record.stamps:
+        return (record.stamps[end] - record.stamps[start]) * 1000
+    return None
+
+
+def _median(values: list[float | None]) -> str:
+    present = [v for v in values if v is not None]
+    return f"{statistics.median(present):6.2f}" if present else "     -"
+
+
+def report(records: list[Sent], busy: tuple[float, float]) -> str:
+    """Stage medians (all, slowest 5 %) and the slowest requests, per path."""
+    lines = [f"CPU {busy[0]:.0f}% busy before, {busy[1]:.0f}% after"]
+    paths: dict[str, list[Sent]] = {}
+    for record in records:
+        paths.setdefault(record.path, []).append(record)
+    summary = []
+    for path, group in paths.items():
+        ttfts = [r.timing.ttft_s * 1000 for r in group if r.timing]
+        summary.append(f"  {path:24s} n={len(group)} first token p50 {percentile(ttfts, 50):6.2f} p99 {percentile(ttfts, 99):6.2f}")
+        stages = HAYSTACK_STAGES if path == "haystack" else CASCADE_STAGES
+        slow = sorted(group, key=lambda r: r.timing.ttft_s if r.timing else 0.0)[-max(1, len(group) // 20) :]
+        lines.append(f"\n{path}: stage medians in ms, all {len(group)} / slowest {len(slow)}")
+        for start, end in stages:
+            everyone = _median([_stage_ms(r, start, end) for r in group])
+            slowest = _median([_stage_ms(r, start, end) for r in slow])
+            lines.append(f"  {start:>10s} -> {end:<10s} {everyone}  {slowest}")
+        with_gc = [r for r in group if r.gcs]
+        lines.append(
+            f"  requests with a collection during them: {len(with_gc)} of {len(group)}, "
+            f"{sum(1 for r in slow if r.gcs)} of the slowest {len(slow)}"
+        )
+        lines.append("  slowest: ttft | " + " | ".join(f"{s}>{e}" for s, e in stages) + " | collections (where gen ms)")
+        for record in slow:
+            cells = " | ".join(f"{v:.1f}" if (v := _stage_ms(record, s, e)) is not None else "-" for s, e in stages)
+            collections = ", ".join(f"{w.split(':')[0]} g{g} {ms:.2f}" for w, g, ms in record.gcs) or "none"
+            lines.append(f"    {record.timing.ttft_s * 1000 if record.timing else 0:.1f} | {cells} | {collections}")
+    return "\n".join(["first token per path:", *summary, *lines])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=200)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--ab", default=None, help="the arm a second Cascade worker leaves out (bench.tail_cascade)")
+    parser.add_argument("--repeat", type=int, default=1)
+    args = parser.parse_args()
+    for number in range(args.repeat):
+        busy_before = cpu_busy()
+        records = run_once(args.requests, args.warmup, args.ab, seed=number)
+        print(f"=== run {number + 1} of {args.repeat} (pid {os.getpid()})")
+        print(report(records, (busy_before, cpu_busy())), flush=True)
+
+
+if __name__ == "__main__":
+    main()
