@@ -100,11 +100,13 @@ def _load_probes(folder: Path) -> tuple[dict[str, dict[str, Any]], list[tuple[st
             gcs += [(where, gen, start, stop) for gen, start, stop in record.pop("gcs", [])]
             task = stamps.setdefault(record.get("task_id") or "", {})
             task.update({k: v for k, v in record.items() if isinstance(v, float)})
+            task["main_pid" if record.get("main") else "pool_pid"] = float(record["pid"])
     return stamps, sorted(set(gcs), key=lambda g: g[2])
 
 
-def run_once(requests: int, warmup: int, arm: str | None, seed: int) -> list[Sent]:
-    """One stack, every path interleaved; the requests with their stamps."""
+def run_once(requests: int, warmup: int, arm: str | None, seed: int) -> tuple[list[Sent], list[str]]:
+    """One stack, every path interleaved: the requests with their stamps, and a line per full
+    collection in any worker process (timed requests or not)."""
     pace = fake_openai.Pace(TEXT, CHUNK_SIZE, FIRST_MS, PACE_MS)
     sent: list[Sent] = []
     with Stack("tail") as stack:
@@ -173,7 +175,20 @@ def run_once(requests: int, warmup: int, arm: str | None, seed: int) -> list[Sen
     by_path: dict[str, list[Sent]] = {}
     for record in sent:
         by_path.setdefault(record.path, []).append(record)
-    return [record for records in by_path.values() for record in records[warmup:]]
+    timed = [record for records in by_path.values() for record in records[warmup:]]
+    pids = {}
+    for record in sent:
+        for role in ("main_pid", "pool_pid"):
+            if role in record.stamps:
+                pids[int(record.stamps[role])] = record.path
+    first = min((r.sent for r in timed), default=0.0)
+    full = [
+        f"  {where} {pids.get(int(where.split(':')[1]), '')}: gen2 {(stop - start) * 1000:.1f} ms, "
+        f"{start - first:+.1f} s from the first timed request"
+        for where, gen, start, stop in gcs
+        if gen == 2
+    ]
+    return timed, full
 
 
 def _stage_ms(record: Sent, start: str, end: str) -> float | None:
@@ -226,9 +241,10 @@ def main() -> None:
     args = parser.parse_args()
     for number in range(args.repeat):
         busy_before = cpu_busy()
-        records = run_once(args.requests, args.warmup, args.ab, seed=number)
+        records, full = run_once(args.requests, args.warmup, args.ab, seed=number)
         print(f"=== run {number + 1} of {args.repeat} (pid {os.getpid()})")
-        print(report(records, (busy_before, cpu_busy())), flush=True)
+        print(report(records, (busy_before, cpu_busy())))
+        print("full collections in the workers:", *(full or ["  none"]), sep="\n", flush=True)
 
 
 if __name__ == "__main__":
