@@ -16,7 +16,11 @@ ran during them.
 (``bench.tail_cascade``), interleaved with the first: ``cascade`` has it, ``cascade-<ARM>``
 does not. ``--repeat N`` runs the whole thing N times on fresh stacks.
 
+``--gc-cost`` only times a full garbage collection in a process warmed up as a pool process
+is, before and after ``gc.freeze()`` (``worker.signals.freeze_warm_heap``).
+
     python -m bench.tail [--requests 200] [--warmup 10] [--ab no-gc-freeze] [--repeat 1]
+    python -m bench.tail --gc-cost
 """
 
 from __future__ import annotations
@@ -169,7 +173,9 @@ def run_once(requests: int, warmup: int, arm: str | None, seed: int) -> tuple[li
     for record in sent:
         record.stamps = {"sent": record.sent, **stamps.get(record.task_id, {}), "read": record.first_read}
         record.gcs = [
-            (where, gen, (stop - start) * 1000) for where, gen, start, stop in gcs if record.sent <= stop and start <= record.first_read
+            (where, gen, (stop - start) * 1000)
+            for where, gen, start, stop in gcs
+            if record.sent <= stop and start <= record.first_read
         ]
     # measure() drops warm-up rounds from its own results; drop them here too.
     by_path: dict[str, list[Sent]] = {}
@@ -211,7 +217,9 @@ def report(records: list[Sent], busy: tuple[float, float]) -> str:
     summary = []
     for path, group in paths.items():
         ttfts = [r.timing.ttft_s * 1000 for r in group if r.timing]
-        summary.append(f"  {path:24s} n={len(group)} first token p50 {percentile(ttfts, 50):6.2f} p99 {percentile(ttfts, 99):6.2f}")
+        summary.append(
+            f"  {path:24s} n={len(group)} first token p50 {percentile(ttfts, 50):6.2f} p99 {percentile(ttfts, 99):6.2f}"
+        )
         stages = HAYSTACK_STAGES if path == "haystack" else CASCADE_STAGES
         slow = sorted(group, key=lambda r: r.timing.ttft_s if r.timing else 0.0)[-max(1, len(group) // 20) :]
         lines.append(f"\n{path}: stage medians in ms, all {len(group)} / slowest {len(slow)}")
@@ -232,13 +240,41 @@ def report(records: list[Sent], busy: tuple[float, float]) -> str:
     return "\n".join(["first token per path:", *summary, *lines])
 
 
+def gc_cost(runs: int = 5) -> str:
+    """What one full collection costs in this process once it holds what a pool process
+    warms up (Celery, the task, an ``openai`` provider), before and after ``gc.freeze()``."""
+    import gc
+
+    import tasks.chat  # noqa: F401 - the task module and all it imports, as in a pool process
+    from providers.registry import build_provider
+    from settings.providers import OpenAIConfig
+
+    build_provider("warm", OpenAIConfig(model="gpt-4.1-mini", api_base_url="http://127.0.0.1:9/v1", timeout_s=3))
+    lines = [f"tracked objects after warm-up: {len(gc.get_objects())}"]
+    for label in ("unfrozen", "after gc.freeze()"):
+        if label != "unfrozen":
+            gc.freeze()
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            gc.collect()
+            times.append((time.perf_counter() - started) * 1000)
+        lines.append(f"full collection, {label}: median {statistics.median(times):.2f} ms of {runs}")
+    gc.unfreeze()
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--ab", default=None, help="the arm a second Cascade worker leaves out (bench.tail_cascade)")
     parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--gc-cost", action="store_true", help="only time a full collection, unfrozen and frozen")
     args = parser.parse_args()
+    if args.gc_cost:
+        print(gc_cost())
+        return
     for number in range(args.repeat):
         busy_before = cpu_busy()
         records, full = run_once(args.requests, args.warmup, args.ab, seed=number)

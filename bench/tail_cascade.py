@@ -1,30 +1,40 @@
 """Cascade's worker app with ``bench.tail_probe`` installed: ``celery -A bench.tail_cascade worker``.
 
-``BENCH_TAIL_ARM`` names what this worker leaves out, for an A/B against a worker without it
-(``bench.tail``): ``no-gc-freeze`` unfreezes what warm-up froze.
+``BENCH_TAIL_ARM`` names what this worker leaves out, for an A/B against a worker with it
+(``bench.tail --ab``), comma-separated:
+
+- ``no-gc-freeze``: what warm-up froze is unfrozen (``worker.signals.freeze_warm_heap``);
+- ``no-hiredis``: redis-py packs commands and parses replies in Python, as without the
+  ``hiredis`` package.
 """
 
 from __future__ import annotations
 
 import gc
 import os
+import sys
 from typing import Any
 
-from celery.signals import worker_process_init
+ARMS = frozenset(filter(None, os.environ.get("BENCH_TAIL_ARM", "").split(",")))
 
-import worker.signals  # noqa: F401 - Cascade's own handlers connect first: the arm's run after them
-from bench import tail_probe
-from worker.celery_app import app
+if "no-hiredis" in ARMS:
+    if "redis" in sys.modules:
+        raise RuntimeError("redis-py is imported already: too late to leave hiredis out")
+    sys.modules["hiredis"] = None  # type: ignore[assignment]  # an import of it raises ImportError
+
+from celery.signals import worker_process_init  # noqa: E402
+
+import worker.signals  # noqa: E402,F401 - Cascade's own handlers connect first: the arm's run after them
+from bench import tail_probe  # noqa: E402
+from worker.celery_app import app  # noqa: E402
 
 __all__ = ["app"]
 
-ARM = os.environ.get("BENCH_TAIL_ARM", "")
 
-
-def _apply_arm(**_: Any) -> None:
-    if ARM == "no-gc-freeze":
+def _apply_arms(**_: Any) -> None:
+    if "no-gc-freeze" in ARMS:
         gc.unfreeze()
 
 
 tail_probe.install(cascade=True)
-worker_process_init.connect(_apply_arm, weak=False)
+worker_process_init.connect(_apply_arms, weak=False)

@@ -34,7 +34,7 @@ _installed = {"done": False}
 
 
 def _out() -> Path:
-    return Path(os.environ.get("BENCH_TAIL_DIR", "/tmp")) / f"{os.getpid()}.jsonl"
+    return Path(os.environ["BENCH_TAIL_DIR"]) / f"{os.getpid()}.jsonl"
 
 
 def _write(record: dict[str, Any]) -> None:
