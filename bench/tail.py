@@ -38,7 +38,7 @@ from typing import Any
 
 from celery import Celery
 
-from bench import fake_openai
+from bench import fake_openai, tail_probe
 from bench.common import PROMPT, TEXT, Stack, cpu_busy, percentile
 from bench.haystack_baseline import CHANNEL, HAYSTACK_QUEUE, HAYSTACK_TASK
 from bench.overhead import CHUNK_SIZE, FIRST_MS, PACE_MS, Subscriber, Timing, measure
@@ -208,6 +208,10 @@ def _median(values: list[float | None]) -> str:
     return f"{statistics.median(present):6.2f}" if present else "     -"
 
 
+def _kind(code: int) -> str:
+    return {tail_probe.REAPER: "reaper", tail_probe.TIMER: "timer"}.get(code, f"g{code}")
+
+
 def report(records: list[Sent], busy: tuple[float, float]) -> str:
     """Stage medians (all, slowest 5 %) and the slowest requests, per path."""
     lines = [f"CPU {busy[0]:.0f}% busy before, {busy[1]:.0f}% after"]
@@ -227,15 +231,23 @@ def report(records: list[Sent], busy: tuple[float, float]) -> str:
             everyone = _median([_stage_ms(r, start, end) for r in group])
             slowest = _median([_stage_ms(r, start, end) for r in slow])
             lines.append(f"  {start:>10s} -> {end:<10s} {everyone}  {slowest}")
-        with_gc = [r for r in group if r.gcs]
-        lines.append(
-            f"  requests with a collection during them: {len(with_gc)} of {len(group)}, "
-            f"{sum(1 for r in slow if r.gcs)} of the slowest {len(slow)}"
-        )
-        lines.append("  slowest: ttft | " + " | ".join(f"{s}>{e}" for s, e in stages) + " | collections (where gen ms)")
+        for label, kinds in (
+            ("a collection", {0, 1, 2}),
+            ("a reaper pass", {tail_probe.REAPER}),
+            ("a timer callback", {tail_probe.TIMER}),
+        ):
+
+            def hit(record: Sent, kinds: set[int] = kinds) -> bool:
+                return any(g in kinds for _w, g, _ms in record.gcs)
+
+            lines.append(
+                f"  requests with {label} during them: {sum(map(hit, group))} of {len(group)}, "
+                f"{sum(map(hit, slow))} of the slowest {len(slow)}"
+            )
+        lines.append("  slowest: ttft | " + " | ".join(f"{s}>{e}" for s, e in stages) + " | background (where what ms)")
         for record in slow:
             cells = " | ".join(f"{v:.1f}" if (v := _stage_ms(record, s, e)) is not None else "-" for s, e in stages)
-            collections = ", ".join(f"{w.split(':')[0]} g{g} {ms:.2f}" for w, g, ms in record.gcs) or "none"
+            collections = ", ".join(f"{w.split(':')[0]} {_kind(g)} {ms:.2f}" for w, g, ms in record.gcs) or "none"
             lines.append(f"    {record.timing.ttft_s * 1000 if record.timing else 0:.1f} | {cells} | {collections}")
     return "\n".join(["first token per path:", *summary, *lines])
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 _lock = threading.Lock()
-_gcs: list[tuple[int, float, float]] = []  # (generation, start, stop) since the last write
+_gcs: list[tuple[int, float, float]] = []  # (kind, start, stop) since the last write: a generation, or below
+REAPER, TIMER = 10, 11  # a reaper pass (main process), a timer run with a callback (pool process)
 _gc_started: dict[str, float] = {}
 _current: dict[str, Any] = {}  # the task this pool process runs
 _installed = {"done": False}
@@ -83,6 +84,40 @@ def _task_received(request: Any = None, **_: Any) -> None:
     _write(record)
 
 
+def _timed(kind: int, function: Any) -> Any:
+    """``function``, recording each call's start and stop as a ``kind`` event."""
+
+    @functools.wraps(function)
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            with _lock:
+                _gcs.append((kind, started, time.time()))
+
+    return timed
+
+
+def _probe_background() -> None:
+    """Record the reaper's passes (each of its three sweeps) and the timer's callbacks."""
+    from providers.timer import Timer
+    from worker.state import reaper
+
+    for name in ("reclaim_expired", "restore_orphans", "resend_lost", "lead_sweep"):
+        setattr(reaper, name, _timed(REAPER, getattr(reaper, name)))
+    real_pop = Timer._pop_ready
+
+    def pop_ready(self: Timer, now: float) -> Any:
+        ready = real_pop(self, now)
+        if ready is not None:
+            key, callback = ready
+            return key, _timed(TIMER, callback)
+        return ready
+
+    Timer._pop_ready = pop_ready  # type: ignore[method-assign]
+
+
 def _probe_cascade() -> None:
     """Wrap the opening script and the runner's chunk callback (Cascade's pool process)."""
     from tasks.runner import RequestRunner
@@ -127,6 +162,7 @@ def install(*, cascade: bool) -> None:
     task_received.connect(_task_received, weak=False)
     if cascade:
         _probe_cascade()
+        _probe_background()
 
 
 def probe_haystack() -> None:
