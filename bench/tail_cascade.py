@@ -4,6 +4,8 @@
 (``bench.tail --ab``), comma-separated:
 
 - ``no-gc-freeze``: what warm-up froze is unfrozen (``worker.signals.freeze_warm_heap``);
+- ``no-release``: the chain leaves tenacity's ``Retrying`` cycle for the garbage collector
+  (``providers.chain.release_retrying`` does nothing);
 - ``no-hiredis``: redis-py packs commands and parses replies in Python, as without the
   ``hiredis`` package.
 """
@@ -26,6 +28,7 @@ from celery.signals import worker_process_init  # noqa: E402
 
 import worker.signals  # noqa: E402,F401 - Cascade's own handlers connect first: the arm's run after them
 from bench import tail_probe  # noqa: E402
+from providers import chain  # noqa: E402
 from worker.celery_app import app  # noqa: E402
 
 __all__ = ["app"]
@@ -34,6 +37,8 @@ __all__ = ["app"]
 def _apply_arms(**_: Any) -> None:
     if "no-gc-freeze" in ARMS:
         gc.unfreeze()
+    if "no-release" in ARMS:
+        chain.release_retrying = lambda _retrying: None
 
 
 tail_probe.install(cascade=True)

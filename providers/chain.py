@@ -175,7 +175,10 @@ class ChainRun:
             provider_attempt += 1
             return self._call_once(provider, index, provider_attempt)
 
-        result: list[AssistantReply] = retrying(call_once)
+        try:
+            result: list[AssistantReply] = retrying(call_once)
+        finally:
+            release_retrying(retrying)
         return result
 
     def _call_once(self, provider: ChatProvider, index: int, provider_attempt: int) -> list[AssistantReply]:
@@ -297,3 +300,11 @@ class ChainRun:
 def _class_name(provider: ChatProvider) -> str:
     """The provider's class name, seen through a lazy handle."""
     return str(getattr(provider, "provider_class_name", type(provider).__name__))
+
+
+def release_retrying(retrying: Retrying) -> None:
+    """Break the reference cycle a ``Retrying`` keeps after a call (its iteration state lists
+    bound methods of itself), which holds the call's closure and through it the chain run, its
+    listener and the request: with it broken they are freed as the call returns, instead of by
+    the garbage collector, whose passes then fall inside later requests."""
+    retrying.iter_state.reset()
