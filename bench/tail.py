@@ -63,7 +63,9 @@ class Sent:
 
 
 CASCADE_STAGES = (
-    ("sent", "received"),
+    ("sent", "admit_in"),
+    ("admit_in", "admit_out"),
+    ("admit_out", "received"),
     ("received", "prerun"),
     ("prerun", "open_start"),
     ("open_start", "open_end"),
@@ -226,11 +228,16 @@ def report(records: list[Sent], busy: tuple[float, float]) -> str:
         )
         stages = HAYSTACK_STAGES if path == "haystack" else CASCADE_STAGES
         slow = sorted(group, key=lambda r: r.timing.ttft_s if r.timing else 0.0)[-max(1, len(group) // 20) :]
-        lines.append(f"\n{path}: stage medians in ms, all {len(group)} / slowest {len(slow)}")
+        lines.append(
+            f"\n{path}: ms per stage: median, p95, count over 2 ms (of {len(group)}); median of the slowest {len(slow)}"
+        )
         for start, end in stages:
-            everyone = _median([_stage_ms(r, start, end) for r in group])
+            values = [v for r in group if (v := _stage_ms(r, start, end)) is not None]
+            everyone = _median(list(values))
+            p95 = f"{percentile(values, 95):6.2f}" if values else "     -"
+            over = sum(1 for v in values if v > 2.0)
             slowest = _median([_stage_ms(r, start, end) for r in slow])
-            lines.append(f"  {start:>10s} -> {end:<10s} {everyone}  {slowest}")
+            lines.append(f"  {start:>10s} -> {end:<10s} {everyone} {p95} {over:4d}  {slowest}")
         for label, kinds in (
             ("a collection", {0, 1, 2}),
             ("a reaper pass", {tail_probe.REAPER}),

@@ -99,6 +99,23 @@ def _timed(kind: int, function: Any) -> Any:
     return timed
 
 
+def _probe_screen() -> None:
+    """Stamp the transport's screen of each message (main process): in, out, by task id."""
+    from worker.boundary.transport import Channel
+
+    real_admit = Channel._admit
+
+    @functools.wraps(real_admit)
+    def admit(self: Channel, *args: Any, **kwargs: Any) -> Any:
+        started = time.time()
+        message = real_admit(self, *args, **kwargs)
+        task_id = ((message or {}).get("headers") or {}).get("id")
+        _write({"task_id": task_id, "admit_in": started, "admit_out": time.time(), "pid": os.getpid(), "main": True})
+        return message
+
+    Channel._admit = admit  # type: ignore[method-assign]
+
+
 def _probe_background() -> None:
     """Record the reaper's passes (each of its three sweeps) and the timer's callbacks."""
     from providers.timer import Timer
@@ -163,6 +180,7 @@ def install(*, cascade: bool) -> None:
     if cascade:
         _probe_cascade()
         _probe_background()
+        _probe_screen()
 
 
 def probe_haystack() -> None:
