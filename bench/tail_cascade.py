@@ -3,7 +3,10 @@
 ``BENCH_TAIL_ARM`` names what this worker leaves out, for an A/B against a worker with it
 (``bench.tail --ab``), comma-separated:
 
-- ``no-gc-freeze``: what warm-up froze is unfrozen (``worker.signals.freeze_warm_heap``);
+- ``no-gc-freeze``: warm-up freezes nothing (``worker.signals.freeze_warm_heap`` is
+  disconnected: unfreezing afterwards would not do, as ``gc.unfreeze`` puts the young objects
+  of warm-up straight into the oldest generation, where they no longer count towards its
+  next collection);
 - ``no-release``: the chain leaves tenacity's ``Retrying`` cycle for the garbage collector
   (``providers.chain.release_retrying`` does nothing);
 - ``no-hiredis``: redis-py packs commands and parses replies in Python, as without the
@@ -12,7 +15,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 import sys
 from typing import Any
@@ -26,7 +28,7 @@ if "no-hiredis" in ARMS:
 
 from celery.signals import worker_process_init  # noqa: E402
 
-import worker.signals  # noqa: E402,F401 - Cascade's own handlers connect first: the arm's run after them
+import worker.signals  # noqa: E402 - Cascade's own handlers connect first: the arm's run after them
 from bench import tail_probe  # noqa: E402
 from providers import chain  # noqa: E402
 from worker.celery_app import app  # noqa: E402
@@ -35,11 +37,11 @@ __all__ = ["app"]
 
 
 def _apply_arms(**_: Any) -> None:
-    if "no-gc-freeze" in ARMS:
-        gc.unfreeze()
     if "no-release" in ARMS:
         chain.release_retrying = lambda _retrying: None
 
 
 tail_probe.install(cascade=True)
+if "no-gc-freeze" in ARMS:
+    worker_process_init.disconnect(worker.signals.freeze_warm_heap)
 worker_process_init.connect(_apply_arms, weak=False)
