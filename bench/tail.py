@@ -190,9 +190,21 @@ def run_once(requests: int, warmup: int, arm: str | None, seed: int) -> tuple[li
             if role in record.stamps:
                 pids[int(record.stamps[role])] = record.path
     first = min((r.sent for r in timed), default=0.0)
+
+    def landed(where: str, start: float, stop: float) -> str:
+        pid = float(where.split(":")[1])
+        for record in sent:
+            if pid not in (record.stamps.get("pool_pid"), record.stamps.get("main_pid")) or not record.timing:
+                continue
+            if start <= record.first_read and stop >= record.sent:
+                return "inside a request's wait for its first token"
+            if start <= record.sent + record.timing.total_s and stop >= record.sent:
+                return "inside a request, after its first token"
+        return "between requests"
+
     full = [
         f"  {where} {pids.get(int(where.split(':')[1]), '')}: gen2 {(stop - start) * 1000:.1f} ms, "
-        f"{start - first:+.1f} s from the first timed request"
+        f"{start - first:+.1f} s from the first timed request, {landed(where, start, stop)}"
         for where, gen, start, stop in gcs
         if gen == 2
     ]
@@ -223,8 +235,11 @@ def report(records: list[Sent], busy: tuple[float, float]) -> str:
     summary = []
     for path, group in paths.items():
         ttfts = [r.timing.ttft_s * 1000 for r in group if r.timing]
+        totals = [r.timing.total_s * 1000 for r in group if r.timing]
         summary.append(
-            f"  {path:24s} n={len(group)} first token p50 {percentile(ttfts, 50):6.2f} p99 {percentile(ttfts, 99):6.2f}"
+            f"  {path:32s} n={len(group)} first token p50 {percentile(ttfts, 50):6.2f} p99 {percentile(ttfts, 99):6.2f}"
+            f" max {max(ttfts):6.1f}; total p50 {percentile(totals, 50):6.2f} p99 {percentile(totals, 99):6.2f}"
+            f" max {max(totals):6.1f}"
         )
         stages = HAYSTACK_STAGES if path == "haystack" else CASCADE_STAGES
         slow = sorted(group, key=lambda r: r.timing.ttft_s if r.timing else 0.0)[-max(1, len(group) // 20) :]
