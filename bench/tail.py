@@ -65,7 +65,8 @@ class Sent:
 CASCADE_STAGES = (
     ("sent", "admit_in"),
     ("admit_in", "admit_out"),
-    ("admit_out", "received"),
+    ("admit_out", "deliver"),
+    ("deliver", "received"),
     ("received", "prerun"),
     ("prerun", "open_start"),
     ("open_start", "open_end"),
@@ -74,7 +75,8 @@ CASCADE_STAGES = (
     ("chunk_out", "read"),
 )
 HAYSTACK_STAGES = (
-    ("sent", "received"),
+    ("sent", "deliver"),
+    ("deliver", "received"),
     ("received", "prerun"),
     ("prerun", "chunk_in"),
     ("chunk_in", "chunk_out"),

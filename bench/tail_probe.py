@@ -166,6 +166,21 @@ def _probe_cascade() -> None:
     RequestRunner.on_chunk = on_chunk  # type: ignore[method-assign]
 
 
+def _probe_deliver() -> None:
+    """Stamp kombu handing each message to Celery's consumer (main process), in either worker."""
+    from kombu.transport import virtual
+
+    real_deliver = virtual.Transport._deliver
+
+    @functools.wraps(real_deliver)
+    def deliver(self: Any, message: Any, queue: str) -> Any:
+        task_id = ((message or {}).get("headers") or {}).get("id") if isinstance(message, dict) else None
+        _write({"task_id": task_id, "deliver": time.time(), "pid": os.getpid(), "main": True})
+        return real_deliver(self, message, queue)
+
+    virtual.Transport._deliver = deliver  # type: ignore[method-assign]
+
+
 def install(*, cascade: bool) -> None:
     """Connect the probes in this process and the processes it forks (once)."""
     from celery.signals import task_postrun, task_prerun, task_received
@@ -177,6 +192,7 @@ def install(*, cascade: bool) -> None:
     task_prerun.connect(_task_prerun, weak=False)
     task_postrun.connect(_task_postrun, weak=False)
     task_received.connect(_task_received, weak=False)
+    _probe_deliver()
     if cascade:
         _probe_cascade()
         _probe_background()
