@@ -12,14 +12,16 @@ The report gives, for each path, the median of each stage over all requests and 
 slowest 5 % by first token, then those slowest requests one by one, with the collections that
 ran during them.
 
-``--ab ARM`` adds a second Cascade worker on its own queue that leaves ``ARM`` out
-(``bench.tail_cascade``), interleaved with the first: ``cascade`` has it, ``cascade-<ARM>``
-does not. ``--repeat N`` runs the whole thing N times on fresh stacks.
+``--ab ARMS`` adds a second Cascade worker on its own queue that leaves ``ARMS`` out
+(comma-separated: ``no-gc-freeze``, ``no-release``, ``no-hiredis``; ``bench.tail_cascade``),
+interleaved with the first: ``cascade`` has them, ``cascade-<ARMS>`` does not.
+``--ab no-gc-freeze,no-release`` is the worker as it was before both garbage-collection cuts.
+``--repeat N`` runs the whole thing N times on fresh stacks.
 
 ``--gc-cost`` only times a full garbage collection in a process warmed up as a pool process
 is, before and after ``gc.freeze()`` (``worker.signals.freeze_warm_heap``).
 
-    python -m bench.tail [--requests 200] [--warmup 10] [--ab no-gc-freeze] [--repeat 1]
+    python -m bench.tail [--requests 200] [--warmup 10] [--ab no-gc-freeze,no-release] [--repeat 1]
     python -m bench.tail --gc-cost
 """
 
