@@ -212,7 +212,10 @@ class ChainWalk(Generic[P, T]):
             provider_attempt += 1
             return self._call_once(provider, index, provider_attempt)
 
-        result: list[T] = retrying(call_once)
+        try:
+            result: list[T] = retrying(call_once)
+        finally:
+            release_retrying(retrying)
         return result
 
     def _call_once(self, provider: P, index: int, provider_attempt: int) -> list[T]:
@@ -375,3 +378,11 @@ class ChainRun(ChainWalk[ChatProvider, AssistantReply]):
 def _class_name(provider: ChainMember) -> str:
     """The provider's class name, seen through a lazy handle."""
     return str(getattr(provider, "provider_class_name", type(provider).__name__))
+
+
+def release_retrying(retrying: Retrying) -> None:
+    """Break the reference cycle a ``Retrying`` keeps after a call (its iteration state lists
+    bound methods of itself), which holds the call's closure and through it the chain run, its
+    listener and the request: with it broken they are freed as the call returns, instead of by
+    the garbage collector, whose passes then fall inside later requests."""
+    retrying.iter_state.reset()

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import gc
 import random
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -479,3 +481,16 @@ def test_a_valid_answer_and_a_tool_call_pass_the_check() -> None:
         generation_kwargs={"response_format": {"type": "json_object"}},
     )
     assert run.execute().succeeded_index == 0
+
+
+def test_a_run_that_succeeds_is_freed_without_the_garbage_collector() -> None:
+    listener, wait = ChainRecorder(), RecordingWait()
+    run = make_run([scripted("a"), scripted("b")], listener, wait)
+    freed = weakref.ref(run)
+    gc.disable()
+    try:
+        assert run.execute().succeeded_index == 0
+        del run
+        assert freed() is None  # reference counting alone freed it: no cycle holds it
+    finally:
+        gc.enable()
