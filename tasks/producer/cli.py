@@ -104,6 +104,9 @@ def request_fields(args: argparse.Namespace) -> dict[str, Any]:
         "stream": not args.no_stream,
         "generation_kwargs": kwargs,
     }
+    if args.hallucination_score is not None:
+        defaults = args.hallucination_score == "defaults"
+        fields["hallucination_score"] = {} if defaults else _json_argument(args.hallucination_score)
     if args.tools is not None:
         fields["tools"] = _json_argument(args.tools)
     if args.tool_choice is not None:
@@ -241,6 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--tool-choice", help="auto, none, required, or the name of one tool")
     submit.add_argument("--response-format", help="json_object, text, or a JSON response_format (inline or @file)")
     submit.add_argument("-n", type=int, help="number of choices")
+    submit.add_argument(
+        "--hallucination-score",
+        help="score the answer's hallucination risk: 'defaults', or a JSON config (inline or @file)",
+    )
     submit.add_argument("--chain", default="default")
     submit.add_argument("--id", help="request id (default: a new UUID)")
     submit.add_argument("--max-tokens", type=int)

@@ -82,3 +82,10 @@ def test_the_summary_lists_tool_calls_per_choice() -> None:
     summary = describe_reply(reply)
     assert "choice 0: model m, finish: tool_calls" in summary
     assert 'tool call call_1: get_weather({"city": "Paris"})' in summary
+
+
+def test_submit_asks_for_a_hallucination_score() -> None:
+    assert fields_of("--prompt", "Hi", "--hallucination-score", "defaults")["hallucination_score"] == {}
+    fields = fields_of("--prompt", "Hi", "--hallucination-score", '{"n_samples": 3, "m": 2}')
+    request = ChatRequest.model_validate(fields)
+    assert request.hallucination_score is not None and request.hallucination_score.n_samples == 3
