@@ -18,6 +18,7 @@ from settings import ScriptedConfig, Settings
 from tasks.contract import keys
 from tasks.contract.schemas import ChatReply, ChatRequest, StreamEvent
 from tasks.runner import RequestRunner, TaskContext
+from tests.support.clock import FakeClock, threadless_timer
 from worker.runtime import build_runtime
 from worker.state.lease import LeaseLost
 from worker.state.publisher import EventPublisher
@@ -28,25 +29,15 @@ RID = "coalesce-1"
 WINDOW_S = 0.05
 
 
-class FakeClock:
-    """A monotonic clock that moves only when a test moves it."""
-
-    def __init__(self) -> None:
-        self.now = 1_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(start=1_000.0)
 
 
 @pytest.fixture
 def timer(clock: FakeClock) -> Timer:
     """A timer with no thread: a test runs what is due with ``pass_time``."""
-    return Timer(clock=clock, threaded=False)
+    return threadless_timer(clock)
 
 
 def pass_time(timer: Timer, clock: FakeClock, seconds: float) -> None:

@@ -10,19 +10,10 @@ import threading
 import pytest
 
 from providers.timer import TIMER, Timer
+from tests.support.clock import FakeClock, threadless_timer
 
 # Bounds of the waits below: far longer than any step takes, so only a hang reaches them.
 HANG_S = 10.0
-
-
-class FakeClock:
-    """A clock that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -32,7 +23,7 @@ def clock() -> FakeClock:
 
 @pytest.fixture
 def timer(clock: FakeClock) -> Timer:
-    return Timer(clock=clock, threaded=False)
+    return threadless_timer(clock)
 
 
 def test_callbacks_run_once_due_in_due_order(timer: Timer, clock: FakeClock) -> None:
